@@ -1,0 +1,134 @@
+"""The one settings object. Every knob is an environment variable with the `MLOPS_` prefix.
+
+Settings are validated once, at start, and each bad value gets its own line in the error, so a
+user who mistyped two variables learns about both at once.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def default_home() -> Path:
+    """`.mlops/` in the repository when running from a checkout, else in the working directory."""
+    repo = _PACKAGE_DIR.parent
+    if (repo / "pyproject.toml").exists():
+        return repo / ".mlops"
+    return Path.cwd() / ".mlops"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MLOPS_", extra="ignore", validate_default=True)
+
+    target: Literal["local", "kind"] = Field("local", description="where the platform runs")
+    home: Path = Field(default_factory=default_home, description="root of all local state")
+
+    # Registry and tracking. Empty means: a SQLite store under `home` (no server needed).
+    mlflow_tracking_uri: str = Field("", description="MLflow tracking URI")
+    model_name: str = Field("card-fraud", min_length=1, description="registered model name")
+    experiment_name: str = Field("card-fraud", min_length=1, description="MLflow experiment")
+
+    # Training defaults (the pipeline's parameters override them per run).
+    train_workers: int = Field(2, ge=1, le=16, description="Ray Train workers")
+    train_epochs: int = Field(6, ge=1, le=200, description="training epochs")
+    train_batch_size: int = Field(512, ge=16, le=65_536, description="per-worker batch size")
+    train_learning_rate: float = Field(3e-3, gt=0, lt=1, description="AdamW learning rate")
+    train_max_failures: int = Field(2, ge=1, le=20, description="worker-group restarts Ray may do")
+    demo_rows: int = Field(50_000, ge=1_000, le=5_000_000, description="rows `make demo` generates")
+
+    # Offline gate against the champion.
+    gate_min_pr_auc: float = Field(0.2, ge=0, le=1, description="absolute PR-AUC floor")
+    gate_max_pr_auc_drop: float = Field(0.02, ge=0, le=1, description="allowed PR-AUC drop vs champion")
+    gate_max_ece: float = Field(0.05, ge=0, le=1, description="allowed expected calibration error")
+    recall_at_precision: float = Field(0.5, gt=0, lt=1, description="precision for the recall metric")
+    decision_threshold: float = Field(0.5, gt=0, lt=1, description="score above which we decline")
+
+    # Cluster target (issue: kind).
+    kfp_host: str = Field("http://localhost:8888", description="KFP API endpoint")
+    image: str = Field("mlops-template:0.1.0", description="project image for cluster components")
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://", "sqlite:///", "file:", "postgresql")):
+            raise ValueError("must start with http://, https://, sqlite:///, file: or postgresql")
+        return value
+
+    # Derived locations: one place decides where each kind of state lives under `home`.
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.home / "mlflow" / "artifacts"
+
+    @property
+    def pipeline_root(self) -> Path:
+        return self.home / "pipeline-root"
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.home / "checkpoints"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    def ensure_dirs(self) -> None:
+        for path in (self.home, self.artifact_root, self.pipeline_root, self.checkpoint_root,
+                     self.data_dir, self.reports_dir, self.runs_dir, self.logs_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+class SettingsError(ValueError):
+    """Raised with one human-readable line per bad setting."""
+
+
+def describe_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else "?"
+        env = f"MLOPS_{field.upper()}"
+        raw = os.environ.get(env)
+        shown = f" (got {raw!r})" if raw is not None else ""
+        lines.append(f"{env}: {item['msg']}{shown}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def load_settings() -> Settings:
+    """Build and validate the settings from the environment, raising `SettingsError` on bad values."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise SettingsError(describe_errors(error)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()
