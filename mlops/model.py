@@ -27,8 +27,14 @@ from torch import nn
 
 from mlops.schema import CATEGORICAL_FEATURES, NUMERIC_FEATURES
 
-_LOG_FEATURES = {"amount", "amount_to_avg_ratio", "distance_from_home_km", "txn_count_1h", "txn_count_24h",
-                 "account_age_days"}
+_LOG_FEATURES = {
+    "amount",
+    "amount_to_avg_ratio",
+    "distance_from_home_km",
+    "txn_count_1h",
+    "txn_count_24h",
+    "account_age_days",
+}
 STATE_FILE = "model.pt"
 CONFIG_FILE = "model.json"
 

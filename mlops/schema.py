@@ -49,13 +49,28 @@ COLUMNS: tuple[Column, ...] = (
     Column("amount", "numeric", "float", "amount in EUR", min_value=0.01, max_value=50_000.0),
     Column("hour", "numeric", "int", "local hour of day", min_value=0, max_value=23),
     Column("account_age_days", "numeric", "int", "days since account opening", min_value=0, max_value=20_000),
-    Column("txn_count_1h", "numeric", "int", "transactions on the account in the last hour", min_value=0, max_value=500),
-    Column("txn_count_24h", "numeric", "int", "transactions on the account in the last 24 h", min_value=0, max_value=2_000),
     Column(
-        "amount_to_avg_ratio", "numeric", "float", "amount over the account's 30-day average amount",
-        min_value=0.0, max_value=1_000.0,
+        "txn_count_1h", "numeric", "int", "transactions on the account in the last hour", min_value=0, max_value=500
     ),
-    Column("distance_from_home_km", "numeric", "float", "distance from the cardholder's home", min_value=0.0, max_value=20_100.0),
+    Column(
+        "txn_count_24h", "numeric", "int", "transactions on the account in the last 24 h", min_value=0, max_value=2_000
+    ),
+    Column(
+        "amount_to_avg_ratio",
+        "numeric",
+        "float",
+        "amount over the account's 30-day average amount",
+        min_value=0.0,
+        max_value=1_000.0,
+    ),
+    Column(
+        "distance_from_home_km",
+        "numeric",
+        "float",
+        "distance from the cardholder's home",
+        min_value=0.0,
+        max_value=20_100.0,
+    ),
     Column("merchant_category", "categorical", "str", "merchant category", categories=MERCHANT_CATEGORIES),
     Column("country", "categorical", "str", "merchant country (ISO 3166 alpha-2)", categories=COUNTRIES),
     Column("device", "categorical", "str", "how the card was used", categories=DEVICES),

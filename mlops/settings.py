@@ -51,6 +51,14 @@ class Settings(BaseSettings):
     recall_at_precision: float = Field(0.5, gt=0, lt=1, description="precision for the recall metric")
     decision_threshold: float = Field(0.5, gt=0, lt=1, description="score above which we decline")
 
+    # Serving and control plane (embedded default: processes on loopback).
+    control_plane_url: str = Field("http://127.0.0.1:8700", description="control-plane API base URL")
+    control_plane_token: str = Field("", description="bearer token for policy writes; empty = generated")
+    control_plane_db_url: str = Field("", description="SQLAlchemy URL; empty = SQLite under home")
+    gateway_port: int = Field(8710, ge=1, le=65_535, description="gateway port")
+    slot_a_port: int = Field(8721, ge=1, le=65_535, description="model slot a port")
+    slot_b_port: int = Field(8722, ge=1, le=65_535, description="model slot b port")
+
     # Cluster target (issue: kind).
     kfp_host: str = Field("http://localhost:8888", description="KFP API endpoint")
     image: str = Field("mlops-template:0.1.0", description="project image for cluster components")
@@ -71,6 +79,10 @@ class Settings(BaseSettings):
     @property
     def tracking_uri(self) -> str:
         return self.mlflow_tracking_uri or f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def control_plane_db(self) -> str:
+        return self.control_plane_db_url or f"sqlite:///{self.home / 'control-plane.db'}"
 
     @property
     def artifact_root(self) -> Path:
@@ -101,8 +113,16 @@ class Settings(BaseSettings):
         return self.home / "logs"
 
     def ensure_dirs(self) -> None:
-        for path in (self.home, self.artifact_root, self.pipeline_root, self.checkpoint_root,
-                     self.data_dir, self.reports_dir, self.runs_dir, self.logs_dir):
+        for path in (
+            self.home,
+            self.artifact_root,
+            self.pipeline_root,
+            self.checkpoint_root,
+            self.data_dir,
+            self.reports_dir,
+            self.runs_dir,
+            self.logs_dir,
+        ):
             path.mkdir(parents=True, exist_ok=True)
 
 

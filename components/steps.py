@@ -1,0 +1,212 @@
+"""The training pipeline's steps as plain functions over files: what each KFP component runs.
+
+The KFP wrappers in `components/kfp_components.py` only move artifacts in and out; everything that
+decides anything is here, testable without KFP. A step that must stop the run raises `StepFailed`,
+after recording which step failed and why under `MLOPS_HOME/runs/<run_id>/failure.json`, so the CLI
+can tell the user exactly what went wrong instead of "a task failed".
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from components.dataset import file_sha256, read_transactions, split_by_account, write_transactions
+from components.evaluate import GateTolerances, compute_metrics, offline_gate, slice_gaps, slice_metrics
+from components.train import TrainParams, train_model
+from mlops.model import FraudScorer
+from mlops.schema import FEATURES, LABEL
+from mlops.settings import Settings
+from mlops.synthetic import generate_transactions
+
+REFERENCE_ROWS = 5_000
+
+
+class StepFailed(RuntimeError):
+    """A step refused to continue; the message says why in words a person can act on."""
+
+
+def record_failure(settings: Settings, run_id: str, step: str, reason: str) -> None:
+    run_dir = settings.runs_dir / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "failure.json").write_text(json.dumps({"failed_step": step, "reason": reason}))
+
+
+def read_failure(settings: Settings, run_id: str) -> dict[str, str] | None:
+    path = settings.runs_dir / run_id / "failure.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def fail(settings: Settings, run_id: str, step: str, reason: str) -> StepFailed:
+    record_failure(settings, run_id, step, reason)
+    return StepFailed(f"{step} failed: {reason}")
+
+
+# --- ingest -----------------------------------------------------------------------------------------
+
+
+def ingest(settings: Settings, run_id: str, data_path: str, rows: int, seed: int, out_path: str | Path) -> str:
+    """Copy the given file, or generate `rows` transactions, to `out_path`; returns the data's SHA-256."""
+    try:
+        if data_path:
+            frame = read_transactions(data_path)
+            shutil.copyfile(data_path, out_path)
+        else:
+            frame = generate_transactions(rows, seed=seed)
+            write_transactions(frame, out_path)
+    except ValueError as error:
+        raise fail(settings, run_id, "ingest", str(error)) from None
+    del frame
+    return file_sha256(out_path)
+
+
+# --- validate ---------------------------------------------------------------------------------------
+
+
+def validate(
+    settings: Settings, run_id: str, data_path: str | Path, docs_dir: str | Path, html_path: str | Path, min_rows: int
+) -> dict[str, Any]:
+    """Run the GX suite; stop the run when the data breaks the contract. Returns the summary dict."""
+    from components.validate import validate_transactions
+
+    frame = read_transactions(data_path)
+    summary = validate_transactions(frame, docs_dir, min_rows=min_rows)
+    if summary.docs_index:
+        _copy_docs_page(Path(summary.docs_index), Path(html_path))
+    if not summary.success:
+        raise fail(settings, run_id, "validate", summary.describe_failures())
+    return summary.to_dict()
+
+
+def _copy_docs_page(index: Path, html_path: Path) -> None:
+    """KFP renders one HTML file per artifact: use the validation-result page of the Data Docs site."""
+    pages = sorted((index.parent / "validations").rglob("*.html")) if (index.parent / "validations").exists() else []
+    shutil.copyfile(pages[-1] if pages else index, html_path)
+
+
+# --- drift check ------------------------------------------------------------------------------------
+
+
+def drift_check(
+    settings: Settings, data_path: str | Path, html_path: str | Path, workdir: str | Path
+) -> dict[str, Any]:
+    """Evidently drift of the new data against the champion's training reference (informational)."""
+    from components.drift import drift_report
+    from components.registry import CHAMPION, load_alias
+
+    champion = load_alias(settings, CHAMPION, workdir)
+    if champion is None:
+        Path(html_path).write_text(
+            "<html><body><h1>Drift check</h1><p>No champion yet: nothing to compare "
+            "the new data with. This run's training data becomes the reference.</p></body></html>"
+        )
+        return {"drift_share": None, "reference": None}
+    version, _, reference_file = champion
+    summary = drift_report(pd.read_parquet(reference_file), read_transactions(data_path), html_path)
+    return {**summary.to_dict(), "reference": f"champion v{version}"}
+
+
+# --- train ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainStepResult:
+    mlflow_run_id: str
+    model_uri: str
+    checkpoint: str
+    metrics: dict[str, float]
+    restarts: int
+    resumed_from_epoch: int | None
+
+
+def train(
+    settings: Settings, run_id: str, data_path: str | Path, data_sha: str, params: TrainParams, model_dir: str | Path
+) -> TrainStepResult:
+    outcome = train_model(data_path, settings.checkpoint_root, f"train-{run_id}", params, model_dir)
+    reference = Path(model_dir).parent / f"{Path(model_dir).name}-reference.parquet"
+    train_frame, _ = split_by_account(read_transactions(data_path))
+    train_frame.sample(min(REFERENCE_ROWS, len(train_frame)), random_state=0).to_parquet(reference, index=False)
+    tags = {
+        "mlops.pipeline_run_id": run_id,
+        "mlops.data_sha256": data_sha,
+        "mlops.run_name": f"train-{run_id}",
+        "mlops.checkpoint": outcome.checkpoint,
+    }
+    from components.registry import log_training_run
+
+    logged = log_training_run(settings, model_dir, reference, outcome.params, outcome.history, tags)
+    metrics = {k: float(v) for k, v in outcome.metrics.items()}
+    return TrainStepResult(
+        logged.run_id, logged.model_uri, outcome.checkpoint, metrics, outcome.restarts, outcome.resumed_from_epoch
+    )
+
+
+# --- evaluate ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluationResult:
+    metrics: dict[str, float]
+    champion_metrics: dict[str, float] | None
+    champion_version: str | None
+    slices: dict[str, Any]
+    gate: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate(
+    settings: Settings,
+    run_id: str,
+    data_path: str | Path,
+    model_dir: str | Path,
+    mlflow_run_id: str,
+    tolerances: GateTolerances,
+    workdir: str | Path,
+) -> EvaluationResult:
+    """Score the holdout with the new model and the champion; refuse to register a model that loses."""
+    from components.registry import CHAMPION, load_alias, log_evaluation
+
+    _, holdout = split_by_account(read_transactions(data_path))
+    labels = holdout[LABEL].to_numpy()
+    scores = FraudScorer.load(model_dir).score_frame(holdout[list(FEATURES)])
+    metrics = compute_metrics(labels, scores, settings.recall_at_precision, settings.decision_threshold)
+    slices = slice_metrics(holdout, scores, precision_target=settings.recall_at_precision)
+    metrics.update(slice_gaps(slices))
+    champion = load_alias(settings, CHAMPION, workdir)
+    champion_metrics = None
+    if champion is not None:
+        champion_scores = champion[1].score_frame(holdout[list(FEATURES)])
+        champion_metrics = compute_metrics(
+            labels, champion_scores, settings.recall_at_precision, settings.decision_threshold
+        )
+    decision = offline_gate(metrics, champion_metrics, tolerances)
+    result = EvaluationResult(metrics, champion_metrics, champion[0] if champion else None, slices, decision.to_dict())
+    log_evaluation(settings, mlflow_run_id, metrics, result.to_dict())
+    if not decision.passed:
+        raise fail(settings, run_id, "evaluate", f"offline gate: {decision.reasons()}")
+    return result
+
+
+# --- register ---------------------------------------------------------------------------------------
+
+
+def register(
+    settings: Settings, run_id: str, model_uri: str, mlflow_run_id: str, data_sha: str, validation: str, checkpoint: str
+) -> tuple[str, list[str]]:
+    from components.registry import git_sha, register_version
+
+    tags = {
+        "mlops.pipeline_run_id": run_id,
+        "mlops.data_sha256": data_sha,
+        "mlops.validation": validation,
+        "mlops.git_sha": git_sha(),
+        "mlops.checkpoint": checkpoint,
+    }
+    return register_version(settings, model_uri, mlflow_run_id, tags)

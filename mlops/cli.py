@@ -1,0 +1,298 @@
+"""`mlops`: the one entry point for users, tests and the Makefile.
+
+Contract: commands exit 0 only on success; with `--json` the last stdout line is one JSON object.
+Human progress goes to stderr, so `--json` output stays machine-readable. Heavy libraries (Ray, KFP,
+MLflow) are imported inside the commands that need them, so `mlops --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mlops.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    help="Card-fraud MLOps platform template.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Synthetic transaction data.", no_args_is_help=True)
+pipeline_app = typer.Typer(help="The training pipeline definition.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(pipeline_app, name="pipeline")
+
+err = Console(stderr=True, soft_wrap=True)  # soft wrap: messages stay greppable on narrow terminals
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as error:
+        err.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+def _emit_json(payload: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(payload, default=str) + "\n")
+    sys.stdout.flush()
+
+
+@app.command("settings")
+def show_settings() -> None:
+    """Show the effective settings (all come from MLOPS_* environment variables)."""
+    settings = _settings()
+    table = Table("setting", "env", "value")
+    for name in type(settings).model_fields:
+        table.add_row(name, f"MLOPS_{name.upper()}", str(getattr(settings, name)))
+    table.add_row("tracking_uri (derived)", "", settings.tracking_uri)
+    Console().print(table)
+
+
+@data_app.command("generate")
+def data_generate(
+    rows: Annotated[int, typer.Option(min=0, help="number of transactions")] = 50_000,
+    out: Annotated[Path, typer.Option(help="output Parquet file")] = Path("transactions.parquet"),
+    seed: Annotated[int, typer.Option(help="random seed (same seed, same data)")] = 0,
+    drift: Annotated[str | None, typer.Option(help="covariate | new-category | concept")] = None,
+    corrupt: Annotated[
+        str | None, typer.Option(help="missing-column | wrong-type | out-of-range | null-burst | label-rate | empty")
+    ] = None,
+) -> None:
+    """Write synthetic card transactions (about 2 % fraud) to a Parquet file."""
+    from components.dataset import write_transactions
+    from mlops.synthetic import CORRUPT_KINDS, DRIFT_KINDS, generate_transactions
+
+    if drift is not None and drift not in DRIFT_KINDS:
+        raise _fail(f"--drift {drift!r}: choose one of {', '.join(DRIFT_KINDS)}")
+    if corrupt is not None and corrupt not in CORRUPT_KINDS:
+        raise _fail(f"--corrupt {corrupt!r}: choose one of {', '.join(CORRUPT_KINDS)}")
+    frame = generate_transactions(rows, seed=seed, drift=drift, corrupt=corrupt)  # type: ignore[arg-type]
+    write_transactions(frame, out)
+    rate = f"{frame['is_fraud'].mean():.2%}" if "is_fraud" in frame and len(frame) else "n/a"
+    err.print(f"wrote {len(frame)} rows to {out} (fraud rate {rate})")
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    out: Annotated[Path, typer.Option(help="where to write the KFP IR YAML")] = Path("build/training_pipeline.yaml"),
+) -> None:
+    """Compile the training pipeline to KFP IR YAML (what the KFP API accepts)."""
+    _settings()
+    from pipelines.runner import compile_pipeline
+
+    err.print(f"compiled pipeline to {compile_pipeline(out)}")
+
+
+@app.command("run")
+def run(
+    data: Annotated[Path | None, typer.Option(help="train on this Parquet file")] = None,
+    generate: Annotated[int | None, typer.Option(min=1, help="generate this many rows instead")] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", help="pipeline parameter KEY=VALUE (repeatable)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
+) -> None:
+    """Run the training pipeline (ingest, validate, drift check, train, evaluate, register)."""
+    settings = _settings()  # first: the pipeline modules read settings when imported
+    from components.dataset import DataFileError, read_transactions
+    from pipelines.runner import ParameterError, new_run_id, parse_params, run_local
+
+    if data is not None and generate is not None:
+        raise _fail("give --data or --generate, not both")
+    try:
+        params = parse_params(param or [])
+    except ParameterError as error:
+        raise _fail(str(error)) from None
+    if data is not None:
+        try:
+            read_transactions(data)  # fail fast, before any pipeline machinery starts
+        except DataFileError as error:
+            raise _fail(str(error)) from None
+        params["data_path"] = str(data.resolve())
+    elif generate is not None:
+        params["rows"] = generate
+    else:
+        params.setdefault("rows", settings.demo_rows)
+    if settings.target != "local":
+        raise _fail(f"MLOPS_TARGET={settings.target}: cluster submission is not available yet; use local")
+    run_id = new_run_id()
+    log_path = settings.runs_dir / run_id / "pipeline.log"
+    with _step_status(log_path, f"pipeline run {run_id}"):
+        result = run_local(settings, params, run_id=run_id, log_path=log_path)
+    _print_run(result, log_path)
+    if as_json:
+        _emit_json(result.to_dict())
+    if result.status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+class _step_status:
+    """Live status line showing which pipeline step runs now, read from the run's log as it grows."""
+
+    def __init__(self, log_path: Path, title: str) -> None:
+        self.log_path, self.title = log_path, title
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> _step_status:
+        self.started = time.monotonic()
+        self.status = err.status(f"{self.title}: starting")
+        self.status.start()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.status.stop()
+
+    def _watch(self) -> None:
+        done: list[str] = []
+        while not self.stop.wait(0.5):
+            steps = _executed_tasks(self.log_path)
+            for step in steps[:-1]:
+                if step not in done:
+                    done.append(step)
+                    err.print(f"  [green]✓[/green] {step}")
+            current = steps[-1] if steps else "starting"
+            self.status.update(f"{self.title}: [cyan]{current}[/cyan] ({time.monotonic() - self.started:.0f}s)")
+
+
+def _executed_tasks(log_path: Path) -> list[str]:
+    if not log_path.exists():
+        return []
+    names = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "Executing task" in line:
+            name = line.split("Executing task", 1)[1].strip()
+            names.append(_strip_ansi(name).strip("'").removesuffix("-op"))
+    return names
+
+
+def _strip_ansi(text: str) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def _print_run(result: Any, log_path: Path) -> None:
+    if result.status == "SUCCEEDED":
+        err.print(
+            f"[green]SUCCEEDED[/green] in {result.seconds}s: {result.model_name} v{result.model_version} "
+            f"aliases={result.aliases}"
+        )
+        table = Table("metric", "value", title="holdout metrics")
+        for name, value in result.metrics.items():
+            table.add_row(name, f"{value:.4f}")
+        err.print(table)
+    else:
+        err.print(f"[red]FAILED[/red] at step [bold]{result.failed_step}[/bold]: {result.reason}")
+        err.print(f"full log: {log_path}")
+
+
+@app.command("train")
+def train(
+    workers: Annotated[int, typer.Option(min=1, max=16, help="Ray Train workers")] = 2,
+    epochs: Annotated[int, typer.Option(min=1, max=200)] = 6,
+    rows: Annotated[int, typer.Option(min=1_000, help="synthetic rows to train on")] = 50_000,
+    seed: Annotated[int, typer.Option()] = 0,
+    inject_worker_failure_at_epoch: Annotated[
+        int | None, typer.Option(min=1, help="kill one worker during epoch K (1-based) to exercise recovery")
+    ] = None,
+    run_name: Annotated[
+        str | None, typer.Option(help="checkpoint run name; reuse one after a driver crash to resume")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Train alone (no pipeline, no registry), for experiments and fault tests."""
+    from components.dataset import write_transactions
+    from components.train import TrainParams, train_model
+    from mlops.synthetic import generate_transactions
+
+    settings = _settings()
+    settings.ensure_dirs()
+    try:
+        params = TrainParams(
+            workers=workers,
+            epochs=epochs,
+            seed=seed,
+            batch_size=settings.train_batch_size,
+            learning_rate=settings.train_learning_rate,
+            max_failures=settings.train_max_failures,
+            inject_failure_at_epoch=inject_worker_failure_at_epoch,
+        )
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    name = run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    data_path = settings.data_dir / f"train-{rows}-{seed}.parquet"
+    if not data_path.exists():
+        write_transactions(generate_transactions(rows, seed=seed), data_path)
+    with err.status(f"training {name} with {workers} Ray worker(s), {epochs} epochs"):
+        outcome = train_model(data_path, settings.checkpoint_root, name, params, settings.runs_dir / name / "model")
+    err.print(
+        f"[green]done[/green]: {outcome.epochs_completed} epochs, restarts={outcome.restarts}, "
+        f"resumed_from_epoch={outcome.resumed_from_epoch}, val PR-AUC={outcome.metrics['val_pr_auc']:.4f}, "
+        f"{outcome.rows_per_second:.0f} rows/s"
+    )
+    if as_json:
+        _emit_json(
+            {
+                "restarts": outcome.restarts,
+                "resumed_from_epoch": outcome.resumed_from_epoch,
+                "epochs_completed": outcome.epochs_completed,
+                "checkpoint": outcome.checkpoint,
+                "metrics": outcome.metrics,
+                "rows_per_second": outcome.rows_per_second,
+                "wall_seconds": outcome.wall_seconds,
+                "run_name": name,
+            }
+        )
+
+
+@app.command("models")
+def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List registered versions of the model with their aliases and lineage."""
+    from components.registry import connect
+
+    settings = _settings()
+    client = connect(settings)
+    versions = client.search_model_versions(f"name = '{settings.model_name}'")
+    rows = [
+        {
+            "version": v.version,
+            "aliases": sorted(v.aliases),
+            "run": v.tags.get("mlops.pipeline_run_id"),
+            "validation": v.tags.get("mlops.validation"),
+        }
+        for v in sorted(versions, key=lambda v: int(v.version))
+    ]
+    if as_json:
+        _emit_json({"model_name": settings.model_name, "versions": rows})
+        return
+    table = Table("version", "aliases", "pipeline run", "validation", title=settings.model_name)
+    for row in rows:
+        table.add_row(str(row["version"]), ", ".join(row["aliases"]), str(row["run"]), str(row["validation"]))
+    Console().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

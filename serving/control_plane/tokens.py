@@ -1,0 +1,67 @@
+"""The bearer token for control-plane writes, shared by every local process through one private file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Protocol
+
+TOKEN_FILE_NAME = "control-plane.token"
+
+
+class _TokenSettings(Protocol):
+    control_plane_token: str
+    home: Path
+
+
+def token_path(settings: _TokenSettings) -> Path:
+    return settings.home / TOKEN_FILE_NAME
+
+
+def resolve_token(settings: _TokenSettings) -> str:
+    """`MLOPS_CONTROL_PLANE_TOKEN` when set, else the token in `home/control-plane.token`, created on first use."""
+    if settings.control_plane_token:
+        return settings.control_plane_token
+    path = token_path(settings)
+    existing = _read_token(path)
+    return existing or _create_token(path)
+
+
+def _read_token(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _create_token(path: Path) -> str:
+    """Write to a private temp file, then hard-link it into place: the token file appears complete or not at
+    all, and when two processes race, both end up with the winner's token."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(token + "\n")
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return _wait_for_token(path)
+        return token
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+
+
+def _wait_for_token(path: Path, timeout: float = 5.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        existing = _read_token(path)
+        if existing:
+            return existing
+        time.sleep(0.05)
+    raise RuntimeError(f"{path} exists but holds no token; delete it to generate a new one")

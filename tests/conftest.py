@@ -1,0 +1,123 @@
+"""Shared fixtures: an isolated MLOPS_HOME per test, a real MLflow server, and a CLI runner.
+
+Every process a test starts is stopped by the fixture that started it (by PID), and all state lives
+under pytest's temporary directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> dict[str, Any]:
+        lines = [line for line in self.stdout.strip().splitlines() if line.strip()]
+        assert lines, f"no stdout; stderr was:\n{self.stderr[-3000:]}"
+        return json.loads(lines[-1])
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> CliResult:
+    """Run `mlops ARGS` as a user would: a separate process with its own environment."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlops.cli", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "mlops-home"
+
+
+@pytest.fixture
+def cli_env(home: Path) -> dict[str, str]:
+    """Environment for CLI subprocesses: isolated home, SQLite registry (no server)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLOPS_")}
+    env.update({"MLOPS_HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` (SQLite backend, proxied artifact store) on a free loopback port."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(root / "server.log", "w")  # noqa: SIM115 - closed in the finally below
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=root,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise TimeoutError(f"mlflow server did not become healthy:\n{(root / 'server.log').read_text()[-3000:]}")
+        yield url
+    finally:
+        stop_process_group(proc)
+        log.close()
+
+
+def stop_process_group(proc: subprocess.Popen[Any]) -> None:
+    """Stop a process we started in its own session, with its workers (uvicorn forks them)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

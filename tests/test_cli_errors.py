@@ -1,0 +1,76 @@
+"""Bad input to the CLI gets a clear message and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipelines.runner import ParameterError, parse_params
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize(
+    ("pairs", "message"),
+    [
+        (["epochs"], "expected KEY=VALUE"),
+        (["epochs=three"], "expected int"),
+        (["learning_rate=2"], "must be in (0, 1)"),
+        (["colour=blue"], "unknown parameter"),
+        (["workers=0"], "must be >= 1"),
+    ],
+)
+def test_bad_param_values_name_the_parameter_and_the_problem(pairs: list[str], message: str) -> None:
+    with pytest.raises(ParameterError, match=re.escape(message)):
+        parse_params(pairs)
+
+
+def test_params_are_typed() -> None:
+    assert parse_params(["epochs=3", "learning-rate=0.01"]) == {"epochs": 3, "learning_rate": 0.01}
+
+
+def test_run_with_missing_file_says_not_found(cli_env: dict[str, str], tmp_path: Path) -> None:
+    result = run_cli(["run", "--data", str(tmp_path / "missing.parquet"), "--json"], cli_env)
+    assert result.code == 2
+    assert "data file not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_with_a_csv_file_says_it_is_not_parquet(cli_env: dict[str, str], tmp_path: Path) -> None:
+    csv = tmp_path / "transactions.csv"
+    pd.DataFrame({"amount": [1.0]}).to_csv(csv)
+    result = run_cli(["run", "--data", str(csv)], cli_env)
+    assert result.code == 2
+    assert "is not a readable Parquet file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_with_bad_param_fails_before_anything_starts(cli_env: dict[str, str]) -> None:
+    result = run_cli(["run", "--generate", "1000", "--param", "epochs=lots"], cli_env)
+    assert result.code == 2
+    assert "--param epochs='lots': expected int" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_settings_are_reported_per_variable(cli_env: dict[str, str]) -> None:
+    result = run_cli(["run", "--generate", "1000"], {**cli_env, "MLOPS_TRAIN_WORKERS": "-1"})
+    assert result.code == 2
+    assert "MLOPS_TRAIN_WORKERS" in result.stderr and "'-1'" in result.stderr
+
+
+def test_data_generate_writes_a_reproducible_file(cli_env: dict[str, str], tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        result = run_cli(
+            ["data", "generate", "--rows", "2000", "--seed", "3", "--out", str(tmp_path / f"{name}.parquet")], cli_env
+        )
+        assert result.code == 0, result.stderr
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "a.parquet"), pd.read_parquet(tmp_path / "b.parquet"))
+
+
+def test_data_generate_rejects_unknown_drift(cli_env: dict[str, str], tmp_path: Path) -> None:
+    result = run_cli(
+        ["data", "generate", "--rows", "10", "--drift", "sideways", "--out", str(tmp_path / "x.parquet")], cli_env
+    )
+    assert result.code == 2 and "covariate" in result.stderr
