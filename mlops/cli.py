@@ -28,8 +28,14 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Synthetic transaction data.", no_args_is_help=True)
 pipeline_app = typer.Typer(help="The training pipeline definition.", no_args_is_help=True)
+policy_app = typer.Typer(help="The traffic policy (control plane).", no_args_is_help=True)
+slot_app = typer.Typer(help="Model slot assignments (control plane).", no_args_is_help=True)
+serve_app = typer.Typer(help="Run one serving process in the foreground.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(policy_app, name="policy")
+app.add_typer(slot_app, name="slot")
+app.add_typer(serve_app, name="serve")
 
 err = Console(stderr=True, soft_wrap=True)  # soft wrap: messages stay greppable on narrow terminals
 
@@ -288,6 +294,126 @@ def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     for row in rows:
         table.add_row(str(row["version"]), ", ".join(row["aliases"]), str(row["run"]), str(row["validation"]))
     Console().print(table)
+
+
+def _control_plane(settings: Settings, write: bool = False) -> Any:
+    from serving.control_plane.client import ControlPlaneClient
+    from serving.control_plane.tokens import resolve_token
+
+    return ControlPlaneClient(settings.control_plane_url, token=resolve_token(settings) if write else None)
+
+
+def _control_plane_call(call: Any) -> Any:
+    from serving.control_plane.client import ControlPlaneError, ControlPlaneUnavailable
+
+    try:
+        return call()
+    except ControlPlaneUnavailable as error:
+        raise _fail(f"control plane unreachable: {error} (is `mlops serve control-plane` running?)", 1) from None
+    except ControlPlaneError as error:
+        raise _fail(f"control plane refused: {error}", 1) from None
+
+
+@policy_app.command("show")
+def policy_show(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show the traffic policy in force."""
+    settings = _settings()
+    with _control_plane(settings) as client:
+        policy = _control_plane_call(client.get_policy)
+    if as_json:
+        _emit_json(policy.to_json())
+        return
+    err.print(
+        f"generation {policy.generation}: champion slot {policy.champion_slot}, weights {policy.weights}, "
+        f"shadow {'on' if policy.shadow else 'off'} ({policy.reason})"
+    )
+
+
+@policy_app.command("set")
+def policy_set(
+    challenger_weight: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of traffic to the challenger")],
+    champion_slot: Annotated[str, typer.Option(help="slot holding the champion: a or b")] = "a",
+    shadow: Annotated[bool, typer.Option("--shadow/--no-shadow", help="mirror champion traffic")] = False,
+    reason: Annotated[str, typer.Option(help="recorded with the new generation")] = "set by hand",
+    expected_generation: Annotated[int | None, typer.Option(help="refuse if another write came first")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Write a new traffic policy generation (needs the control-plane token)."""
+    if champion_slot not in ("a", "b"):
+        raise _fail(f"--champion-slot {champion_slot!r}: must be a or b")
+    settings = _settings()
+    challenger = "b" if champion_slot == "a" else "a"
+    weights = {champion_slot: round(1.0 - challenger_weight, 9), challenger: challenger_weight}
+    with _control_plane(settings, write=True) as client:
+        policy = _control_plane_call(
+            lambda: client.set_policy(weights, shadow, champion_slot, reason, expected_generation)
+        )
+    err.print(f"policy generation {policy.generation} written")
+    if as_json:
+        _emit_json(policy.to_json())
+
+
+@slot_app.command("assign")
+def slot_assign(
+    slot: Annotated[str, typer.Argument(help="a or b")],
+    version: Annotated[str, typer.Argument(help="registered model version to load")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Tell a slot which model version to serve (needs the control-plane token)."""
+    settings = _settings()
+    with _control_plane(settings, write=True) as client:
+        assignment = _control_plane_call(lambda: client.assign(slot, version))
+    err.print(
+        f"slot {assignment.slot} assigned version {assignment.model_version} (generation {assignment.generation})"
+    )
+    if as_json:
+        _emit_json(assignment.to_json())
+
+
+@serve_app.command("control-plane")
+def serve_control_plane(
+    port: Annotated[int | None, typer.Option(help="default: from MLOPS_CONTROL_PLANE_URL")] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+) -> None:
+    """The control-plane API (traffic policy, slot assignments)."""
+    from urllib.parse import urlsplit
+
+    from serving.control_plane.app import serve
+
+    settings = _settings()
+    settings.ensure_dirs()
+    serve(settings, host, port or urlsplit(settings.control_plane_url).port or 8700)
+
+
+@serve_app.command("slot")
+def serve_slot(
+    slot: Annotated[str, typer.Option(help="a or b")],
+    port: Annotated[int | None, typer.Option(help="default: MLOPS_SLOT_A_PORT / _B_PORT")] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+) -> None:
+    """A model slot (BentoML service) serving the version assigned to it."""
+    from serving.services import serve_service
+
+    if slot not in ("a", "b"):
+        raise _fail(f"--slot {slot!r}: must be a or b")
+    settings = _settings()
+    settings.ensure_dirs()
+    serve_service(
+        "slot", settings, host, port or (settings.slot_a_port if slot == "a" else settings.slot_b_port), slot=slot
+    )
+
+
+@serve_app.command("gateway")
+def serve_gateway(
+    port: Annotated[int | None, typer.Option(help="default: MLOPS_GATEWAY_PORT")] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+) -> None:
+    """The gateway (BentoML service): canary split, shadow, fallback, prediction log, feedback."""
+    from serving.services import serve_service
+
+    settings = _settings()
+    settings.ensure_dirs()
+    serve_service("gateway", settings, host, port or settings.gateway_port)
 
 
 def main() -> None:

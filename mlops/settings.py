@@ -59,6 +59,15 @@ class Settings(BaseSettings):
     slot_a_port: int = Field(8721, ge=1, le=65_535, description="model slot a port")
     slot_b_port: int = Field(8722, ge=1, le=65_535, description="model slot b port")
 
+    slot_a_url: str = Field("", description="slot a base URL; empty = loopback on slot_a_port")
+    slot_b_url: str = Field("", description="slot b base URL; empty = loopback on slot_b_port")
+    challenger_timeout_ms: float = Field(300, gt=0, le=60_000, description="challenger answer deadline")
+    champion_timeout_ms: float = Field(2_000, gt=0, le=60_000, description="champion answer deadline")
+    shadow_queue_size: int = Field(1_000, ge=1, le=1_000_000, description="pending shadow requests")
+    shadow_workers: int = Field(8, ge=1, le=256, description="concurrent shadow calls")
+    log_flush_rows: int = Field(2_000, ge=1, le=1_000_000, description="prediction-log batch size")
+    log_flush_seconds: float = Field(1.0, gt=0, le=3_600, description="max age of an unflushed batch")
+
     # Cluster target (issue: kind).
     kfp_host: str = Field("http://localhost:8888", description="KFP API endpoint")
     image: str = Field("mlops-template:0.1.0", description="project image for cluster components")
@@ -83,6 +92,17 @@ class Settings(BaseSettings):
     @property
     def control_plane_db(self) -> str:
         return self.control_plane_db_url or f"sqlite:///{self.home / 'control-plane.db'}"
+
+    @property
+    def slot_urls(self) -> dict[str, str]:
+        return {
+            "a": self.slot_a_url or f"http://127.0.0.1:{self.slot_a_port}",
+            "b": self.slot_b_url or f"http://127.0.0.1:{self.slot_b_port}",
+        }
+
+    @property
+    def prediction_log_dir(self) -> Path:
+        return self.home / "prediction-log"
 
     @property
     def artifact_root(self) -> Path:

@@ -43,7 +43,18 @@ def test_worker_killed_mid_training_resumes_from_its_checkpoint(cli_env: dict[st
 
 
 def _latest_checkpoint_epoch(run_dir: Path) -> int:
-    epochs = [json.loads(p.read_text())["epoch"] for p in run_dir.glob("checkpoint_*/metrics.json")]
+    """Latest epoch whose checkpoint Ray Train has *registered*: listed in its manager snapshot, which
+    is what a new driver restores from. A checkpoint folder alone is not enough: killed before the
+    snapshot names it, a new driver cannot know it exists."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return 0
+    registered = snapshot.read_text()
+    epochs = [
+        json.loads(path.read_text())["epoch"]
+        for path in run_dir.glob("checkpoint_*/metrics.json")
+        if path.parent.name in registered
+    ]
     return max(epochs, default=0)
 
 
@@ -56,7 +67,7 @@ def test_rerun_with_the_same_name_after_a_driver_crash_resumes(cli_env: dict[str
         "--rows",
         "8000",
         "--epochs",
-        "4",
+        "6",
         "--workers",
         "1",
         "--run-name",
@@ -78,12 +89,12 @@ def test_rerun_with_the_same_name_after_a_driver_crash_resumes(cli_env: dict[str
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     crashed_at = _latest_checkpoint_epoch(run_dir)
-    assert crashed_at < 4, "the driver was killed after training had already finished"
+    assert crashed_at < 6, "the driver was killed after training had already finished"
 
     result = run_cli(
-        ["train", "--rows", "8000", "--epochs", "4", "--workers", "1", "--run-name", "crashy", "--json"], cli_env
+        ["train", "--rows", "8000", "--epochs", "6", "--workers", "1", "--run-name", "crashy", "--json"], cli_env
     )
     assert result.code == 0, result.stderr[-3000:]
     outcome = result.json
     assert outcome["resumed_from_epoch"] is not None and outcome["resumed_from_epoch"] >= 2
-    assert outcome["epochs_completed"] == 4
+    assert outcome["epochs_completed"] == 6

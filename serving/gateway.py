@@ -1,0 +1,447 @@
+"""The gateway: the only entry point for clients.
+
+Per request: validate, pick the variant by a sticky hash of the account (`serving.routing`), call that
+slot, fall back to the champion when the challenger errors or is late, answer, and log the row. In
+shadow mode the request is also queued for the challenger; a bounded queue and a pool of shadow
+workers do that work after the client has its answer, so shadow never delays or changes an answer,
+and when the queue is full the shadow work (never the client request) is dropped and counted.
+
+The traffic policy is pulled from the control plane (long-poll) and applied only when its generation
+is newer than the one in force, so an old policy can never override a newer one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import msgspec
+import pyarrow as pa
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from mlops.schema import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+from mlops.settings import Settings
+from serving.control_plane.client import AsyncControlPlaneClient, ControlPlaneError, ControlPlaneUnavailable
+from serving.control_plane.models import TrafficPolicy
+from serving.prediction_log import BatchedParquetLog, RecentIds, flush_loop
+from serving.requests import RequestError, Transaction, encode, features, parse_feedback, parse_transaction
+from serving.routing import other_slot, route
+
+log = logging.getLogger("mlops.gateway")
+disable_created_metrics()  # `_created` series only clutter dashboards
+JSON = "application/json"
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("ts", pa.float64()),
+        ("account_id", pa.string()),
+        ("variant", pa.string()),
+        ("slot", pa.string()),
+        ("model_version", pa.string()),
+        ("score", pa.float64()),
+        ("latency_ms", pa.float64()),
+        ("status", pa.string()),
+        ("policy_generation", pa.int64()),
+        ("shadow_slot", pa.string()),
+        ("shadow_model_version", pa.string()),
+        ("shadow_score", pa.float64()),
+        ("shadow_latency_ms", pa.float64()),
+        ("shadow_status", pa.string()),
+        *[(name, pa.float64()) for name in NUMERIC_FEATURES],
+        *[(name, pa.string()) for name in CATEGORICAL_FEATURES],
+    ]
+)
+FEEDBACK_SCHEMA = pa.schema([("request_id", pa.string()), ("label", pa.int64()), ("received_at", pa.float64())])
+
+
+class SlotFailure(Exception):
+    """The slot did not give a usable answer in time."""
+
+
+@dataclass
+class SlotAnswer:
+    score: float
+    model_version: str | None
+    latency_ms: float
+
+
+class _SlotReply(msgspec.Struct):
+    score: float
+    model_version: str | None = None
+
+
+class _SlotBatchReply(msgspec.Struct):
+    scores: list[float]
+    model_version: str | None = None
+
+
+@dataclass
+class BatchAnswer:
+    scores: list[float]
+    model_version: str | None
+    latency_ms: float
+
+
+_decode_reply = msgspec.json.Decoder(_SlotReply).decode
+_decode_batch_reply = msgspec.json.Decoder(_SlotBatchReply).decode
+SHADOW_BATCH = 256
+
+
+class GatewayMetrics:
+    """Per-variant Prometheus metrics, on a registry of our own (not the process-global one)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("gateway_requests_total", "Client requests answered", ["variant", "status"], registry=r)
+        self.errors = Counter("gateway_variant_errors_total", "Failed slot calls", ["variant"], registry=r)
+        self.latency = Histogram(
+            "gateway_request_duration_seconds",
+            "Client-visible latency",
+            ["variant"],
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.invalid = Counter("gateway_invalid_requests_total", "Requests refused (4xx)", ["status"], registry=r)
+        self.shadow = Counter("gateway_shadow_requests_total", "Shadow calls", ["status"], registry=r)
+        self.shadow_dropped = Counter("gateway_shadow_dropped_total", "Shadow work dropped (queue full)", registry=r)
+        self.feedback = Counter("gateway_feedback_total", "Labels received", ["outcome"], registry=r)
+        self.generation = Gauge("gateway_policy_generation", "Traffic policy generation in force", registry=r)
+        self.weight = Gauge("gateway_variant_weight", "Traffic weight in force", ["variant"], registry=r)
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.slot_urls = settings.slot_urls
+        self.policy = TrafficPolicy(
+            generation=0,
+            weights={"a": 1.0, "b": 0.0},
+            shadow=False,
+            champion_slot="a",
+            reason="default before the first poll",
+            updated_at=0.0,
+        )
+        self.policy_loaded = False
+        self.metrics = GatewayMetrics()
+        log_dir = settings.prediction_log_dir
+        self.predictions = BatchedParquetLog(
+            log_dir / "predictions", settings.log_flush_rows, settings.log_flush_seconds, schema=PREDICTION_SCHEMA
+        )
+        self.feedback = BatchedParquetLog(
+            log_dir / "feedback", settings.log_flush_rows, settings.log_flush_seconds, schema=FEEDBACK_SCHEMA
+        )
+        self.known_ids = RecentIds()
+        self.shadow_queue: asyncio.Queue[tuple[dict[str, Any], bytes]] = asyncio.Queue(settings.shadow_queue_size)
+        self.session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        # Shadow work has idle priority: it runs only while no client request is in flight, so on a
+        # saturated machine it is shed (dropped and counted) instead of slowing down clients.
+        self.client_in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        # Labels for requests served before a restart are still accepted: reload their ids.
+        await asyncio.to_thread(self.known_ids.load, self.predictions.directory)
+        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=30)
+        self.session = aiohttp.ClientSession(connector=connector)
+        self._tasks = [
+            asyncio.create_task(self.watch_policy()),
+            asyncio.create_task(flush_loop([self.predictions, self.feedback])),
+            *[asyncio.create_task(self.shadow_worker()) for _ in range(self.settings.shadow_workers)],
+        ]
+
+    async def stop(self) -> None:
+        """Clean stop: finish logging what was served (pending shadow work is logged as cancelled)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        while not self.shadow_queue.empty():
+            row, _ = self.shadow_queue.get_nowait()
+            self.predictions.append({**row, "shadow_status": "cancelled"})
+        self.predictions.flush()
+        self.feedback.flush()
+        if self.session:
+            await self.session.close()
+
+    # --- policy -----------------------------------------------------------------------------------
+
+    def apply_policy(self, policy: TrafficPolicy) -> bool:
+        if policy.generation < self.policy.generation or (
+            self.policy_loaded and policy.generation == self.policy.generation
+        ):
+            return False  # stale or already in force: generations only move forward
+        self.policy, self.policy_loaded = policy, True
+        self.metrics.generation.set(policy.generation)
+        challenger = other_slot(policy.champion_slot)
+        self.metrics.weight.labels("champion").set(policy.weights[policy.champion_slot])
+        self.metrics.weight.labels("challenger").set(policy.weights[challenger])
+        log.info("policy generation %s in force: %s", policy.generation, policy.reason)
+        return True
+
+    async def watch_policy(self) -> None:
+        client = AsyncControlPlaneClient(self.settings.control_plane_url)
+        backoff = 0.2
+        try:
+            while True:
+                try:
+                    after = self.policy.generation if self.policy_loaded else -1
+                    self.apply_policy(await client.wait_policy(after=after, wait=10.0))
+                    backoff = 0.2
+                except (ControlPlaneUnavailable, ControlPlaneError) as error:
+                    log.warning("control plane unreachable (%s); keeping generation %s", error, self.policy.generation)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            await client.close()
+
+    # --- slots ------------------------------------------------------------------------------------
+
+    async def call_slot(self, slot: str, body: bytes, timeout_s: float) -> SlotAnswer:
+        assert self.session is not None
+        started = time.perf_counter()
+        try:
+            async with self.session.post(
+                f"{self.slot_urls[slot]}/v1/predict",
+                data=body,
+                headers={"content-type": JSON},
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as response:
+                payload = await response.read()
+                if response.status != 200:
+                    raise SlotFailure(f"slot {slot} answered {response.status}: {payload[:200]!r}")
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise SlotFailure(f"slot {slot}: {type(error).__name__} {error}") from None
+        reply = _decode_reply(payload)
+        return SlotAnswer(reply.score, reply.model_version, (time.perf_counter() - started) * 1000)
+
+    async def call_slot_batch(self, slot: str, bodies: list[bytes], timeout_s: float) -> BatchAnswer:
+        """Score many already-validated request bodies in one call (their JSON is spliced, not re-encoded)."""
+        assert self.session is not None
+        started = time.perf_counter()
+        payload = b'{"instances":[' + b",".join(bodies) + b"]}"
+        try:
+            async with self.session.post(f"{self.slot_urls[slot]}/v1/predict/batch", data=payload,
+                                         headers={"content-type": JSON},
+                                         timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+                reply = await response.read()
+                if response.status != 200:
+                    raise SlotFailure(f"slot {slot} answered {response.status}: {reply[:200]!r}")
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise SlotFailure(f"slot {slot}: {type(error).__name__} {error}") from None
+        decoded = _decode_batch_reply(reply)
+        return BatchAnswer(decoded.scores, decoded.model_version, (time.perf_counter() - started) * 1000)
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    async def score(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        self.client_in_flight += 1
+        self.idle.clear()
+        try:
+            return await self._score(body)
+        finally:
+            self.client_in_flight -= 1
+            if self.client_in_flight == 0:
+                self.idle.set()
+
+    async def _score(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        started = time.perf_counter()
+        transaction = parse_transaction(body)  # RequestError → 4xx, handled by the route
+        policy = self.policy
+        champion = policy.champion_slot
+        chosen = route(transaction.account_id, champion, policy.weights[other_slot(champion)], policy.shadow)
+        status, variant, slot = "ok", chosen.variant, chosen.slot
+        answer: SlotAnswer | None = None
+        try:
+            timeout = (
+                self.settings.challenger_timeout_ms if variant == "challenger" else self.settings.champion_timeout_ms
+            )
+            answer = await self.call_slot(slot, body, timeout / 1000)
+        except SlotFailure as failure:
+            self.metrics.errors.labels(variant).inc()
+            log.debug("%s", failure)
+            if variant == "challenger":  # the client still gets an answer: the champion's
+                status, variant, slot = "fallback", "champion", champion
+                with contextlib.suppress(SlotFailure):
+                    answer = await self.call_slot(champion, body, self.settings.champion_timeout_ms / 1000)
+        if answer is None:
+            status = "error"
+        latency_ms = (time.perf_counter() - started) * 1000
+        request_id = transaction.transaction_id or uuid.uuid4().hex
+        row = self._row(request_id, transaction, policy, variant, slot, answer, latency_ms, status)
+        self.metrics.requests.labels(variant, status).inc()
+        self.metrics.latency.labels(variant).observe(latency_ms / 1000)
+        self._log(row, body, chosen.shadow_slot if status != "error" else None)
+        if answer is None:
+            return 503, {"error": "no model could answer this request", "request_id": request_id}
+        return 200, {
+            "request_id": request_id,
+            "score": answer.score,
+            "decision": "decline" if answer.score >= self.settings.decision_threshold else "approve",
+            "variant": variant,
+            "model_version": answer.model_version,
+            "policy_generation": policy.generation,
+        }
+
+    def _row(
+        self,
+        request_id: str,
+        transaction: Transaction,
+        policy: TrafficPolicy,
+        variant: str,
+        slot: str,
+        answer: SlotAnswer | None,
+        latency_ms: float,
+        status: str,
+    ) -> dict[str, Any]:
+        return {
+            "request_id": request_id,
+            "ts": time.time(),
+            "account_id": transaction.account_id,
+            "variant": variant,
+            "slot": slot,
+            "model_version": answer.model_version if answer else None,
+            "score": answer.score if answer else None,
+            "latency_ms": latency_ms,
+            "status": status,
+            "policy_generation": policy.generation,
+            **features(transaction),
+        }
+
+    def _log(self, row: dict[str, Any], body: bytes, shadow_slot: str | None) -> None:
+        self.known_ids.add(row["request_id"])
+        if shadow_slot is None:
+            self.predictions.append(row)
+            return
+        row["shadow_slot"] = shadow_slot
+        try:
+            self.shadow_queue.put_nowait((row, body))
+        except asyncio.QueueFull:
+            self.metrics.shadow_dropped.inc()
+            self.predictions.append({**row, "shadow_status": "dropped"})
+
+    async def shadow_worker(self) -> None:
+        """Score queued requests with the challenger after their clients were answered; log the pairs.
+
+        Work is batched: one call to the challenger's batch endpoint scores everything queued so far,
+        which makes shadow traffic a small fraction of the gateway's and the slot's CPU time.
+        """
+        while True:
+            batch = [await self.shadow_queue.get()]
+            try:
+                while not self.idle.is_set():  # re-check after waking: a client may have just arrived
+                    await self.idle.wait()
+                    await asyncio.sleep(0)
+                while len(batch) < SHADOW_BATCH and not self.shadow_queue.empty():
+                    batch.append(self.shadow_queue.get_nowait())
+                await self._shadow_batch(batch)
+            except asyncio.CancelledError:
+                for row, _ in batch:
+                    self.predictions.append({**row, "shadow_status": "cancelled"})
+                raise
+
+    async def _shadow_batch(self, batch: list[tuple[dict[str, Any], bytes]]) -> None:
+        slot = batch[0][0]["shadow_slot"]
+        try:
+            answer = await self.call_slot_batch(slot, [body for _, body in batch],
+                                                self.settings.challenger_timeout_ms / 1000)
+            for (row, _), score in zip(batch, answer.scores, strict=True):
+                row.update(shadow_score=score, shadow_model_version=answer.model_version,
+                           shadow_latency_ms=answer.latency_ms, shadow_status="ok")
+            status = "ok"
+        except SlotFailure:
+            status = "error"
+            for row, _ in batch:
+                row["shadow_status"] = status
+        self.metrics.shadow.labels(status).inc(len(batch))
+        for row, _ in batch:
+            self.predictions.append(row)
+
+    def record_feedback(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        feedback = parse_feedback(body)
+        if feedback.request_id not in self.known_ids:
+            self.metrics.feedback.labels("unknown_id").inc()
+            return 404, {"error": f"unknown request_id {feedback.request_id!r}", "field": "request_id"}
+        self.feedback.append({"request_id": feedback.request_id, "label": feedback.label, "received_at": time.time()})
+        self.metrics.feedback.labels("accepted").inc()
+        return 202, {"request_id": feedback.request_id, "accepted": True}
+
+
+def create_gateway_app(settings: Settings) -> Starlette:
+    gateway = Gateway(settings)
+
+    async def score(request: Request) -> Response:
+        try:
+            status, body = await gateway.score(await request.body())
+        except RequestError as error:
+            gateway.metrics.invalid.labels(str(error.status)).inc()
+            return Response(encode(error.body()), error.status, media_type=JSON)
+        return Response(encode(body), status, media_type=JSON)
+
+    async def feedback(request: Request) -> Response:
+        try:
+            status, body = gateway.record_feedback(await request.body())
+        except RequestError as error:
+            gateway.metrics.invalid.labels(str(error.status)).inc()
+            return Response(encode(error.body()), error.status, media_type=JSON)
+        return Response(encode(body), status, media_type=JSON)
+
+    async def policy(_: Request) -> Response:
+        return Response(encode({**gateway.policy.to_json(), "loaded": gateway.policy_loaded}), media_type=JSON)
+
+    async def readyz(_: Request) -> Response:
+        body = {"policy_generation": gateway.policy.generation, "policy_loaded": gateway.policy_loaded}
+        return Response(encode(body), 200 if gateway.policy_loaded else 503, media_type=JSON)
+
+    async def healthz(_: Request) -> Response:
+        return Response(b'{"status":"alive"}', media_type=JSON)
+
+    async def metrics(_: Request) -> Response:
+        return Response(generate_latest(gateway.metrics.registry), media_type="text/plain; version=0.0.4")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/score", score, methods=["POST"]),
+            Route("/v1/feedback", feedback, methods=["POST"]),
+            Route("/v1/policy", policy),
+            Route("/v1/status", readyz),
+            Route("/readyz", readyz),
+            Route("/healthz", healthz),
+            Route("/metrics", metrics),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app
