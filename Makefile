@@ -8,7 +8,7 @@ ROWS ?= 50000
 DEMO_DATA ?= $(or $(MLOPS_HOME),.mlops)/data/demo-transactions.parquet
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo compile clean help
+.PHONY: setup test lint demo compile bench clean help
 
 help:
 	@echo "make setup    create $(VENV) and install the project (idempotent)"
@@ -45,7 +45,8 @@ demo: setup
 	$(BIN)/mlops models
 
 bench: setup
-	$(BIN)/python benchmarks/training.py
+	$(BIN)/python benchmarks/training.py --rows 50000 --epochs 4
+	$(BIN)/python benchmarks/serving.py --json --duration 6 --connections 4 --rounds 3
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

@@ -361,6 +361,9 @@ def slot_assign(
 ) -> None:
     """Tell a slot which model version to serve (needs the control-plane token)."""
     settings = _settings()
+    if slot not in ("a", "b"):
+        raise _fail(f"unknown slot {slot!r}: slots are a and b")
+    _require_registered_version(settings, version)
     with _control_plane(settings, write=True) as client:
         assignment = _control_plane_call(lambda: client.assign(slot, version))
     err.print(
@@ -368,6 +371,18 @@ def slot_assign(
     )
     if as_json:
         _emit_json(assignment.to_json())
+
+
+def _require_registered_version(settings: Settings, version: str) -> None:
+    """Refuse to assign a version the registry does not have: the slot would only fail to load it."""
+    from mlflow.exceptions import MlflowException
+
+    from components.registry import connect
+
+    try:
+        connect(settings).get_model_version(settings.model_name, version)
+    except MlflowException:
+        raise _fail(f"model {settings.model_name!r} has no version {version!r} in {settings.tracking_uri}") from None
 
 
 @serve_app.command("control-plane")

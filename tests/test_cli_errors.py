@@ -74,3 +74,17 @@ def test_data_generate_rejects_unknown_drift(cli_env: dict[str, str], tmp_path: 
         ["data", "generate", "--rows", "10", "--drift", "sideways", "--out", str(tmp_path / "x.parquet")], cli_env
     )
     assert result.code == 2 and "covariate" in result.stderr
+
+
+def test_assigning_an_unknown_slot_or_version_is_refused_clearly(cli_env: dict[str, str]) -> None:
+    unknown_slot = run_cli(["slot", "assign", "c", "1"], cli_env)
+    assert unknown_slot.code == 2 and "unknown slot 'c'" in unknown_slot.stderr
+    unknown_version = run_cli(["slot", "assign", "a", "999"], cli_env)
+    assert unknown_version.code == 2 and "has no version '999'" in unknown_version.stderr
+    assert "Traceback" not in unknown_version.stderr
+
+
+def test_policy_commands_say_when_the_control_plane_is_down(cli_env: dict[str, str]) -> None:
+    env = {**cli_env, "MLOPS_CONTROL_PLANE_URL": "http://127.0.0.1:9"}
+    result = run_cli(["policy", "show"], env)
+    assert result.code == 1 and "control plane unreachable" in result.stderr

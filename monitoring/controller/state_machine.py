@@ -1,0 +1,808 @@
+"""The rollout controller's core: a pure state machine, ``step(plan, state, event) -> (state, actions)``.
+
+Nothing here does I/O or reads a clock: time arrives inside the events, and effects leave as a list of actions
+that the thin driver executes in order. States, plans, events and actions are frozen dataclasses that round-trip
+through JSON (``to_dict`` / ``from_dict``), so a restarted controller restores the state from its database and
+carries on where the previous one stopped.
+
+Lifecycle (``S`` = the plan's phases, ``W`` = the watch index ``len(plan.phases)``)::
+
+    pending --Start--> phase 0 (status = its kind: "shadow" or "canary")
+    phase i --all-pass analysis, gates met--> phase i+1 ... --last phase passes--> promoted_watching (index W)
+    promoted_watching --watch window elapsed--> succeeded
+    shadow/canary --failure_limit consecutive failures | ManualAbort--> rolled_back | aborted (champion untouched)
+    promoted_watching --failure_limit consecutive failures | ManualAbort--> rolled_back | aborted (back to previous)
+
+Rules, deliberately simple:
+
+* **Advance** only on an analysis for the current phase whose verdicts are *all* ``"pass"`` (at least one
+  verdict; an empty verdict map counts as inconclusive), taken at least ``min_duration_s`` after the phase began,
+  with ``samples >= min_samples``. The next phase begins at that analysis's time. Ticks never advance a phase.
+* **Fail**: any ``"fail"`` verdict (or a ``SlotDown`` of the challenger's slot) increments
+  ``consecutive_failures``; an all-pass analysis resets it; an inconclusive one (no fail, not all pass) changes
+  nothing. Reaching ``failure_limit`` rolls back at once. Failures count whether or not the gates are met: the
+  guardrails themselves answer "inconclusive" while they lack samples.
+* **Roll back before promotion**: ``SetTraffic(0, shadow=False, champion_slot=<champion>)`` first, then
+  ``MarkRejected(challenger)``, ``SetAlias("challenger", None)``, ``RecordDecision``, ``Notify``.
+* **Promote**: ``SetAlias("previous", champion)``, ``SetAlias("champion", challenger)``,
+  ``SetAlias("challenger", None)``, ``SetTraffic(0, shadow=False, champion_slot=<challenger's slot>)``,
+  ``RecordDecision``, ``Notify``. The old champion stays loaded in its slot, so a later rollback is a traffic
+  change, not a redeploy. The watch phase uses ``phase_index == len(plan.phases)`` and ``phase_started_at`` = the
+  promotion time; analyses during the watch (absolute limits, computed by the driver) carry that index.
+* **Roll back after promotion**: ``SetTraffic(0, shadow=False, champion_slot=<old champion's slot>)`` first, then
+  ``SetAlias("champion", old champion)``, ``SetAlias("previous", plan.previous_version)`` (restores the alias as it
+  was before this rollout; ``None`` deletes it), ``MarkRejected(challenger)``, ``RecordDecision``, ``Notify``.
+* **Watch window** is half-open, ``[promoted_at, promoted_at + post_promotion_watch_s)``: analyses and slot outages
+  stamped inside it count; the first ``Tick``/``Analysis``/``SlotDown`` stamped at or after its end concludes the
+  rollout as ``succeeded`` (that late event's verdicts are not counted).
+* **SlotDown** of the challenger's slot counts as one failure (also during the watch, where that slot serves as
+  champion). SlotDown of the champion's slot is recorded (a transition with a decision and a notification) but
+  never blamed on the challenger. Other slots are ignored. The driver reports an outage once, on its edge.
+* **Manual**: ``ManualPromote`` in shadow/canary promotes (recorded as manual); elsewhere it is ignored.
+  ``ManualAbort`` in any non-terminal status rolls back with status ``aborted``.
+* **Ignored events** (no new state, no actions): anything in a terminal status (succeeded, rolled_back, aborted);
+  ``Start`` when not pending; analyses before ``Start``; stale analyses (``phase_index`` not the current one, or
+  stamped before the current phase began). Terminal states ignoring everything is what makes replaying an event
+  log after a restart safe: it never promotes or rolls back twice.
+* **Transitions**: every change of state bumps ``version`` by exactly one (optimistic concurrency for the store),
+  appends one :class:`Decision` with the metric values behind it, and emits ``RecordDecision`` of that decision.
+  ``decided`` turns true on promote, roll back and abort, and never turns false.
+
+``SetTraffic.challenger_weight`` is the weight of the slot that is *not* ``champion_slot``; with ``shadow=True``
+the gateway mirrors every request to that slot without serving its answers. ``AssignSlot`` (emitted on ``Start``)
+asks the driver to make a slot hold a version; the driver waits for the slot to report ready before executing the
+next action, and reports a slot that does not come up as ``SlotDown``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any, Literal, TypeAlias
+
+Verdict = Literal["pass", "fail", "inconclusive"]
+PhaseKind = Literal["shadow", "canary"]
+Status = Literal["pending", "shadow", "canary", "promoted_watching", "succeeded", "rolled_back", "aborted"]
+
+VERDICTS: frozenset[str] = frozenset({"pass", "fail", "inconclusive"})
+SLOT_NAMES: tuple[str, ...] = ("a", "b")
+STATUSES: tuple[str, ...] = (
+    "pending",
+    "shadow",
+    "canary",
+    "promoted_watching",
+    "succeeded",
+    "rolled_back",
+    "aborted",
+)
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "rolled_back", "aborted"})
+PHASE_STATUSES: frozenset[str] = frozenset({"shadow", "canary"})
+
+
+def _jsonable(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _finite_nonneg(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plan
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    """One phase: ``shadow`` (weight 0, mirrored traffic) or ``canary`` (a share of live traffic in (0, 1])."""
+
+    name: str
+    kind: PhaseKind
+    weight: float
+    min_duration_s: float
+    min_samples: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("shadow", "canary"):
+            raise ValueError(f"phase {self.name!r}: kind must be 'shadow' or 'canary', got {self.kind!r}")
+        if self.kind == "shadow" and self.weight != 0:
+            raise ValueError(f"phase {self.name!r}: a shadow phase has weight 0, got {self.weight!r}")
+        if self.kind == "canary" and not (
+            isinstance(self.weight, int | float) and math.isfinite(self.weight) and 0 < self.weight <= 1
+        ):
+            raise ValueError(f"phase {self.name!r}: a canary weight must be in (0, 1], got {self.weight!r}")
+        _finite_nonneg(f"phase {self.name!r}: min_duration_s", self.min_duration_s)
+        if not isinstance(self.min_samples, int) or self.min_samples < 0:
+            raise ValueError(f"phase {self.name!r}: min_samples must be an int >= 0, got {self.min_samples!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PhaseSpec:
+        return cls(
+            name=str(data["name"]),
+            kind=data["kind"],
+            weight=float(data["weight"]),
+            min_duration_s=float(data["min_duration_s"]),
+            min_samples=int(data["min_samples"]),
+        )
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """What to roll out and how; immutable for the life of a rollout."""
+
+    rollout_id: str
+    model_name: str
+    challenger_version: str
+    champion_version: str
+    champion_slot: str
+    challenger_slot: str
+    phases: tuple[PhaseSpec, ...]
+    failure_limit: int
+    post_promotion_watch_s: float
+    previous_version: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "phases", tuple(self.phases))
+        if not self.phases:
+            raise ValueError("a rollout plan needs at least one phase")
+        if self.champion_slot not in SLOT_NAMES or self.challenger_slot not in SLOT_NAMES:
+            raise ValueError(f"slots must be among {SLOT_NAMES}, got {self.champion_slot!r}/{self.challenger_slot!r}")
+        if self.champion_slot == self.challenger_slot:
+            raise ValueError("champion and challenger need different slots")
+        if self.challenger_version == self.champion_version:
+            raise ValueError("challenger and champion are the same version")
+        if not isinstance(self.failure_limit, int) or self.failure_limit < 1:
+            raise ValueError(f"failure_limit must be an int >= 1, got {self.failure_limit!r}")
+        _finite_nonneg("post_promotion_watch_s", self.post_promotion_watch_s)
+
+    @property
+    def watch_index(self) -> int:
+        """The ``phase_index`` of the post-promotion watch (one past the last phase)."""
+        return len(self.phases)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RolloutPlan:
+        previous = data.get("previous_version")
+        return cls(
+            rollout_id=str(data["rollout_id"]),
+            model_name=str(data["model_name"]),
+            challenger_version=str(data["challenger_version"]),
+            champion_version=str(data["champion_version"]),
+            champion_slot=str(data["champion_slot"]),
+            challenger_slot=str(data["challenger_slot"]),
+            phases=tuple(PhaseSpec.from_dict(p) for p in data["phases"]),
+            failure_limit=int(data["failure_limit"]),
+            post_promotion_watch_s=float(data["post_promotion_watch_s"]),
+            previous_version=None if previous is None else str(previous),
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Analysis, decisions, state
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """One evaluation of every guardrail for the phase ``phase_index``, taken at ``at``.
+
+    ``samples`` is the number of challenger samples the phase has gathered; ``values`` holds, per guardrail, the
+    metric values behind its verdict (recorded with any decision the result causes).
+    """
+
+    at: float
+    phase_index: int
+    samples: int
+    verdicts: dict[str, Verdict]
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in self.verdicts.items() if v not in VERDICTS}
+        if bad:
+            raise ValueError(f"unknown verdicts {bad}; expected one of {sorted(VERDICTS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AnalysisResult:
+        return cls(
+            at=float(data["at"]),
+            phase_index=int(data["phase_index"]),
+            samples=int(data["samples"]),
+            verdicts=dict(data["verdicts"]),
+            values=copy.deepcopy(dict(data.get("values") or {})),
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One transition, with the metric values that caused it. ``phase_index`` is the index it was taken in."""
+
+    at: float
+    from_status: Status
+    to_status: Status
+    phase_index: int
+    action_summary: str
+    reason: str
+    metrics: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Decision:
+        return cls(
+            at=float(data["at"]),
+            from_status=data["from_status"],
+            to_status=data["to_status"],
+            phase_index=int(data["phase_index"]),
+            action_summary=str(data["action_summary"]),
+            reason=str(data["reason"]),
+            metrics=copy.deepcopy(dict(data["metrics"])),
+        )
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """Everything the controller must persist to resume a rollout after a restart."""
+
+    rollout_id: str
+    status: Status
+    phase_index: int
+    phase_started_at: float
+    consecutive_failures: int
+    decided: bool
+    reason: str | None
+    version: int
+    history: tuple[Decision, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "history", tuple(self.history))
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown status {self.status!r}")
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RolloutState:
+        reason = data.get("reason")
+        return cls(
+            rollout_id=str(data["rollout_id"]),
+            status=data["status"],
+            phase_index=int(data["phase_index"]),
+            phase_started_at=float(data["phase_started_at"]),
+            consecutive_failures=int(data["consecutive_failures"]),
+            decided=bool(data["decided"]),
+            reason=None if reason is None else str(reason),
+            version=int(data["version"]),
+            history=tuple(Decision.from_dict(d) for d in data.get("history", ())),
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    at: float
+
+
+@dataclass(frozen=True)
+class Analysis:
+    result: AnalysisResult
+
+    @property
+    def at(self) -> float:
+        return self.result.at
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passes, no new data (ends the post-promotion watch)."""
+
+    at: float
+
+
+@dataclass(frozen=True)
+class ManualPromote:
+    at: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ManualAbort:
+    at: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class SlotDown:
+    """A slot stopped being ready (or never became ready)."""
+
+    at: float
+    slot: str
+    detail: str = ""
+
+
+Event: TypeAlias = Start | Analysis | Tick | ManualPromote | ManualAbort | SlotDown
+_EVENT_TYPES: dict[str, type] = {t.__name__: t for t in (Start, Analysis, Tick, ManualPromote, ManualAbort, SlotDown)}
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """``{"type": "Analysis", ...fields}``: for an event log the driver may keep beside the state."""
+    return {"type": type(event).__name__, **_jsonable(event)}
+
+
+def event_from_dict(data: dict[str, Any]) -> Event:
+    body = {k: v for k, v in data.items() if k != "type"}
+    kind = _EVENT_TYPES.get(data.get("type", ""))
+    if kind is None:
+        raise ValueError(f"unknown event type {data.get('type')!r}")
+    if kind is Analysis:
+        return Analysis(AnalysisResult.from_dict(body["result"]))
+    return kind(**body)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Actions
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetTraffic:
+    """Write the traffic policy: ``challenger_weight`` goes to the slot that is not ``champion_slot``."""
+
+    challenger_weight: float
+    shadow: bool
+    champion_slot: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SetAlias:
+    """Point a registry alias at a version; ``version=None`` deletes the alias."""
+
+    alias: str
+    version: str | None
+
+
+@dataclass(frozen=True)
+class AssignSlot:
+    """Make ``slot`` hold ``version`` (the driver waits until it reports ready)."""
+
+    slot: str
+    version: str | None
+
+
+@dataclass(frozen=True)
+class RecordDecision:
+    decision: Decision
+
+
+@dataclass(frozen=True)
+class MarkRejected:
+    version: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Notify:
+    message: str
+
+
+Action: TypeAlias = SetTraffic | SetAlias | AssignSlot | RecordDecision | MarkRejected | Notify
+_ACTION_TYPES: dict[str, type] = {
+    t.__name__: t for t in (SetTraffic, SetAlias, AssignSlot, RecordDecision, MarkRejected, Notify)
+}
+
+
+def action_to_dict(action: Action) -> dict[str, Any]:
+    return {"type": type(action).__name__, **_jsonable(action)}
+
+
+def action_from_dict(data: dict[str, Any]) -> Action:
+    body = {k: v for k, v in data.items() if k != "type"}
+    kind = _ACTION_TYPES.get(data.get("type", ""))
+    if kind is None:
+        raise ValueError(f"unknown action type {data.get('type')!r}")
+    if kind is RecordDecision:
+        return RecordDecision(Decision.from_dict(body["decision"]))
+    return kind(**body)
+
+
+def _summarize(action: Action) -> str:
+    match action:
+        case SetTraffic():
+            mode = "shadow" if action.shadow else f"{action.challenger_weight:g}"
+            return f"traffic(champion={action.champion_slot}, challenger={mode})"
+        case SetAlias():
+            return f"alias {action.alias}={action.version if action.version is not None else '<deleted>'}"
+        case AssignSlot():
+            return f"slot {action.slot}={action.version}"
+        case MarkRejected():
+            return f"reject {action.version}"
+        case Notify():
+            return "notify"
+        case RecordDecision():
+            return "record"
+    raise TypeError(f"not an action: {action!r}")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The state machine
+# --------------------------------------------------------------------------------------------------------------
+
+
+def initial_state(plan: RolloutPlan, at: float) -> RolloutState:
+    """A rollout that exists but has not started (no traffic changed, no decision)."""
+    return RolloutState(
+        rollout_id=plan.rollout_id,
+        status="pending",
+        phase_index=0,
+        phase_started_at=float(at),
+        consecutive_failures=0,
+        decided=False,
+        reason=None,
+        version=0,
+        history=(),
+    )
+
+
+def current_phase(plan: RolloutPlan, state: RolloutState) -> PhaseSpec | None:
+    """The phase being run, or None (pending, watching, terminal)."""
+    if state.status in PHASE_STATUSES and 0 <= state.phase_index < len(plan.phases):
+        return plan.phases[state.phase_index]
+    return None
+
+
+def watch_ends_at(plan: RolloutPlan, state: RolloutState) -> float | None:
+    """When the post-promotion watch ends (None unless watching)."""
+    if state.status != "promoted_watching":
+        return None
+    return state.phase_started_at + plan.post_promotion_watch_s
+
+
+def step(plan: RolloutPlan, state: RolloutState, event: Event) -> tuple[RolloutState, list[Action]]:
+    """Apply one event. Returns the new state and the actions to execute in order (``state`` itself, unchanged,
+    and ``[]`` when the event is ignored)."""
+    if state.rollout_id != plan.rollout_id:
+        raise ValueError(f"state is for rollout {state.rollout_id!r}, plan for {plan.rollout_id!r}")
+    if state.terminal:
+        return state, []
+    match event:
+        case Start():
+            return _on_start(plan, state, event)
+        case Analysis():
+            return _on_analysis(plan, state, event.result)
+        case Tick():
+            return _on_tick(plan, state, event)
+        case ManualPromote():
+            return _on_manual_promote(plan, state, event)
+        case ManualAbort():
+            return _on_manual_abort(plan, state, event)
+        case SlotDown():
+            return _on_slot_down(plan, state, event)
+    raise TypeError(f"not a rollout event: {event!r}")
+
+
+def replay(plan: RolloutPlan, state: RolloutState, events: list[Event]) -> tuple[RolloutState, list[Action]]:
+    """Fold ``step`` over ``events``; returns the final state and every action, in order."""
+    actions: list[Action] = []
+    for event in events:
+        state, new = step(plan, state, event)
+        actions.extend(new)
+    return state, actions
+
+
+_Result: TypeAlias = tuple[RolloutState, list[Action]]
+
+
+def _ignore(state: RolloutState) -> _Result:
+    return state, []
+
+
+def _transition(
+    state: RolloutState,
+    *,
+    at: float,
+    to_status: Status,
+    reason: str,
+    metrics: dict[str, Any],
+    effects: list[Action],
+    notify: str | None = None,
+    **changes: Any,
+) -> _Result:
+    decision = Decision(
+        at=float(at),
+        from_status=state.status,
+        to_status=to_status,
+        phase_index=state.phase_index,
+        action_summary="; ".join(_summarize(a) for a in effects) or "none",
+        reason=reason,
+        metrics=copy.deepcopy(metrics),
+    )
+    new_state = replace(
+        state,
+        status=to_status,
+        reason=reason,
+        version=state.version + 1,
+        history=(*state.history, decision),
+        **changes,
+    )
+    actions: list[Action] = [*effects, RecordDecision(decision)]
+    if notify is not None:
+        actions.append(Notify(notify))
+    return new_state, actions
+
+
+def _phase_traffic(plan: RolloutPlan, index: int, reason: str) -> SetTraffic:
+    phase = plan.phases[index]
+    shadow = phase.kind == "shadow"
+    return SetTraffic(
+        challenger_weight=0.0 if shadow else float(phase.weight),
+        shadow=shadow,
+        champion_slot=plan.champion_slot,
+        reason=reason,
+    )
+
+
+def _label(plan: RolloutPlan) -> str:
+    return f"rollout {plan.rollout_id} ({plan.model_name} v{plan.challenger_version} vs v{plan.champion_version})"
+
+
+def _enter_phase(plan: RolloutPlan, state: RolloutState, index: int, at: float, reason: str, metrics: dict) -> _Result:
+    phase = plan.phases[index]
+    effects: list[Action] = []
+    if state.status == "pending":
+        effects += [
+            AssignSlot(plan.challenger_slot, plan.challenger_version),
+            SetAlias("challenger", plan.challenger_version),
+        ]
+    effects.append(_phase_traffic(plan, index, f"{plan.rollout_id}: phase {phase.name}"))
+    what = "shadow" if phase.kind == "shadow" else f"canary at {phase.weight:.0%}"
+    return _transition(
+        state,
+        at=at,
+        to_status=phase.kind,
+        reason=reason,
+        metrics={**metrics, "next_phase": phase.name, "next_weight": phase.weight},
+        effects=effects,
+        notify=f"{_label(plan)}: entered phase {index} {phase.name!r} ({what})",
+        phase_index=index,
+        phase_started_at=float(at),
+        consecutive_failures=0,
+    )
+
+
+def _promote(plan: RolloutPlan, state: RolloutState, at: float, reason: str, metrics: dict) -> _Result:
+    if state.decided or state.status not in PHASE_STATUSES:  # defence in depth: never promote twice
+        return _ignore(state)
+    effects: list[Action] = [
+        SetAlias("previous", plan.champion_version),
+        SetAlias("champion", plan.challenger_version),
+        SetAlias("challenger", None),
+        SetTraffic(0.0, False, plan.challenger_slot, f"{plan.rollout_id}: promoted v{plan.challenger_version}"),
+    ]
+    return _transition(
+        state,
+        at=at,
+        to_status="promoted_watching",
+        reason=reason,
+        metrics=metrics,
+        effects=effects,
+        notify=f"{_label(plan)}: PROMOTED v{plan.challenger_version} ({reason}); watching for "
+        f"{plan.post_promotion_watch_s:g}s",
+        phase_index=plan.watch_index,
+        phase_started_at=float(at),
+        consecutive_failures=0,
+        decided=True,
+    )
+
+
+def _roll_back(
+    plan: RolloutPlan, state: RolloutState, at: float, to_status: Status, reason: str, metrics: dict, **changes: Any
+) -> _Result:
+    if state.status == "promoted_watching":
+        effects: list[Action] = [
+            SetTraffic(0.0, False, plan.champion_slot, f"{plan.rollout_id}: back to v{plan.champion_version}"),
+            SetAlias("champion", plan.champion_version),
+            SetAlias("previous", plan.previous_version),
+            MarkRejected(plan.challenger_version, reason),
+        ]
+        what = f"ROLLED BACK to previous champion v{plan.champion_version} after promotion"
+    else:
+        effects = [
+            SetTraffic(0.0, False, plan.champion_slot, f"{plan.rollout_id}: rolled back"),
+            MarkRejected(plan.challenger_version, reason),
+            SetAlias("challenger", None),
+        ]
+        what = f"ROLLED BACK v{plan.challenger_version}; champion v{plan.champion_version} keeps all traffic"
+    if to_status == "aborted":
+        what = "ABORTED, " + what
+    return _transition(
+        state,
+        at=at,
+        to_status=to_status,
+        reason=reason,
+        metrics=metrics,
+        effects=effects,
+        notify=f"{_label(plan)}: {what} ({reason})",
+        decided=True,
+        **changes,
+    )
+
+
+def _count_failure(plan: RolloutPlan, state: RolloutState, at: float, reason: str, metrics: dict) -> _Result:
+    count = state.consecutive_failures + 1
+    metrics = {**metrics, "consecutive_failures": count, "failure_limit": plan.failure_limit}
+    reason = f"{reason} ({count}/{plan.failure_limit} consecutive)"
+    if count >= plan.failure_limit:
+        return _roll_back(plan, state, at, "rolled_back", reason, metrics, consecutive_failures=count)
+    return _transition(
+        state, at=at, to_status=state.status, reason=reason, metrics=metrics, effects=[], consecutive_failures=count
+    )
+
+
+def _succeed(plan: RolloutPlan, state: RolloutState, at: float) -> _Result:
+    elapsed = at - state.phase_started_at
+    return _transition(
+        state,
+        at=at,
+        to_status="succeeded",
+        reason=f"post-promotion watch of {plan.post_promotion_watch_s:g}s passed without regression",
+        metrics={"watch_elapsed_s": elapsed, "post_promotion_watch_s": plan.post_promotion_watch_s},
+        effects=[],
+        notify=f"{_label(plan)}: succeeded; v{plan.challenger_version} is champion",
+    )
+
+
+def _watch_over(plan: RolloutPlan, state: RolloutState, at: float) -> bool:
+    return state.status == "promoted_watching" and at >= state.phase_started_at + plan.post_promotion_watch_s
+
+
+def _on_start(plan: RolloutPlan, state: RolloutState, event: Start) -> _Result:
+    if state.status != "pending":
+        return _ignore(state)
+    return _enter_phase(plan, state, 0, event.at, "rollout started", {"phases": len(plan.phases)})
+
+
+def _on_analysis(plan: RolloutPlan, state: RolloutState, result: AnalysisResult) -> _Result:
+    if state.status == "pending":
+        return _ignore(state)
+    if result.phase_index != state.phase_index or result.at < state.phase_started_at:
+        return _ignore(state)  # stale: for another phase, or from before this one began
+    if _watch_over(plan, state, result.at):
+        return _succeed(plan, state, result.at)
+    watching = state.status == "promoted_watching"
+    elapsed = result.at - state.phase_started_at
+    metrics: dict[str, Any] = {
+        "samples": result.samples,
+        "elapsed_s": elapsed,
+        "verdicts": dict(result.verdicts),
+        "values": result.values,
+    }
+    verdicts = list(result.verdicts.values())
+    if "fail" in verdicts:
+        failed = sorted(k for k, v in result.verdicts.items() if v == "fail")
+        where = "after promotion" if watching else f"in phase {plan.phases[state.phase_index].name}"
+        return _count_failure(plan, state, result.at, f"guardrails failed {where}: {', '.join(failed)}", metrics)
+    if not verdicts or any(v != "pass" for v in verdicts):
+        return _ignore(state)  # inconclusive: neither advances nor fails
+    if not watching:
+        phase = plan.phases[state.phase_index]
+        if elapsed >= phase.min_duration_s and result.samples >= phase.min_samples:
+            metrics |= {
+                "min_duration_s": phase.min_duration_s,
+                "min_samples": phase.min_samples,
+                "consecutive_failures": state.consecutive_failures,
+            }
+            reason = f"phase {phase.name} passed: all guardrails pass ({result.samples} samples, {elapsed:g}s)"
+            nxt = state.phase_index + 1
+            if nxt < len(plan.phases):
+                return _enter_phase(plan, state, nxt, result.at, reason, metrics)
+            return _promote(plan, state, result.at, reason, metrics)
+    if state.consecutive_failures:
+        return _transition(
+            state,
+            at=result.at,
+            to_status=state.status,
+            reason=f"all guardrails pass; failure streak of {state.consecutive_failures} reset",
+            metrics={**metrics, "consecutive_failures": 0},
+            effects=[],
+            consecutive_failures=0,
+        )
+    return _ignore(state)
+
+
+def _on_tick(plan: RolloutPlan, state: RolloutState, event: Tick) -> _Result:
+    if _watch_over(plan, state, event.at):
+        return _succeed(plan, state, event.at)
+    return _ignore(state)
+
+
+def _on_manual_promote(plan: RolloutPlan, state: RolloutState, event: ManualPromote) -> _Result:
+    if state.status not in PHASE_STATUSES:
+        return _ignore(state)
+    metrics = {
+        "manual": True,
+        "phase": plan.phases[state.phase_index].name,
+        "elapsed_s": event.at - state.phase_started_at,
+        "consecutive_failures": state.consecutive_failures,
+    }
+    return _promote(plan, state, event.at, f"manual promote: {event.reason or 'no reason given'}", metrics)
+
+
+def _on_manual_abort(plan: RolloutPlan, state: RolloutState, event: ManualAbort) -> _Result:
+    metrics = {"manual": True, "consecutive_failures": state.consecutive_failures}
+    return _roll_back(plan, state, event.at, "aborted", f"manual abort: {event.reason or 'no reason given'}", metrics)
+
+
+def _on_slot_down(plan: RolloutPlan, state: RolloutState, event: SlotDown) -> _Result:
+    if state.status == "pending" or event.slot not in (plan.champion_slot, plan.challenger_slot):
+        return _ignore(state)
+    if _watch_over(plan, state, event.at):
+        return _succeed(plan, state, event.at)
+    watching = state.status == "promoted_watching"
+    metrics = {"slot": event.slot, "detail": event.detail}
+    if event.slot == plan.challenger_slot:
+        role = "promoted slot" if watching else "challenger slot"
+        return _count_failure(plan, state, event.at, f"{role} {event.slot} not ready: {event.detail}", metrics)
+    if watching:
+        reason = f"previous champion's slot {event.slot} not ready (rollback target unavailable): {event.detail}"
+    else:
+        reason = f"champion slot {event.slot} not ready (not counted against the challenger): {event.detail}"
+    return _transition(
+        state,
+        at=event.at,
+        to_status=state.status,
+        reason=reason,
+        metrics={**metrics, "consecutive_failures": state.consecutive_failures},
+        effects=[],
+        notify=f"{_label(plan)}: {reason}",
+    )
+
+
+def describe(state: RolloutState, plan: RolloutPlan | None = None) -> str:
+    """One line for the CLI."""
+    where = state.status
+    if state.status in PHASE_STATUSES:
+        where += f" phase {state.phase_index}"
+        if plan is not None and state.phase_index < len(plan.phases):
+            phase = plan.phases[state.phase_index]
+            where += f"/{len(plan.phases)} {phase.name!r}"
+            where += " (shadow)" if phase.kind == "shadow" else f" ({phase.weight:.0%} to challenger)"
+        where += f" since t={state.phase_started_at:g}"
+    elif state.status == "promoted_watching":
+        where += f" since t={state.phase_started_at:g}"
+        if plan is not None:
+            where += f" until t={state.phase_started_at + plan.post_promotion_watch_s:g}"
+    limit = f"/{plan.failure_limit}" if plan is not None else ""
+    line = (
+        f"{state.rollout_id}: {where}, failures {state.consecutive_failures}{limit}, "
+        f"decided={'yes' if state.decided else 'no'}, v{state.version}"
+    )
+    if state.reason:
+        line += f"; last: {state.reason}"
+    return " ".join(line.split())
