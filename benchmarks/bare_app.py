@@ -1,6 +1,6 @@
 """The ceiling for the serving benchmark: the same model behind a bare Starlette route, no BentoML.
 
-    MLOPS_BENCH_MODEL_DIR=... python -m uvicorn benchmarks.bare_app:app --port P
+MLOPS_BENCH_MODEL_DIR=... python -m uvicorn benchmarks.bare_app:app --port P
 """
 
 from __future__ import annotations

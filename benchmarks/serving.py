@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mlops.local_stack import LocalStack  # noqa: E402
-from mlops.processes import ManagedProcess, free_port, start_process, stop_process  # noqa: E402
+from mlops.processes import ManagedProcess, free_port, start_process, stop_process, wait_until_ready  # noqa: E402
 from mlops.schema import FEATURES  # noqa: E402
 from mlops.synthetic import generate_transactions  # noqa: E402
 
@@ -35,13 +35,15 @@ TARGETS = {"slot_vs_bare": 0.25, "gateway_vs_slot": 0.5, "gateway_added_p50_ms":
 
 def lua_script(path: Path, endpoint: str, rows: int = 500) -> Path:
     frame = generate_transactions(rows, seed=5)
-    bodies = [json.dumps({"account_id": r["account_id"], **{k: r[k] for k in FEATURES}}, default=float)
-              for r in frame.to_dict(orient="records")]
+    bodies = [
+        json.dumps({"account_id": r["account_id"], **{k: r[k] for k in FEATURES}}, default=float)
+        for r in frame.to_dict(orient="records")
+    ]
     table = ",\n".join("[[" + body + "]]" for body in bodies)
     path.write_text(
         f"local bodies = {{\n{table}\n}}\nlocal n = #bodies\nlocal i = 0\n"
         'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-        f"request = function()\n  i = i % n + 1\n  return wrk.format(nil, \"{endpoint}\", nil, bodies[i])\nend\n"
+        f'request = function()\n  i = i % n + 1\n  return wrk.format(nil, "{endpoint}", nil, bodies[i])\nend\n'
     )
     return path
 
@@ -52,15 +54,23 @@ def _ms(value: str) -> float:
 
 
 def run_wrk(url: str, script: Path, duration: int, connections: int) -> dict[str, Any]:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     percentile = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = (int(non_2xx.group(1)) if non_2xx else 0) + (sum(map(int, socket.groups())) if socket else 0)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    return {"rps": round(rps, 1), "p50_ms": round(_ms(percentile["50"]), 3), "p99_ms": round(_ms(percentile["99"]), 3),
-            "errors": errors}
+    return {
+        "rps": round(rps, 1),
+        "p50_ms": round(_ms(percentile["50"]), 3),
+        "p99_ms": round(_ms(percentile["99"]), 3),
+        "errors": errors,
+    }
 
 
 def shadow_counts(gateway: str) -> dict[str, float]:
@@ -77,20 +87,6 @@ def ensure_wrk() -> None:
     if shutil.which("wrk"):
         return
     subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, capture_output=True)
-
-
-def wait_ready(url: str, timeout: float = 60) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
 
 
 def main() -> int:
@@ -113,29 +109,53 @@ def main() -> int:
         predict = lua_script(root / "predict.lua", "/v1/predict")
         score = lua_script(root / "score.lua", "/v1/score")
         bare_port = free_port()
-        bare = start_process("bare", [sys.executable, "-m", "uvicorn", "benchmarks.bare_app:app", "--port",
-                                      str(bare_port), "--no-access-log", "--log-level", "warning"],
-                             {**stack.env, "MLOPS_BENCH_MODEL_DIR": str(model_dir)}, root / "logs", cwd=REPO)
+        bare = start_process(
+            "bare",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "benchmarks.bare_app:app",
+                "--port",
+                str(bare_port),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+            {**stack.env, "MLOPS_BENCH_MODEL_DIR": str(model_dir)},
+            root / "logs",
+            cwd=REPO,
+        )
         rounds: dict[str, list[dict[str, Any]]] = {"bare": [], "slot": [], "gateway": [], "gateway_shadow": []}
         try:
             _wait_port(bare_port, bare)
             stack.start()
             stack.cli("slot", "assign", "a", versions[0])
             stack.cli("slot", "assign", "b", versions[1])
-            wait_ready(stack.url("slot-a") + "/readyz")
-            wait_ready(stack.url("slot-b") + "/readyz")
-            wait_ready(stack.url("gateway") + "/readyz")
+            wait_until_ready(None, stack.url("slot-a") + "/readyz")
+            wait_until_ready(None, stack.url("slot-b") + "/readyz")
+            wait_until_ready(None, stack.url("gateway") + "/readyz")
             # Interleaved rounds, medians reported: a 2-core machine's background noise then hits every
             # case alike instead of whichever case happened to run during it.
             for _ in range(args.rounds):
-                rounds["bare"].append(run_wrk(f"http://127.0.0.1:{bare_port}", predict, args.duration,
-                                              args.connections))
+                rounds["bare"].append(
+                    run_wrk(f"http://127.0.0.1:{bare_port}", predict, args.duration, args.connections)
+                )
                 rounds["slot"].append(run_wrk(stack.url("slot-a"), predict, args.duration, args.connections))
                 stack.cli("policy", "set", "--challenger-weight", "0", "--champion-slot", "a", "--reason", "bench")
                 time.sleep(1.0)
                 rounds["gateway"].append(run_wrk(stack.url("gateway"), score, args.duration, args.connections))
-                stack.cli("policy", "set", "--challenger-weight", "0", "--champion-slot", "a", "--shadow",
-                          "--reason", "bench shadow")
+                stack.cli(
+                    "policy",
+                    "set",
+                    "--challenger-weight",
+                    "0",
+                    "--champion-slot",
+                    "a",
+                    "--shadow",
+                    "--reason",
+                    "bench shadow",
+                )
                 time.sleep(1.0)
                 before = shadow_counts(stack.url("gateway"))
                 shadow = run_wrk(stack.url("gateway"), score, args.duration, args.connections)
@@ -158,17 +178,24 @@ def main() -> int:
         "shadow_p99_increase": ratios["shadow_p99_increase"] <= TARGETS["shadow_p99_increase"],
         "shadow_zero_errors": cases["gateway_shadow"]["errors"] == 0,
     }
-    report = {"benchmark": "serving", "connections": args.connections, "duration_s": args.duration,
-              "rounds": args.rounds,
-              "cpus": os.cpu_count(), "cases": cases, "ratios": ratios, "targets": TARGETS, "meets": meets}
+    report = {
+        "benchmark": "serving",
+        "connections": args.connections,
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "cpus": os.cpu_count(),
+        "cases": cases,
+        "ratios": ratios,
+        "targets": TARGETS,
+        "meets": meets,
+    }
     print(json.dumps(report) if args.json else json.dumps(report, indent=2))
     return 0 if all(meets.values()) else 1
 
 
 def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
     keys = results[0].keys()
-    return {k: statistics.median(r[k] for r in results) if k != "errors" else sum(r[k] for r in results)
-            for k in keys}
+    return {k: statistics.median(r[k] for r in results) if k != "errors" else sum(r[k] for r in results) for k in keys}
 
 
 def _wait_port(port: int, managed: ManagedProcess, timeout: float = 60) -> None:

@@ -71,5 +71,4 @@ class LocalStack:
         return codes
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(mlops_command(*args), env=self.env, cwd=REPO, capture_output=True, text=True,
-                              check=True)
+        return subprocess.run(mlops_command(*args), env=self.env, cwd=REPO, capture_output=True, text=True, check=True)

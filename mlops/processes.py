@@ -62,21 +62,21 @@ def mlops_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "mlops.cli", *args]
 
 
-def start_process(name: str, args: list[str], env: dict[str, str], log_dir: Path,
-                  cwd: Path | None = None) -> ManagedProcess:
+def start_process(
+    name: str, args: list[str], env: dict[str, str], log_dir: Path, cwd: Path | None = None
+) -> ManagedProcess:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.out"
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                   start_new_session=True)
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
     return ManagedProcess(name, process, log_path)
 
 
-def wait_until_ready(managed: ManagedProcess, url: str, timeout: float = 90.0) -> None:
+def wait_until_ready(managed: ManagedProcess | None, url: str, timeout: float = 90.0) -> None:
     """Poll `url` until it answers 200; fail early, with the log, if the process dies first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not managed.alive():
+        if managed is not None and not managed.alive():
             raise ProcessFailed(f"{managed.name} exited with {managed.process.returncode}:\n{managed.log_tail()}")
         try:
             if httpx.get(url, timeout=1.0).status_code == 200:
@@ -84,7 +84,8 @@ def wait_until_ready(managed: ManagedProcess, url: str, timeout: float = 90.0) -
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise ProcessFailed(f"{managed.name} not ready at {url} after {timeout:.0f}s:\n{managed.log_tail()}")
+    tail = f":\n{managed.log_tail()}" if managed is not None else ""
+    raise ProcessFailed(f"{managed.name if managed else url} not ready at {url} after {timeout:.0f}s{tail}")
 
 
 def stop_process(managed: ManagedProcess, timeout: float = 20.0) -> int | None:

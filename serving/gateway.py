@@ -221,39 +221,33 @@ class Gateway:
 
     # --- slots ------------------------------------------------------------------------------------
 
-    async def call_slot(self, slot: str, body: bytes, timeout_s: float) -> SlotAnswer:
+    async def _post(self, slot: str, path: str, payload: bytes, timeout_s: float) -> bytes:
+        """POST to a slot; anything but a 200 in time is a `SlotFailure`."""
         assert self.session is not None
-        started = time.perf_counter()
         try:
             async with self.session.post(
-                f"{self.slot_urls[slot]}/v1/predict",
-                data=body,
+                f"{self.slot_urls[slot]}{path}",
+                data=payload,
                 headers={"content-type": JSON},
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as response:
-                payload = await response.read()
+                reply = await response.read()
                 if response.status != 200:
-                    raise SlotFailure(f"slot {slot} answered {response.status}: {payload[:200]!r}")
+                    raise SlotFailure(f"slot {slot} answered {response.status}: {reply[:200]!r}")
+                return reply
         except (aiohttp.ClientError, TimeoutError) as error:
             raise SlotFailure(f"slot {slot}: {type(error).__name__} {error}") from None
-        reply = _decode_reply(payload)
+
+    async def call_slot(self, slot: str, body: bytes, timeout_s: float) -> SlotAnswer:
+        started = time.perf_counter()
+        reply = _decode_reply(await self._post(slot, "/v1/predict", body, timeout_s))
         return SlotAnswer(reply.score, reply.model_version, (time.perf_counter() - started) * 1000)
 
     async def call_slot_batch(self, slot: str, bodies: list[bytes], timeout_s: float) -> BatchAnswer:
         """Score many already-validated request bodies in one call (their JSON is spliced, not re-encoded)."""
-        assert self.session is not None
         started = time.perf_counter()
         payload = b'{"instances":[' + b",".join(bodies) + b"]}"
-        try:
-            async with self.session.post(f"{self.slot_urls[slot]}/v1/predict/batch", data=payload,
-                                         headers={"content-type": JSON},
-                                         timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
-                reply = await response.read()
-                if response.status != 200:
-                    raise SlotFailure(f"slot {slot} answered {response.status}: {reply[:200]!r}")
-        except (aiohttp.ClientError, TimeoutError) as error:
-            raise SlotFailure(f"slot {slot}: {type(error).__name__} {error}") from None
-        decoded = _decode_batch_reply(reply)
+        decoded = _decode_batch_reply(await self._post(slot, "/v1/predict/batch", payload, timeout_s))
         return BatchAnswer(decoded.scores, decoded.model_version, (time.perf_counter() - started) * 1000)
 
     # --- requests ---------------------------------------------------------------------------------
@@ -367,11 +361,16 @@ class Gateway:
     async def _shadow_batch(self, batch: list[tuple[dict[str, Any], bytes]]) -> None:
         slot = batch[0][0]["shadow_slot"]
         try:
-            answer = await self.call_slot_batch(slot, [body for _, body in batch],
-                                                self.settings.challenger_timeout_ms / 1000)
+            answer = await self.call_slot_batch(
+                slot, [body for _, body in batch], self.settings.challenger_timeout_ms / 1000
+            )
             for (row, _), score in zip(batch, answer.scores, strict=True):
-                row.update(shadow_score=score, shadow_model_version=answer.model_version,
-                           shadow_latency_ms=answer.latency_ms, shadow_status="ok")
+                row.update(
+                    shadow_score=score,
+                    shadow_model_version=answer.model_version,
+                    shadow_latency_ms=answer.latency_ms,
+                    shadow_status="ok",
+                )
             status = "ok"
         except SlotFailure:
             status = "error"

@@ -1,0 +1,482 @@
+"""The rollout spec: how a challenger is brought to all traffic, and what stops it.
+
+A spec is a YAML file (see `monitoring/specs/`) validated into a frozen pydantic model:
+
+- `phases`: an optional shadow phase first (the challenger scores a copy of the traffic, clients
+  never see its answers), then canary phases with strictly increasing traffic weights in (0, 1].
+  Each phase lasts at least `min_duration_s` and `min_samples` challenger requests.
+- `analysis_interval_s`: how often the controller evaluates the guardrails.
+- `failure_limit`: consecutive failed analyses that trigger a rollback (Argo Rollouts' failureLimit).
+- `post_promotion_watch_s`: how long a promoted champion is watched against absolute bounds.
+- `guardrails`: the checks of `monitoring.guardrails`, each with the phase kinds it applies to
+  (`shadow`, `canary`, `watch`), a minimum sample count, a confidence and kind-specific limits.
+
+`load_spec` reports every problem at once, each with its location, e.g.
+`phases[2].weight: must be in (0, 1], got 1.5`, as a `SpecError` (a `ValueError`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SPECS_DIR = Path(__file__).resolve().parent / "specs"
+
+PhaseKind = Literal["shadow", "canary"]
+GuardrailPhase = Literal["shadow", "canary", "watch"]
+GUARDRAIL_KINDS = ("error_rate", "latency_p99", "score_shift", "shadow_agreement", "online_recall", "online_log_loss")
+
+Loc = tuple[str | int, ...]
+
+
+class SpecError(ValueError):
+    """An invalid rollout spec. `problems` holds one `location: message` line per problem."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        where = f" {source}" if source else ""
+        count = f"{len(problems)} problem" + ("s" if len(problems) != 1 else "")
+        super().__init__(f"invalid rollout spec{where} ({count}):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Problems(ValueError):
+    """Raised by model validators: several problems, each at a location relative to the model."""
+
+    def __init__(self, problems: list[tuple[Loc, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{_format_loc(loc)}: {msg}" for loc, msg in problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError(f"must be > 0, got {value}")
+    return value
+
+
+def _non_negative(value: float) -> float:
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+    return value
+
+
+def _at_least_one(value: int) -> int:
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+    return value
+
+
+def _fraction(value: float | None, lower_open: bool = True, upper_open: bool = True) -> float | None:
+    if value is None:
+        return None
+    ok_low = value > 0 if lower_open else value >= 0
+    ok_high = value < 1 if upper_open else value <= 1
+    if not (ok_low and ok_high):
+        interval = ("(" if lower_open else "[") + "0, 1" + (")" if upper_open else "]")
+        raise ValueError(f"must be in {interval}, got {value}")
+    return value
+
+
+class Phase(_Strict):
+    """One step of the rollout. Shadow phases have no weight; canary phases send `weight` of the traffic."""
+
+    name: str
+    kind: PhaseKind
+    weight: float | None = None
+    min_duration_s: float
+    min_samples: int
+
+    _name = field_validator("name")(_non_empty)
+    _duration = field_validator("min_duration_s")(_non_negative)
+    _samples = field_validator("min_samples")(_at_least_one)
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, value: float | None) -> float | None:
+        return _fraction(value, lower_open=True, upper_open=False)
+
+
+class _GuardrailBase(_Strict):
+    """Fields every guardrail has. Subclasses name the phases they support and their absolute (watch) bound."""
+
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow", "canary", "watch")
+    UNSUPPORTED_WHY: ClassVar[str] = ""
+    WATCH_LIMIT: ClassVar[str | None] = None  # the absolute-bound field a `watch` evaluation needs
+
+    name: str
+    applies_to: list[GuardrailPhase]
+    min_samples: int
+    confidence: float = 0.95
+
+    _name = field_validator("name")(_non_empty)
+    _samples = field_validator("min_samples")(_at_least_one)
+
+    @field_validator("confidence")
+    @classmethod
+    def _confidence(cls, value: float) -> float:
+        if not 0.5 <= value < 1:
+            raise ValueError(f"must be in [0.5, 1), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _phases(self) -> _GuardrailBase:
+        problems: list[tuple[Loc, str]] = []
+        if not self.applies_to:
+            problems.append((("applies_to",), "must name at least one of shadow, canary, watch"))
+        seen: set[str] = set()
+        for index, phase in enumerate(self.applies_to):
+            if phase in seen:
+                problems.append((("applies_to", index), f"duplicate phase kind {phase!r}"))
+            seen.add(phase)
+            if phase not in self.SUPPORTED:
+                why = f" ({self.UNSUPPORTED_WHY})" if self.UNSUPPORTED_WHY else ""
+                problems.append(
+                    (
+                        ("applies_to", index),
+                        f"{self.kind_name()} cannot apply to {phase!r}{why}; supported: {', '.join(self.SUPPORTED)}",
+                    )
+                )
+        if "watch" in self.applies_to and self.WATCH_LIMIT and getattr(self, self.WATCH_LIMIT) is None:
+            problems.append(
+                ((self.WATCH_LIMIT,), "required when applies_to includes 'watch' (the bound a promoted champion keeps)")
+            )
+        if problems:
+            raise _Problems(problems)
+        return self
+
+    def kind_name(self) -> str:
+        return str(getattr(self, "kind", type(self).__name__))
+
+
+class ErrorRateGuardrail(_GuardrailBase):
+    """Challenger error rate may exceed the champion's by at most `max_increase` (absolute); watch: <= `max_rate`."""
+
+    WATCH_LIMIT: ClassVar[str | None] = "max_rate"
+
+    kind: Literal["error_rate"]
+    max_increase: float = 0.01
+    max_rate: float | None = None
+
+    @field_validator("max_increase")
+    @classmethod
+    def _increase(cls, value: float) -> float:
+        return _fraction(value, lower_open=False)  # type: ignore[return-value]
+
+    @field_validator("max_rate")
+    @classmethod
+    def _rate(cls, value: float | None) -> float | None:
+        return _fraction(value)
+
+
+class LatencyP99Guardrail(_GuardrailBase):
+    """At most 1 % x `max_ratio_exceedance` of challenger requests may be slower than the champion's p99;
+    watch: p99 <= `max_p99_ms`."""
+
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("canary", "watch")
+    UNSUPPORTED_WHY: ClassVar[str] = "shadow latency is measured per batch, not per request"
+    WATCH_LIMIT: ClassVar[str | None] = "max_p99_ms"
+
+    kind: Literal["latency_p99"]
+    max_ratio_exceedance: float = 2.0
+    max_p99_ms: float | None = None
+
+    @field_validator("max_ratio_exceedance")
+    @classmethod
+    def _ratio(cls, value: float) -> float:
+        if not 1 <= value < 100:
+            raise ValueError(f"must be in [1, 100), got {value}")
+        return value
+
+    @field_validator("max_p99_ms")
+    @classmethod
+    def _p99(cls, value: float | None) -> float | None:
+        return None if value is None else _positive(value)
+
+
+class ScoreShiftGuardrail(_GuardrailBase):
+    """Challenger scores must not shift from the champion's: KS significant AND PSI > `max_psi` fails."""
+
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow", "canary")
+    UNSUPPORTED_WHY: ClassVar[str] = "after promotion there is no champion to compare scores with"
+
+    kind: Literal["score_shift"]
+    max_psi: float = 0.2
+    bins: int = 10
+
+    _psi = field_validator("max_psi")(_positive)
+
+    @field_validator("bins")
+    @classmethod
+    def _bins(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError(f"must be >= 2, got {value}")
+        return value
+
+
+class ShadowAgreementGuardrail(_GuardrailBase):
+    """The shadow challenger must take the champion's decision on at least `min_agreement` of requests."""
+
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow",)
+    UNSUPPORTED_WHY: ClassVar[str] = "only the shadow phase scores the same requests with both models"
+
+    kind: Literal["shadow_agreement"]
+    min_agreement: float = 0.95
+
+    @field_validator("min_agreement")
+    @classmethod
+    def _agreement(cls, value: float) -> float:
+        return _fraction(value)  # type: ignore[return-value]
+
+
+class OnlineRecallGuardrail(_GuardrailBase):
+    """Challenger recall on labelled frauds may be at most `max_drop` (relative) below the champion's;
+    watch: >= `min_recall`."""
+
+    WATCH_LIMIT: ClassVar[str | None] = "min_recall"
+
+    kind: Literal["online_recall"]
+    max_drop: float = 0.1
+    min_recall: float | None = None
+
+    @field_validator("max_drop")
+    @classmethod
+    def _drop(cls, value: float) -> float:
+        return _fraction(value, lower_open=False)  # type: ignore[return-value]
+
+    @field_validator("min_recall")
+    @classmethod
+    def _recall(cls, value: float | None) -> float | None:
+        return _fraction(value)
+
+
+class OnlineLogLossGuardrail(_GuardrailBase):
+    """Challenger mean log loss may be at most (1 + `max_increase`) x the champion's; watch: <= `max_log_loss`."""
+
+    WATCH_LIMIT: ClassVar[str | None] = "max_log_loss"
+
+    kind: Literal["online_log_loss"]
+    max_increase: float = 0.1
+    max_log_loss: float | None = None
+
+    _increase = field_validator("max_increase")(_non_negative)
+
+    @field_validator("max_log_loss")
+    @classmethod
+    def _bound(cls, value: float | None) -> float | None:
+        return None if value is None else _positive(value)
+
+
+GuardrailConfig = Annotated[
+    ErrorRateGuardrail
+    | LatencyP99Guardrail
+    | ScoreShiftGuardrail
+    | ShadowAgreementGuardrail
+    | OnlineRecallGuardrail
+    | OnlineLogLossGuardrail,
+    Field(discriminator="kind"),
+]
+
+
+class RolloutSpec(_Strict):
+    """A validated rollout spec (see the module docstring)."""
+
+    name: str
+    phases: list[Phase]
+    analysis_interval_s: float
+    failure_limit: int
+    post_promotion_watch_s: float
+    guardrails: list[GuardrailConfig]
+
+    _name = field_validator("name")(_non_empty)
+    _interval = field_validator("analysis_interval_s")(_positive)
+    _failures = field_validator("failure_limit")(_at_least_one)
+    _watch = field_validator("post_promotion_watch_s")(_non_negative)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RolloutSpec:
+        problems = _cross_field_problems(self.model_dump())
+        if problems:
+            raise _Problems(problems)
+        return self
+
+    @property
+    def shadow_phase(self) -> Phase | None:
+        return self.phases[0] if self.phases[0].kind == "shadow" else None
+
+    @property
+    def canary_phases(self) -> list[Phase]:
+        return [phase for phase in self.phases if phase.kind == "canary"]
+
+    def guardrails_for(self, phase_kind: str) -> list[GuardrailConfig]:
+        """The guardrails evaluated in a phase of this kind (`shadow`, `canary` or `watch`)."""
+        return [guardrail for guardrail in self.guardrails if phase_kind in guardrail.applies_to]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _cross_field_problems(data: Mapping[str, Any]) -> list[tuple[Loc, str]]:
+    """Checks across phases and guardrails, tolerant of malformed entries (those are reported elsewhere),
+    so they run on raw YAML too and a spec's problems are all listed at once."""
+    problems: list[tuple[Loc, str]] = []
+    phases = data.get("phases")
+    if isinstance(phases, list):
+        if not phases:
+            problems.append((("phases",), "at least one phase is required"))
+        previous: tuple[int, float] | None = None
+        names: dict[str, int] = {}
+        for index, phase in enumerate(phases):
+            if not isinstance(phase, Mapping):
+                continue
+            name, kind, weight = phase.get("name"), phase.get("kind"), phase.get("weight")
+            if isinstance(name, str) and name.strip():
+                if name in names:
+                    problems.append(
+                        (("phases", index, "name"), f"duplicate phase name {name!r} (also phases[{names[name]}])")
+                    )
+                names.setdefault(name, index)
+            if kind == "shadow":
+                if index != 0:
+                    problems.append((("phases", index, "kind"), "only the first phase may be a shadow phase"))
+                if weight is not None:
+                    problems.append((("phases", index, "weight"), "only canary phases have a weight"))
+            elif kind == "canary":
+                if weight is None:
+                    problems.append((("phases", index, "weight"), "required for a canary phase, in (0, 1]"))
+                elif _is_number(weight) and 0 < weight <= 1:
+                    if previous is not None and weight <= previous[1]:
+                        problems.append(
+                            (
+                                ("phases", index, "weight"),
+                                f"must be greater than phases[{previous[0]}].weight ({previous[1]:g}): "
+                                "canary weights increase strictly",
+                            )
+                        )
+                    previous = (index, weight)
+    guardrails = data.get("guardrails")
+    if isinstance(guardrails, list):
+        if not guardrails:
+            problems.append((("guardrails",), "at least one guardrail is required"))
+        seen: dict[str, int] = {}
+        for index, guardrail in enumerate(guardrails):
+            name = guardrail.get("name") if isinstance(guardrail, Mapping) else None
+            if isinstance(name, str) and name in seen:
+                problems.append(
+                    (
+                        ("guardrails", index, "name"),
+                        f"duplicate guardrail name {name!r} (also guardrails[{seen[name]}])",
+                    )
+                )
+            if isinstance(name, str):
+                seen.setdefault(name, index)
+    return problems
+
+
+def _format_loc(loc: Loc) -> str:
+    text = ""
+    for position, item in enumerate(loc):
+        if isinstance(item, int):
+            text += f"[{item}]"
+        elif item in GUARDRAIL_KINDS and position >= 2 and loc[position - 2] == "guardrails":
+            continue  # pydantic's discriminated-union tag: `guardrails[0].error_rate.max_increase`
+        else:
+            text += f".{item}" if text else item
+    return text or "<spec>"
+
+
+def _problems_from(error: ValidationError) -> list[tuple[Loc, str]]:
+    problems: list[tuple[Loc, str]] = []
+    for item in error.errors():
+        loc: Loc = tuple(item["loc"])
+        kind = item["type"]
+        cause = (item.get("ctx") or {}).get("error")
+        if isinstance(cause, _Problems):
+            problems.extend((loc + relative, message) for relative, message in cause.problems)
+        elif kind == "missing":
+            problems.append((loc, "required"))
+        elif kind == "extra_forbidden":
+            problems.append((loc, "unknown field"))
+        elif kind == "union_tag_invalid":
+            got = item["input"].get("kind") if isinstance(item["input"], Mapping) else None
+            problems.append(((*loc, "kind"), f"must be one of {', '.join(GUARDRAIL_KINDS)}, got {got!r}"))
+        elif kind == "union_tag_not_found":
+            problems.append(((*loc, "kind"), f"required, one of {', '.join(GUARDRAIL_KINDS)}"))
+        elif kind == "value_error":
+            problems.append((loc, str(cause) if cause is not None else item["msg"]))
+        else:
+            value = item.get("input")
+            got = f", got {value!r}" if isinstance(value, str | int | float | bool) else ""
+            problems.append((loc, f"{item['msg']}{got}"))
+    return problems
+
+
+def _document_order(loc: Loc) -> tuple[int, int]:
+    """Sort key: problems in the order of the spec's fields, then by list index."""
+    top = list(RolloutSpec.model_fields).index(loc[0]) if loc and loc[0] in RolloutSpec.model_fields else -1
+    index = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else -1
+    return top, index
+
+
+def _read(source: str | Path | Mapping[str, Any]) -> tuple[str | None, Any]:
+    if isinstance(source, Mapping):
+        return None, dict(source)
+    text: str
+    origin: str | None = None
+    if isinstance(source, Path) or ("\n" not in source and source.strip().endswith((".yaml", ".yml"))):
+        path = Path(source)
+        origin = str(path)
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise SpecError([f"<file>: cannot read {path}: {error.strerror or error}"], origin) from None
+    else:
+        text = source
+    try:
+        return origin, yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "<yaml>"
+        problem = getattr(error, "problem", None) or str(error)
+        raise SpecError([f"{where}: not valid YAML: {problem}"], origin) from None
+
+
+def load_spec(source: str | Path | Mapping[str, Any]) -> RolloutSpec:
+    """Load and validate a rollout spec from a path (a `Path`, or a string ending in .yaml/.yml), YAML text
+    or an already-parsed mapping. Raises `SpecError` listing every problem, each with its location."""
+    origin, data = _read(source)
+    if not isinstance(data, Mapping):
+        raise SpecError([f"<spec>: must be a YAML mapping, got {type(data).__name__}"], origin)
+    try:
+        return RolloutSpec.model_validate(data)
+    except ValidationError as error:
+        found = sorted(
+            _problems_from(error) + _cross_field_problems(data), key=lambda problem: _document_order(problem[0])
+        )
+        lines = list(dict.fromkeys(f"{_format_loc(loc)}: {message}" for loc, message in found))
+        raise SpecError(lines, origin) from None
+
+
+def default_spec() -> RolloutSpec:
+    """The production rollout: shadow, then 5 -> 25 -> 50 -> 100 % canary (`specs/default.yaml`)."""
+    return load_spec(SPECS_DIR / "default.yaml")
+
+
+def fast_spec() -> RolloutSpec:
+    """The same rollout compressed to seconds, for tests and scenarios (`specs/fast.yaml`)."""
+    return load_spec(SPECS_DIR / "fast.yaml")

@@ -1,0 +1,246 @@
+"""Rollout specs: the shipped specs load, and an invalid spec is refused with every problem at its location."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+import yaml
+
+from monitoring.rollout_spec import (
+    GUARDRAIL_KINDS,
+    SPECS_DIR,
+    RolloutSpec,
+    SpecError,
+    default_spec,
+    fast_spec,
+    load_spec,
+)
+
+VALID: dict[str, Any] = {
+    "name": "test",
+    "analysis_interval_s": 1,
+    "failure_limit": 2,
+    "post_promotion_watch_s": 10,
+    "phases": [
+        {"name": "shadow", "kind": "shadow", "min_duration_s": 5, "min_samples": 100},
+        {"name": "c10", "kind": "canary", "weight": 0.1, "min_duration_s": 5, "min_samples": 100},
+        {"name": "c50", "kind": "canary", "weight": 0.5, "min_duration_s": 5, "min_samples": 100},
+        {"name": "c100", "kind": "canary", "weight": 1.0, "min_duration_s": 5, "min_samples": 100},
+    ],
+    "guardrails": [
+        {
+            "name": "errors",
+            "kind": "error_rate",
+            "applies_to": ["canary", "watch"],
+            "min_samples": 100,
+            "max_rate": 0.05,
+        },
+        {"name": "agreement", "kind": "shadow_agreement", "applies_to": ["shadow"], "min_samples": 100},
+    ],
+}
+
+
+def spec_data(**changes: Any) -> dict[str, Any]:
+    data = copy.deepcopy(VALID)
+    data.update(changes)
+    return data
+
+
+def problems_of(data: dict[str, Any] | str) -> list[str]:
+    with pytest.raises(SpecError) as caught:
+        load_spec(data)
+    return caught.value.problems
+
+
+def test_default_spec_has_shadow_then_four_canary_steps_and_every_guardrail_kind() -> None:
+    spec = default_spec()
+    assert spec == load_spec(SPECS_DIR / "default.yaml")
+    assert [(p.kind, p.weight) for p in spec.phases] == [
+        ("shadow", None),
+        ("canary", 0.05),
+        ("canary", 0.25),
+        ("canary", 0.5),
+        ("canary", 1.0),
+    ]
+    assert spec.phases[0].min_duration_s == 60 and spec.phases[0].min_samples == 500
+    assert all(p.min_duration_s == 60 and p.min_samples == 300 for p in spec.canary_phases)
+    assert (spec.analysis_interval_s, spec.failure_limit, spec.post_promotion_watch_s) == (5, 2, 120)
+    assert sorted(g.kind for g in spec.guardrails) == sorted(GUARDRAIL_KINDS)
+    assert all(g.confidence == 0.95 for g in spec.guardrails)
+    assert [g.kind for g in spec.guardrails_for("shadow")] == [
+        "error_rate",
+        "score_shift",
+        "shadow_agreement",
+        "online_recall",
+        "online_log_loss",
+    ]
+
+
+def test_fast_spec_has_the_same_structure_compressed_to_seconds() -> None:
+    fast, default = fast_spec(), default_spec()
+    assert [(p.kind, p.weight) for p in fast.phases] == [(p.kind, p.weight) for p in default.phases]
+    assert [(g.name, g.kind, g.applies_to) for g in fast.guardrails] == [
+        (g.name, g.kind, g.applies_to) for g in default.guardrails
+    ]
+    assert all(5 <= p.min_duration_s <= 10 for p in fast.phases)
+    assert all(f.min_samples < d.min_samples for f, d in zip(fast.phases, default.phases, strict=True))
+    assert fast.post_promotion_watch_s < default.post_promotion_watch_s
+
+
+def test_spec_loads_from_path_path_string_yaml_text_and_mapping() -> None:
+    path = SPECS_DIR / "fast.yaml"
+    assert load_spec(path) == load_spec(str(path)) == load_spec(path.read_text()) == fast_spec()
+    assert load_spec(yaml.safe_load(path.read_text())) == fast_spec()
+
+
+def test_weight_out_of_range_is_reported_at_its_phase() -> None:
+    data = spec_data()
+    data["phases"][2]["weight"] = 1.5
+    assert problems_of(data) == ["phases[2].weight: must be in (0, 1], got 1.5"]
+
+
+def test_canary_weights_must_increase_strictly() -> None:
+    data = spec_data()
+    data["phases"][2]["weight"] = 0.1
+    assert problems_of(data) == [
+        "phases[2].weight: must be greater than phases[1].weight (0.1): canary weights increase strictly"
+    ]
+
+
+def test_shadow_phase_must_come_first_and_has_no_weight() -> None:
+    data = spec_data()
+    data["phases"][0], data["phases"][1] = data["phases"][1], data["phases"][0]
+    data["phases"][1]["weight"] = 0.05
+    assert problems_of(data) == [
+        "phases[1].kind: only the first phase may be a shadow phase",
+        "phases[1].weight: only canary phases have a weight",
+    ]
+
+
+def test_canary_phase_needs_a_weight() -> None:
+    data = spec_data()
+    del data["phases"][1]["weight"]
+    assert problems_of(data) == ["phases[1].weight: required for a canary phase, in (0, 1]"]
+
+
+def test_every_problem_is_listed_at_once_with_its_location() -> None:
+    data = spec_data(analysis_interval_s=0, failure_limit=0, post_promotion_watch_s=-1)
+    data["phases"][1]["min_samples"] = 0
+    data["phases"][2]["min_duration_s"] = -5
+    data["phases"][3]["weight"] = 0.4  # not above phases[2]: reported even though other fields are invalid
+    data["phases"][3]["min_sample"] = 3  # a typo
+    data["guardrails"][1]["confidence"] = 1.5
+    del data["guardrails"][0]["min_samples"]
+    with pytest.raises(SpecError) as caught:
+        load_spec(data)
+    error = caught.value
+    assert error.problems == [
+        "phases[1].min_samples: must be >= 1, got 0",
+        "phases[2].min_duration_s: must be >= 0, got -5.0",
+        "phases[3].min_sample: unknown field",
+        "phases[3].weight: must be greater than phases[2].weight (0.5): canary weights increase strictly",
+        "analysis_interval_s: must be > 0, got 0.0",
+        "failure_limit: must be >= 1, got 0",
+        "post_promotion_watch_s: must be >= 0, got -1.0",
+        "guardrails[0].min_samples: required",
+        "guardrails[1].confidence: must be in [0.5, 1), got 1.5",
+    ]
+    assert isinstance(error, ValueError)
+    assert "(9 problems)" in str(error)
+    assert "  - phases[1].min_samples: must be >= 1, got 0" in str(error)
+
+
+def test_guardrail_names_must_be_unique() -> None:
+    data = spec_data()
+    data["guardrails"][1]["name"] = "errors"
+    assert problems_of(data) == ["guardrails[1].name: duplicate guardrail name 'errors' (also guardrails[0])"]
+
+
+def test_unknown_or_missing_guardrail_kind_names_the_choices() -> None:
+    data = spec_data()
+    data["guardrails"][0]["kind"] = "accuracy"
+    del data["guardrails"][1]["kind"]
+    first, second = problems_of(data)
+    assert first.startswith("guardrails[0].kind: must be one of error_rate, latency_p99,") and "'accuracy'" in first
+    assert second.startswith("guardrails[1].kind: required, one of error_rate")
+
+
+def test_guardrail_field_errors_are_located_without_the_union_tag() -> None:
+    data = spec_data()
+    data["guardrails"][0]["max_increase"] = -0.1
+    data["guardrails"][1]["min_agreement"] = 1.2
+    assert problems_of(data) == [
+        "guardrails[0].max_increase: must be in [0, 1), got -0.1",
+        "guardrails[1].min_agreement: must be in (0, 1), got 1.2",
+    ]
+
+
+def test_watch_needs_the_guardrails_absolute_bound() -> None:
+    data = spec_data()
+    del data["guardrails"][0]["max_rate"]
+    assert problems_of(data) == [
+        "guardrails[0].max_rate: required when applies_to includes 'watch' (the bound a promoted champion keeps)"
+    ]
+
+
+def test_guardrail_cannot_apply_to_a_phase_it_cannot_measure() -> None:
+    data = spec_data()
+    data["guardrails"][1]["applies_to"] = ["shadow", "canary"]
+    data["guardrails"].append(
+        {"name": "p99", "kind": "latency_p99", "applies_to": ["shadow", "canary"], "min_samples": 100}
+    )
+    assert problems_of(data) == [
+        "guardrails[1].applies_to[1]: shadow_agreement cannot apply to 'canary' (only the shadow phase scores the "
+        "same requests with both models); supported: shadow",
+        "guardrails[2].applies_to[0]: latency_p99 cannot apply to 'shadow' (shadow latency is measured per batch, "
+        "not per request); supported: canary, watch",
+    ]
+
+
+def test_at_least_one_phase_and_one_guardrail_are_required() -> None:
+    assert problems_of(spec_data(phases=[], guardrails=[])) == [
+        "phases: at least one phase is required",
+        "guardrails: at least one guardrail is required",
+    ]
+
+
+def test_missing_top_level_fields_and_wrong_types_are_reported() -> None:
+    data = spec_data(failure_limit="two")
+    del data["name"]
+    assert problems_of(data) == [
+        "name: required",
+        "failure_limit: Input should be a valid integer, unable to parse string as an integer, got 'two'",
+    ]
+
+
+def test_yaml_syntax_error_names_the_line() -> None:
+    (problem,) = problems_of("name: x\nphases: [\n")
+    assert problem.startswith("line 3, column 1: not valid YAML")
+
+
+def test_a_spec_that_is_not_a_mapping_is_refused() -> None:
+    assert problems_of("- just\n- a list\n") == ["<spec>: must be a YAML mapping, got list"]
+
+
+def test_missing_file_is_reported_with_its_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(SpecError, match=r"nope\.yaml") as caught:
+        load_spec(missing)
+    assert caught.value.problems[0].startswith("<file>: cannot read")
+
+
+def test_constructing_the_model_directly_applies_the_same_cross_field_rules() -> None:
+    data = spec_data()
+    data["phases"][3]["weight"] = 0.5
+    with pytest.raises(pydantic.ValidationError, match=r"phases\[3\]\.weight: must be greater"):
+        RolloutSpec.model_validate(data)
+
+
+def test_a_loaded_spec_is_immutable() -> None:
+    spec = load_spec(VALID)
+    with pytest.raises(pydantic.ValidationError):
+        spec.failure_limit = 5  # type: ignore[misc]
