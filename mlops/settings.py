@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     champion_timeout_ms: float = Field(2_000, gt=0, le=60_000, description="champion answer deadline")
     shadow_queue_size: int = Field(1_000, ge=1, le=1_000_000, description="pending shadow requests")
     shadow_workers: int = Field(1, ge=1, le=64, description="concurrent shadow batch calls")
+    shadow_batch: int = Field(64, ge=1, le=1_000, description="requests per shadow batch call")
     log_flush_rows: int = Field(2_000, ge=1, le=1_000_000, description="prediction-log batch size")
     log_flush_seconds: float = Field(1.0, gt=0, le=3_600, description="max age of an unflushed batch")
 

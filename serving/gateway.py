@@ -103,7 +103,6 @@ class BatchAnswer:
 
 _decode_reply = msgspec.json.Decoder(_SlotReply).decode
 _decode_batch_reply = msgspec.json.Decoder(_SlotBatchReply).decode
-SHADOW_BATCH = 256
 
 
 class GatewayMetrics:
@@ -297,6 +296,7 @@ class Gateway:
             "score": answer.score,
             "decision": "decline" if answer.score >= self.settings.decision_threshold else "approve",
             "variant": variant,
+            "status": status,  # "fallback": routed to the challenger, answered by the champion
             "model_version": answer.model_version,
             "policy_generation": policy.generation,
         }
@@ -350,7 +350,7 @@ class Gateway:
                 while not self.idle.is_set():  # re-check after waking: a client may have just arrived
                     await self.idle.wait()
                     await asyncio.sleep(0)
-                while len(batch) < SHADOW_BATCH and not self.shadow_queue.empty():
+                while len(batch) < self.settings.shadow_batch and not self.shadow_queue.empty():
                     batch.append(self.shadow_queue.get_nowait())
                 await self._shadow_batch(batch)
             except asyncio.CancelledError:
