@@ -1,0 +1,79 @@
+"""One analysis run: read a window of the prediction log and the labels, run the guardrails, and turn
+their results into the `AnalysisResult` the controller's state machine consumes.
+
+The prediction log is a data contract (Parquet files written by the gateway), not a service: the
+controller reads the files; it never imports the gateway. Files are skipped by modification time
+when they cannot hold rows of the window, so an analysis costs the window, not the whole history.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from monitoring.controller.state_machine import AnalysisResult, Verdict
+from monitoring.guardrails import GuardrailResult, evaluate_guardrails
+from monitoring.rollout_spec import RolloutSpec
+
+
+def read_window(
+    directory: str | Path, since: float, until: float | None = None, time_column: str = "ts"
+) -> pd.DataFrame:
+    """Rows of the Parquet files under `directory` with `since <= time_column < until`."""
+    files = [p for p in sorted(Path(directory).glob("*.parquet")) if p.stat().st_mtime >= since]
+    if not files:
+        return pd.DataFrame()
+    table = pa.concat_tables([pq.read_table(p) for p in files], promote_options="default")
+    frame = table.to_pandas()
+    keep = frame[time_column] >= since
+    if until is not None:
+        keep &= frame[time_column] < until
+    return frame[keep].reset_index(drop=True)
+
+
+def read_feedback(directory: str | Path, request_ids: pd.Series) -> pd.DataFrame:
+    """Labels for the given requests, whenever they arrived (labels come late: no time filter)."""
+    files = sorted(Path(directory).glob("*.parquet"))
+    if not files or request_ids.empty:
+        return pd.DataFrame(columns=["request_id", "label"])
+    frame = pa.concat_tables([pq.read_table(p, columns=["request_id", "label"]) for p in files]).to_pandas()
+    frame = frame[frame["request_id"].isin(set(request_ids))]
+    return frame.drop_duplicates("request_id", keep="last").reset_index(drop=True)
+
+
+def to_analysis(results: list[GuardrailResult], phase_index: int, at: float, samples: int) -> AnalysisResult:
+    verdicts: dict[str, Verdict] = {r.name: r.verdict for r in results}
+    values: dict[str, dict[str, Any]] = {r.name: r.to_dict() for r in results}
+    return AnalysisResult(at=at, phase_index=phase_index, samples=samples, verdicts=verdicts, values=values)
+
+
+def analyse(
+    spec: RolloutSpec,
+    phase_kind: str,
+    phase_index: int,
+    log_dir: str | Path,
+    since: float,
+    at: float,
+    threshold: float = 0.5,
+) -> AnalysisResult:
+    """Guardrails over the prediction log written since the phase started (the window under analysis)."""
+    log_dir = Path(log_dir)
+    predictions = read_window(log_dir / "predictions", since, at)
+    feedback = read_feedback(log_dir / "feedback", predictions.get("request_id", pd.Series(dtype=str)))
+    if predictions.empty:
+        return AnalysisResult(at=at, phase_index=phase_index, samples=0, verdicts={}, values={})
+    results = evaluate_guardrails(spec, phase_kind, predictions, feedback, threshold=threshold)
+    return to_analysis(results, phase_index, at, samples=_samples(phase_kind, predictions))
+
+
+def _samples(phase_kind: str, predictions: pd.DataFrame) -> int:
+    """What the phase's `min_samples` counts: challenger-served requests, or shadow-scored ones."""
+    if phase_kind == "shadow":
+        return int((predictions.get("shadow_status") == "ok").sum()) if "shadow_status" in predictions else 0
+    if phase_kind == "canary":
+        return int(((predictions["variant"] == "challenger") | (predictions["status"] == "fallback")).sum())
+    return len(predictions)

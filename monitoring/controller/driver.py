@@ -1,0 +1,215 @@
+"""The thin loop around the pure state machine: observe, step, persist, act.
+
+Each tick, the controller that holds the lease (only one acts at a time) finishes any actions a
+previous controller left pending, checks the challenger's slot, runs an analysis of the current
+phase's window of the prediction log, feeds the result to `step`, saves the new state with
+optimistic concurrency (a stale writer is refused), then executes the actions one by one, marking
+each done. Actions are idempotent, so a controller killed mid-way and restarted re-runs at most the
+one in flight, and a decision is never taken twice: terminal states ignore every event.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from monitoring.analysis import analyse
+from monitoring.controller.state_machine import (
+    Action,
+    Analysis,
+    AssignSlot,
+    MarkRejected,
+    Notify,
+    PhaseSpec,
+    RecordDecision,
+    RolloutPlan,
+    RolloutState,
+    SetAlias,
+    SetTraffic,
+    SlotDown,
+    Start,
+    Tick,
+    current_phase,
+    initial_state,
+    step,
+)
+from monitoring.rollout_spec import RolloutSpec
+
+log = logging.getLogger("mlops.controller")
+LEASE = "rollout-controller"
+WATCH = "watch"
+
+
+class Effects(Protocol):
+    """What the controller does to the outside world; `LiveEffects` is the real one."""
+
+    def set_traffic(self, action: SetTraffic) -> None: ...
+    def assign_slot(self, slot: str, version: str) -> None: ...
+    def set_alias(self, alias: str, version: str | None) -> None: ...
+    def mark_rejected(self, version: str, reason: str) -> None: ...
+    def slot_version(self, slot: str) -> str | None: ...  # None when the slot does not answer
+    def champion(self) -> tuple[str, str, str | None]: ...  # (champion version, its slot, previous version)
+
+
+def plan_for(
+    spec: RolloutSpec,
+    model_name: str,
+    challenger_version: str,
+    champion_version: str,
+    champion_slot: str,
+    previous_version: str | None,
+    rollout_id: str | None = None,
+) -> RolloutPlan:
+    phases = tuple(
+        PhaseSpec(
+            name=p.name,
+            kind=p.kind,
+            weight=p.weight if p.kind == "canary" else 0.0,
+            min_duration_s=p.min_duration_s,
+            min_samples=p.min_samples,
+        )
+        for p in spec.phases
+    )
+    return RolloutPlan(
+        rollout_id=rollout_id or f"rollout-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        model_name=model_name,
+        challenger_version=challenger_version,
+        champion_version=champion_version,
+        champion_slot=champion_slot,
+        challenger_slot="b" if champion_slot == "a" else "a",
+        phases=phases,
+        failure_limit=spec.failure_limit,
+        post_promotion_watch_s=spec.post_promotion_watch_s,
+        previous_version=previous_version,
+    )
+
+
+@dataclass
+class Controller:
+    spec: RolloutSpec
+    store: Any  # monitoring.controller.store.RolloutStore
+    effects: Effects
+    log_dir: Path
+    model_name: str
+    holder: str = field(default_factory=lambda: f"controller-{uuid.uuid4().hex[:8]}")
+    clock: Callable[[], float] = time.time
+    slot_ready_timeout_s: float = 60.0
+    decision_threshold: float = 0.5
+    _slot_down: set[str] = field(default_factory=set)
+
+    # --- commands (API / CLI) ------------------------------------------------------------------
+
+    def start(self, challenger_version: str) -> str:
+        champion_version, champion_slot, previous = self.effects.champion()
+        if challenger_version == champion_version:
+            raise ValueError(f"version {challenger_version} is already the champion")
+        plan = plan_for(self.spec, self.model_name, challenger_version, champion_version, champion_slot, previous)
+        self.store.create(plan, initial_state(plan, self.clock()))
+        self.apply(plan.rollout_id, Start(at=self.clock()))
+        return plan.rollout_id
+
+    def apply(self, rollout_id: str, event: Any) -> RolloutState:
+        """Step the state machine with one event, persist, then execute the actions in order."""
+        plan, state = self._finish_pending(rollout_id)
+        new_state, actions = step(plan, state, event)
+        if new_state is state:
+            return state  # ignored: nothing to persist, nothing to do
+        self.store.save(rollout_id, new_state, actions, expected_version=state.version)
+        self._execute(plan, actions)
+        return new_state
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def tick(self) -> RolloutState | None:
+        """One iteration; does nothing unless this controller holds the lease."""
+        now = self.clock()
+        if not self.store.acquire_lease(LEASE, self.holder, ttl_s=max(5.0, 3 * self.spec.analysis_interval_s), now=now):
+            return None
+        rollout_id = self.store.active(self.model_name)
+        if rollout_id is None:
+            return None
+        plan, state = self._finish_pending(rollout_id)
+        slot_event = self._slot_event(plan, state, now)
+        if slot_event is not None:
+            state = self.apply(rollout_id, slot_event)
+        if state.terminal:
+            return state
+        return self.apply(rollout_id, self._observe(plan, state, now))
+
+    def run(self, stop: Callable[[], bool]) -> None:
+        while not stop():
+            try:
+                self.tick()
+            except Exception:  # a failed tick (store busy, MLflow down) is retried on the next one
+                log.exception("controller tick failed")
+            time.sleep(self.spec.analysis_interval_s)
+
+    def _observe(self, plan: RolloutPlan, state: RolloutState, now: float) -> Any:
+        phase = current_phase(plan, state)
+        kind = phase.kind if phase is not None else WATCH
+        if state.status not in ("shadow", "canary", "promoted_watching"):
+            return Tick(at=now)
+        # Skip the first second of a phase: gateways apply a new policy within 1 s of it being written.
+        since = state.phase_started_at + 1.0
+        if now <= since:
+            return Tick(at=now)
+        result = analyse(self.spec, kind, state.phase_index, self.log_dir, since, now, self.decision_threshold)
+        return Analysis(result=result)
+
+    def _slot_event(self, plan: RolloutPlan, state: RolloutState, now: float) -> SlotDown | None:
+        """Edge-triggered: report the challenger's slot once when it stops answering."""
+        if state.status not in ("shadow", "canary", "promoted_watching"):
+            return None
+        slot = plan.challenger_slot
+        up = self.effects.slot_version(slot) is not None
+        if up:
+            self._slot_down.discard(slot)
+            return None
+        if slot in self._slot_down:
+            return None
+        self._slot_down.add(slot)
+        return SlotDown(at=now, slot=slot, detail=f"slot {slot} does not answer")
+
+    # --- actions ---------------------------------------------------------------------------------
+
+    def _execute(self, plan: RolloutPlan, actions: list[Action]) -> None:
+        for index, action in enumerate(actions):
+            self._do(plan, action)
+            self.store.complete_action(plan.rollout_id, index)
+
+    def _finish_pending(self, rollout_id: str) -> tuple[RolloutPlan, RolloutState]:
+        """Actions a previous controller saved but did not finish (it died): run them first, in order."""
+        plan, state, _ = self.store.get(rollout_id)
+        for index, action in self.store.pending_actions(rollout_id):
+            self._do(plan, action)
+            self.store.complete_action(rollout_id, index)
+        return plan, state
+
+    def _do(self, plan: RolloutPlan, action: Action) -> None:
+        if isinstance(action, SetTraffic):
+            self.effects.set_traffic(action)
+        elif isinstance(action, AssignSlot):
+            self.effects.assign_slot(action.slot, action.version)
+            self._wait_for_slot(action.slot, action.version)
+        elif isinstance(action, SetAlias):
+            self.effects.set_alias(action.alias, action.version)
+        elif isinstance(action, MarkRejected):
+            self.effects.mark_rejected(action.version, action.reason)
+        elif isinstance(action, Notify):
+            log.info("%s: %s", plan.rollout_id, action.message)
+        elif isinstance(action, RecordDecision):
+            pass  # the store recorded it with the state, in the same transaction
+
+    def _wait_for_slot(self, slot: str, version: str) -> None:
+        """The next action (traffic) must not start before the slot serves the version it was given."""
+        deadline = time.monotonic() + self.slot_ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.effects.slot_version(slot) == version:
+                return
+            time.sleep(0.2)
+        log.warning("slot %s did not load version %s within %.0fs", slot, version, self.slot_ready_timeout_s)

@@ -1,0 +1,58 @@
+"""The controller's real effects: the control-plane API (traffic, slot assignments), the slots'
+status endpoints, and MLflow aliases. Monitoring talks to serving only over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+
+import httpx
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from monitoring.controller.state_machine import SetTraffic
+from serving.control_plane.client import ControlPlaneClient
+
+
+class LiveEffects:
+    def __init__(
+        self, control: ControlPlaneClient, mlflow: MlflowClient, model_name: str, slot_urls: dict[str, str]
+    ) -> None:
+        self.control, self.mlflow, self.model_name, self.slot_urls = control, mlflow, model_name, slot_urls
+
+    def set_traffic(self, action: SetTraffic) -> None:
+        other = "b" if action.champion_slot == "a" else "a"
+        weights = {action.champion_slot: round(1.0 - action.challenger_weight, 9), other: action.challenger_weight}
+        self.control.set_policy(weights, action.shadow, action.champion_slot, action.reason[:2000])
+
+    def assign_slot(self, slot: str, version: str) -> None:
+        self.control.assign(slot, version)
+
+    def set_alias(self, alias: str, version: str | None) -> None:
+        if version is None:
+            with contextlib.suppress(MlflowException):  # already absent: the action is idempotent
+                self.mlflow.delete_registered_model_alias(self.model_name, alias)
+            return
+        self.mlflow.set_registered_model_alias(self.model_name, alias, version)
+
+    def mark_rejected(self, version: str, reason: str) -> None:
+        self.mlflow.set_model_version_tag(self.model_name, version, "mlops.rollout", f"rejected: {reason}"[:4000])
+
+    def slot_version(self, slot: str) -> str | None:
+        try:
+            response = httpx.get(f"{self.slot_urls[slot]}/v1/status", timeout=2.0)
+        except httpx.HTTPError:
+            return None
+        return response.json().get("model_version") if response.status_code in (200, 503) else None
+
+    def champion(self) -> tuple[str, str, str | None]:
+        policy = self.control.get_policy()
+        champion = self._alias("champion")
+        if champion is None:
+            raise ValueError(f"model {self.model_name!r} has no champion yet: register one before a rollout")
+        return champion, policy.champion_slot, self._alias("previous")
+
+    def _alias(self, alias: str) -> str | None:
+        try:
+            return str(self.mlflow.get_model_version_by_alias(self.model_name, alias).version)
+        except MlflowException:
+            return None

@@ -1,0 +1,67 @@
+"""An analysis run over real prediction-log files (written by the gateway's own Parquet writer)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from monitoring.analysis import analyse, read_window
+from monitoring.rollout_spec import fast_spec
+from serving.gateway import FEEDBACK_SCHEMA, PREDICTION_SCHEMA
+from serving.prediction_log import BatchedParquetLog
+
+
+def write_canary_log(log_dir: Path, n: int, challenger_error_rate: float, seed: int = 0) -> float:
+    """n requests, 50/50 champion/challenger, same score distribution; returns the window start."""
+    rng = np.random.default_rng(seed)
+    start = time.time() - 1
+    predictions = BatchedParquetLog(log_dir / "predictions", schema=PREDICTION_SCHEMA)
+    feedback = BatchedParquetLog(log_dir / "feedback", schema=FEEDBACK_SCHEMA)
+    for i in range(n):
+        challenger = i % 2 == 1
+        failed = challenger and rng.random() < challenger_error_rate
+        score = float(rng.beta(1, 30))
+        predictions.append(
+            {
+                "request_id": f"r{i}",
+                "ts": start + i * 1e-4,
+                "account_id": f"acc{i}",
+                "variant": "champion" if failed or not challenger else "challenger",
+                "slot": "b" if challenger else "a",
+                "model_version": "2" if challenger and not failed else "1",
+                "score": score,
+                "latency_ms": float(rng.gamma(4, 0.5)),
+                "status": "fallback" if failed else "ok",
+                "policy_generation": 3,
+            }
+        )
+        feedback.append({"request_id": f"r{i}", "label": int(rng.random() < score), "received_at": start + 1})
+    predictions.flush()
+    feedback.flush()
+    return start
+
+
+def test_an_identical_challenger_is_not_failed(tmp_path: Path) -> None:
+    since = write_canary_log(tmp_path, 2_000, challenger_error_rate=0.0)
+    result = analyse(fast_spec(), "canary", 1, tmp_path, since, at=time.time() + 1)
+    assert result.samples == 1_000
+    assert "fail" not in result.verdicts.values()
+    assert result.verdicts["error-rate"] == "pass"
+    assert result.values["error-rate"]["samples"] > 0
+
+
+def test_a_challenger_that_errors_fails_the_error_rate_guardrail(tmp_path: Path) -> None:
+    since = write_canary_log(tmp_path, 2_000, challenger_error_rate=0.2)
+    result = analyse(fast_spec(), "canary", 1, tmp_path, since, at=time.time() + 1)
+    assert result.verdicts["error-rate"] == "fail"
+    assert result.values["error-rate"]["value"] > 0.1
+
+
+def test_rows_outside_the_window_are_not_analysed(tmp_path: Path) -> None:
+    since = write_canary_log(tmp_path, 500, challenger_error_rate=0.0)
+    assert len(read_window(tmp_path / "predictions", since)) == 500
+    assert read_window(tmp_path / "predictions", time.time() + 60).empty
+    empty = analyse(fast_spec(), "canary", 1, tmp_path, time.time() + 60, at=time.time() + 61)
+    assert empty.samples == 0 and empty.verdicts == {}

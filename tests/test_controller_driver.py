@@ -1,0 +1,212 @@
+"""The rollout controller driving a real stack: control plane, two BentoML slots, the gateway, MLflow.
+
+Traffic goes through the real gateway; the controller reads the real prediction log, writes the
+policy through the control-plane API and moves MLflow aliases. Phases are seconds long (the decision
+logic is the same as with the default spec; only the numbers are compressed).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow import MlflowClient
+
+from mlops.local_stack import LocalStack
+from mlops.schema import FEATURES
+from mlops.settings import Settings
+from mlops.synthetic import generate_transactions
+from monitoring.controller.driver import Controller
+from monitoring.controller.effects import LiveEffects
+from monitoring.controller.store import RolloutStore
+from monitoring.rollout_spec import load_spec
+from serving.control_plane.client import ControlPlaneClient
+from tests.support import register_model
+
+pytestmark = pytest.mark.slow
+MODEL = "fraud-controller-test"
+SPEC = {
+    "name": "test",
+    "analysis_interval_s": 0.5,
+    "failure_limit": 2,
+    "post_promotion_watch_s": 3,
+    "phases": [
+        {"name": "shadow", "kind": "shadow", "min_duration_s": 1.5, "min_samples": 40},
+        {"name": "canary-50", "kind": "canary", "weight": 0.5, "min_duration_s": 1.5, "min_samples": 40},
+    ],
+    "guardrails": [
+        {
+            "name": "error-rate",
+            "kind": "error_rate",
+            "applies_to": ["shadow", "canary", "watch"],
+            "min_samples": 40,
+            "max_increase": 0.05,
+            "max_rate": 0.1,
+        },
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def world(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("controller")
+    settings = Settings(home=root / "home", mlflow_tracking_uri=mlflow_server, model_name=MODEL)
+    versions = {
+        "v1": register_model(settings, root, seed=1),  # first version: champion
+        "v2": register_model(settings, root, seed=2),
+        "broken": register_model(settings, root, seed=3, defect={"error_rate": 0.6}),
+    }
+    stack = LocalStack(
+        root / "home",
+        token="t",
+        extra_env={
+            "MLOPS_MLFLOW_TRACKING_URI": mlflow_server,
+            "MLOPS_MODEL_NAME": MODEL,
+            "MLOPS_LOG_FLUSH_SECONDS": "0.3",
+        },
+    )
+    try:
+        stack.start()
+        control = ControlPlaneClient(stack.url("control-plane"), token="t")
+        control.assign("a", versions["v1"])
+        control.set_policy({"a": 1.0, "b": 0.0}, False, "a", "start")
+        wait_for_version(stack.url("slot-a"), versions["v1"])
+        yield {
+            "stack": stack,
+            "control": control,
+            "versions": versions,
+            "mlflow": MlflowClient(mlflow_server),
+            "db": f"sqlite:///{root / 'home' / 'control-plane.db'}",
+        }
+    finally:
+        stack.stop()
+
+
+def wait_for_version(slot_url: str, version: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if httpx.get(f"{slot_url}/v1/status", timeout=2).json()["model_version"] == version:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{slot_url} never loaded version {version}")
+
+
+def make_controller(world: dict) -> Controller:
+    stack: LocalStack = world["stack"]
+    effects = LiveEffects(
+        world["control"], world["mlflow"], MODEL, {"a": stack.url("slot-a"), "b": stack.url("slot-b")}
+    )
+    return Controller(
+        spec=load_spec(SPEC),
+        store=RolloutStore(world["db"]),
+        effects=effects,
+        log_dir=stack.home / "prediction-log",
+        model_name=MODEL,
+        slot_ready_timeout_s=60,
+    )
+
+
+class Traffic:
+    """Background clients through the gateway; every answer is recorded."""
+
+    def __init__(self, gateway: str) -> None:
+        rows = generate_transactions(500, seed=4).to_dict(orient="records")
+        self.bodies = [
+            json.dumps({"account_id": r["account_id"], **{k: r[k] for k in FEATURES}}, default=float) for r in rows
+        ]
+        self.gateway, self.statuses = gateway, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            i = 0
+            while not self.stop.is_set():
+                self.statuses.append(client.post(f"{self.gateway}/v1/score", content=self.bodies[i % 500]).status_code)
+                i += 1
+                time.sleep(0.01)
+
+    def __enter__(self) -> Traffic:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def drive(controllers: list[Controller], rollout_id: str, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    store = controllers[0].store
+    while time.monotonic() < deadline:
+        for controller in controllers:
+            controller.tick()
+        status = store.get(rollout_id)[1].status
+        if status in ("succeeded", "rolled_back", "aborted"):
+            return status
+        time.sleep(0.5)
+    raise TimeoutError(f"rollout still {store.get(rollout_id)[1].status}")
+
+
+def alias(world: dict, name: str) -> str | None:
+    try:
+        return world["mlflow"].get_model_version_by_alias(MODEL, name).version
+    except Exception:
+        return None
+
+
+def test_a_healthy_challenger_goes_through_shadow_and_canary_to_champion(world: dict) -> None:
+    controller = make_controller(world)
+    versions = world["versions"]
+    with Traffic(world["stack"].url("gateway")) as traffic:
+        rollout_id = controller.start(versions["v2"])
+        assert drive([controller], rollout_id) == "succeeded"
+    assert set(traffic.statuses) == {200}
+    assert alias(world, "champion") == versions["v2"] and alias(world, "previous") == versions["v1"]
+    policy = world["control"].get_policy()
+    assert policy.champion_slot == "b" and policy.weights == {"a": 0.0, "b": 1.0}
+    decisions = controller.store.decisions(rollout_id)
+    assert [d["to_status"] for d in decisions] == ["shadow", "canary", "promoted_watching", "succeeded"]
+    assert all("error-rate" in json.dumps(d["metrics"]) for d in decisions[1:3])  # the values behind each step
+
+
+def test_an_error_prone_challenger_is_rolled_back_and_clients_stay_answered(world: dict) -> None:
+    controller = make_controller(world)
+    versions = world["versions"]
+    with Traffic(world["stack"].url("gateway")) as traffic:
+        rollout_id = controller.start(versions["broken"])  # into slot a, while v2 is champion in slot b
+        assert drive([controller], rollout_id) == "rolled_back"
+    assert set(traffic.statuses) == {200}  # failed challenger answers were answered by the champion
+    policy = world["control"].get_policy()
+    assert policy.champion_slot == "b" and policy.weights["a"] == 0.0 and not policy.shadow
+    assert alias(world, "champion") == versions["v2"] and alias(world, "challenger") is None
+    tag = world["mlflow"].get_model_version(MODEL, versions["broken"]).tags["mlops.rollout"]
+    assert tag.startswith("rejected")
+    last = controller.store.decisions(rollout_id)[-1]
+    assert last["to_status"] == "rolled_back" and "error-rate" in json.dumps(last["metrics"])
+
+
+def test_a_second_controller_waits_for_the_lease_and_resumes_without_deciding_twice(world: dict) -> None:
+    first, second = make_controller(world), make_controller(world)
+    versions = world["versions"]
+    with Traffic(world["stack"].url("gateway")):
+        rollout_id = first.start(versions["v1"])  # v1 (slot a) back as challenger of v2
+        first.tick()
+        assert second.tick() is None  # the first holds the lease: the second must not act
+        # The first controller "dies" here: it never ticks again; its lease expires after 5 s.
+        assert drive([second], rollout_id) == "succeeded"
+    statuses = [d["to_status"] for d in second.store.decisions(rollout_id)]
+    assert statuses.count("promoted_watching") == 1 and statuses[-1] == "succeeded"
+    assert alias(world, "champion") == versions["v1"]
+
+
+def test_rollout_state_survives_in_the_database(world: dict, tmp_path: Path) -> None:
+    store = RolloutStore(world["db"])
+    rollouts = store.list_rollouts(10, model_name=MODEL)
+    assert {r["status"] for r in rollouts} == {"succeeded", "rolled_back"}
+    assert store.active(MODEL) is None
