@@ -31,11 +31,13 @@ pipeline_app = typer.Typer(help="The training pipeline definition.", no_args_is_
 policy_app = typer.Typer(help="The traffic policy (control plane).", no_args_is_help=True)
 slot_app = typer.Typer(help="Model slot assignments (control plane).", no_args_is_help=True)
 serve_app = typer.Typer(help="Run one serving process in the foreground.", no_args_is_help=True)
+rollout_app = typer.Typer(help="Guarded rollouts (the controller's API).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(policy_app, name="policy")
 app.add_typer(slot_app, name="slot")
 app.add_typer(serve_app, name="serve")
+app.add_typer(rollout_app, name="rollout")
 
 err = Console(stderr=True, soft_wrap=True)  # soft wrap: messages stay greppable on narrow terminals
 
@@ -429,6 +431,105 @@ def serve_gateway(
     settings = _settings()
     settings.ensure_dirs()
     serve_service("gateway", settings, host, port or settings.gateway_port)
+
+
+@serve_app.command("controller")
+def serve_controller(
+    port: Annotated[int | None, typer.Option(help="default: from MLOPS_CONTROLLER_URL")] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+) -> None:
+    """The rollout controller: its loop plus the API that `mlops rollout` and the pipeline use."""
+    from urllib.parse import urlsplit
+
+    from monitoring.controller.process import serve
+
+    settings = _settings()
+    settings.ensure_dirs()
+    serve(settings, host, port or urlsplit(settings.controller_url).port or 8730)
+
+
+def _controller_call(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    import httpx
+
+    from serving.control_plane.tokens import resolve_token
+
+    settings = _settings()
+    headers = {"Authorization": f"Bearer {resolve_token(settings)}"} if method == "POST" else {}
+    try:
+        response = httpx.request(method, f"{settings.controller_url}{path}", json=body, headers=headers, timeout=120)
+    except httpx.HTTPError as error:
+        raise _fail(
+            f"controller unreachable at {settings.controller_url}: {error} (is `mlops serve controller` running?)", 1
+        ) from None
+    payload = response.json()
+    if response.status_code >= 400:
+        raise _fail(f"controller refused ({response.status_code}): {payload.get('error')}", 1)
+    return payload
+
+
+@rollout_app.command("start")
+def rollout_start(
+    version: Annotated[str, typer.Argument(help="registered version to roll out")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Start a guarded rollout of VERSION against the current champion."""
+    view = _controller_call("POST", "/v1/rollouts", {"challenger_version": version})
+    err.print(view["description"])
+    if as_json:
+        _emit_json(view)
+
+
+@rollout_app.command("status")
+def rollout_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The active rollout, or the most recent one."""
+    rollouts = _controller_call("GET", "/v1/rollouts")["rollouts"]
+    if not rollouts:
+        raise _fail("no rollout yet", 1)
+    view = _controller_call("GET", f"/v1/rollouts/{rollouts[0]['rollout_id']}")
+    err.print(view["description"])
+    if as_json:
+        _emit_json(view)
+
+
+@rollout_app.command("history")
+def rollout_history(
+    rollout_id: Annotated[str | None, typer.Argument()] = None, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """Every decision of a rollout (default: the latest) with the metric values behind it."""
+    if rollout_id is None:
+        rollouts = _controller_call("GET", "/v1/rollouts")["rollouts"]
+        if not rollouts:
+            raise _fail("no rollout yet", 1)
+        rollout_id = rollouts[0]["rollout_id"]
+    decisions = _controller_call("GET", f"/v1/rollouts/{rollout_id}/decisions")["decisions"]
+    if as_json:
+        _emit_json({"rollout_id": rollout_id, "decisions": decisions})
+        return
+    table = Table("seq", "from", "to", "reason", title=rollout_id)
+    for decision in decisions:
+        table.add_row(str(decision["seq"]), decision["from_status"], decision["to_status"], decision["reason"])
+    Console().print(table)
+
+
+def _manual(kind: str, reason: str) -> None:
+    rollouts = _controller_call("GET", "/v1/rollouts")["rollouts"]
+    active = [r for r in rollouts if r["active"]]
+    if not active:
+        raise _fail("no active rollout", 1)
+    view = _controller_call("POST", f"/v1/rollouts/{active[0]['rollout_id']}/{kind}", {"reason": reason})
+    err.print(view["description"])
+
+
+@rollout_app.command("promote")
+def rollout_promote(reason: Annotated[str, typer.Option()] = "promoted by hand") -> None:
+    """Promote the active rollout's challenger now (recorded as manual)."""
+    _manual("promote", reason)
+
+
+@rollout_app.command("abort")
+def rollout_abort(reason: Annotated[str, typer.Option()] = "aborted by hand") -> None:
+    """Abort the active rollout: traffic back to the champion at once, challenger rejected."""
+    _manual("abort", reason)
 
 
 def main() -> None:

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     log_flush_rows: int = Field(2_000, ge=1, le=1_000_000, description="prediction-log batch size")
     log_flush_seconds: float = Field(1.0, gt=0, le=3_600, description="max age of an unflushed batch")
 
+    controller_url: str = Field("http://127.0.0.1:8730", description="rollout controller API base URL")
+    rollout_spec: str = Field("default", description="rollout spec: default, fast, or a YAML file path")
+
     # Cluster target (issue: kind).
     kfp_host: str = Field("http://localhost:8888", description="KFP API endpoint")
     image: str = Field("mlops-template:0.1.0", description="project image for cluster components")

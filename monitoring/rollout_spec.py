@@ -480,3 +480,9 @@ def default_spec() -> RolloutSpec:
 def fast_spec() -> RolloutSpec:
     """The same rollout compressed to seconds, for tests and scenarios (`specs/fast.yaml`)."""
     return load_spec(SPECS_DIR / "fast.yaml")
+
+
+def spec_from_setting(value: str) -> RolloutSpec:
+    """`MLOPS_ROLLOUT_SPEC`: a bundled spec name (`default`, `fast`) or a path to a YAML file."""
+    bundled = SPECS_DIR / f"{value}.yaml"
+    return load_spec(bundled if bundled.exists() else Path(value))

@@ -210,3 +210,38 @@ def test_rollout_state_survives_in_the_database(world: dict, tmp_path: Path) -> 
     rollouts = store.list_rollouts(10, model_name=MODEL)
     assert {r["status"] for r in rollouts} == {"succeeded", "rolled_back"}
     assert store.active(MODEL) is None
+
+
+def test_the_controller_process_takes_commands_from_the_cli(world: dict, tmp_path: Path) -> None:
+    import subprocess
+
+    import yaml
+
+    from mlops.processes import free_port, mlops_command, start_process, stop_process, wait_until_ready
+
+    stack: LocalStack = world["stack"]
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump({**SPEC, "analysis_interval_s": 60}))  # no automatic step: CLI drives it
+    port = free_port()
+    env = {**stack.env, "MLOPS_CONTROLLER_URL": f"http://127.0.0.1:{port}", "MLOPS_ROLLOUT_SPEC": str(spec_file)}
+    controller = start_process("controller", mlops_command("serve", "controller"), env, tmp_path)
+    try:
+        wait_until_ready(controller, f"http://127.0.0.1:{port}/readyz", timeout=60)
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(mlops_command(*args), env=env, capture_output=True, text=True, timeout=120)
+
+        unauthorised = httpx.post(f"http://127.0.0.1:{port}/v1/rollouts", json={"challenger_version": "2"})
+        assert unauthorised.status_code == 401
+        started = cli("rollout", "start", world["versions"]["v2"], "--json")
+        assert started.returncode == 0, started.stderr
+        assert json.loads(started.stdout.splitlines()[-1])["state"]["status"] == "shadow"
+        aborted = cli("rollout", "abort", "--reason", "operator said no")
+        assert aborted.returncode == 0, aborted.stderr
+        status = json.loads(cli("rollout", "status", "--json").stdout.splitlines()[-1])
+        assert status["state"]["status"] == "aborted"
+        history = json.loads(cli("rollout", "history", "--json").stdout.splitlines()[-1])
+        assert history["decisions"][-1]["reason"].endswith("operator said no")
+        assert world["control"].get_policy().weights[world["control"].get_policy().champion_slot] == 1.0
+    finally:
+        stop_process(controller)
