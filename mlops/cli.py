@@ -433,6 +433,54 @@ def serve_gateway(
     serve_service("gateway", settings, host, port or settings.gateway_port)
 
 
+@app.command("up")
+def up() -> None:
+    """Start the local stack (MLflow, control plane, controller, two slots, gateway) in the background."""
+    from mlops.local_stack import StackError, stack_up
+    from mlops.processes import ProcessFailed
+
+    settings = _settings()
+    try:
+        rows = stack_up(settings, on_progress=lambda line: err.print(f"  {line}"))
+    except (StackError, ProcessFailed) as error:
+        raise _fail(str(error), 1) from None
+    err.print(
+        f"[green]stack up[/green]: {sum(r['healthy'] for r in rows)}/{len(rows)} healthy; "
+        f"logs in {settings.logs_dir}; stop with `mlops down`"
+    )
+
+
+@app.command("status")
+def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Each stack process: pid, alive, healthy, URL, log file."""
+    from mlops.local_stack import stack_status
+
+    rows = stack_status(_settings())
+    if as_json:
+        _emit_json({"services": rows, "healthy": all(r["healthy"] for r in rows)})
+        return
+    table = Table("service", "pid", "alive", "healthy", "url", "log")
+    for row in rows:
+        table.add_row(
+            row["name"],
+            str(row["pid"] or "-"),
+            "yes" if row["alive"] else "no",
+            "[green]yes[/green]" if row["healthy"] else "[red]no[/red]",
+            row["url"],
+            row["log"],
+        )
+    Console().print(table)
+
+
+@app.command("down")
+def down() -> None:
+    """Stop exactly the processes `mlops up` started."""
+    from mlops.local_stack import stack_down
+
+    stopped = stack_down(_settings(), on_progress=lambda line: err.print(f"  {line}"))
+    err.print(f"stopped {len(stopped)} process(es)")
+
+
 @serve_app.command("controller")
 def serve_controller(
     port: Annotated[int | None, typer.Option(help="default: from MLOPS_CONTROLLER_URL")] = None,

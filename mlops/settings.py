@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     log_flush_rows: int = Field(2_000, ge=1, le=1_000_000, description="prediction-log batch size")
     log_flush_seconds: float = Field(1.0, gt=0, le=3_600, description="max age of an unflushed batch")
 
+    mlflow_port: int = Field(8750, ge=1, le=65_535, description="port of the MLflow server `mlops up` starts")
     controller_url: str = Field("http://127.0.0.1:8730", description="rollout controller API base URL")
     rollout_spec: str = Field("default", description="rollout spec: default, fast, or a YAML file path")
 

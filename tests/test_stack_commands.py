@@ -1,0 +1,58 @@
+"""`mlops up`, `mlops status`, `mlops down` on real processes, on free ports in a temporary home."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import psutil
+import pytest
+
+from mlops.processes import free_port
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def stack_env(cli_env: dict[str, str]) -> dict[str, str]:
+    ports = {name: free_port() for name in ("cp", "ctl", "a", "b", "gw", "mlflow")}
+    return {
+        **cli_env,
+        "MLOPS_CONTROL_PLANE_URL": f"http://127.0.0.1:{ports['cp']}",
+        "MLOPS_CONTROLLER_URL": f"http://127.0.0.1:{ports['ctl']}",
+        "MLOPS_SLOT_A_PORT": str(ports["a"]),
+        "MLOPS_SLOT_B_PORT": str(ports["b"]),
+        "MLOPS_GATEWAY_PORT": str(ports["gw"]),
+        "MLOPS_MLFLOW_PORT": str(ports["mlflow"]),
+    }
+
+
+def test_up_twice_is_a_no_op_and_down_stops_exactly_what_up_started(cli_env: dict[str, str], home: Path) -> None:
+    env = stack_env(cli_env)
+    try:
+        first = run_cli(["up"], env, timeout=600)
+        assert first.code == 0, first.stderr[-3000:]
+        status = run_cli(["status", "--json"], env).json
+        assert status["healthy"], status
+        pids = {s["name"]: s["pid"] for s in status["services"]}
+        assert set(pids) == {"mlflow", "control-plane", "controller", "slot-a", "slot-b", "gateway"}
+        second = run_cli(["up"], env, timeout=120)
+        assert second.code == 0 and second.stderr.count("already running") == 6
+        assert {s["name"]: s["pid"] for s in run_cli(["status", "--json"], env).json["services"]} == pids
+        assert (home / "logs" / "gateway.out").exists()
+    finally:
+        down = run_cli(["down"], env, timeout=180)
+    assert down.code == 0, down.stderr
+    assert not any(psutil.pid_exists(pid) for pid in pids.values())
+    assert not run_cli(["status", "--json"], env).json["healthy"]
+
+
+def test_up_names_a_port_that_is_already_taken(cli_env: dict[str, str]) -> None:
+    env = stack_env(cli_env)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", int(env["MLOPS_MLFLOW_PORT"])))
+        blocker.listen()
+        result = run_cli(["up"], env, timeout=120)
+    assert result.code == 1
+    assert f"port {env['MLOPS_MLFLOW_PORT']} for mlflow is already in use" in result.stderr
+    run_cli(["down"], env)
