@@ -255,6 +255,22 @@ def test_an_unknown_version_leaves_the_slot_serving_what_it_has(
     control.assign("b", versions["v2"])
 
 
+def test_slots_and_gateway_keep_serving_while_the_control_plane_is_down(
+    stack: LocalStack, traffic: Traffic, versions: dict[str, str]
+) -> None:
+    generation = gateway_generation(stack)
+    stack.stop("control-plane")
+    try:
+        time.sleep(1.0)  # the long-polls notice and back off
+        answers = [traffic.score(i) for i in range(50)]
+        assert {a.status_code for a in answers} == {200}
+        assert {a.json()["model_version"] for a in answers} == {versions["v1"]}
+        assert gateway_generation(stack) == generation  # the policy in force is kept
+        assert slot_version(stack, "a") == versions["v1"]
+    finally:
+        stack.start("control-plane")
+
+
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [
