@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,6 @@ from mlops.settings import Settings
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 MODEL_ARTIFACT = "fraud_model"
 REFERENCE_ARTIFACT = "reference"
-
-
-# MLflow nags at class-definition time about predict's missing type hints; they are missing on purpose.
-warnings.filterwarnings("ignore", message=".*type hint.*predict", category=UserWarning)
 
 
 class FraudPyfunc(mlflow.pyfunc.PythonModel):

@@ -279,7 +279,9 @@ def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
     settings = _settings()
     client = connect(settings)
-    versions = client.search_model_versions(f"name = '{settings.model_name}'")
+    # search_model_versions leaves aliases out: read each version.
+    found = client.search_model_versions(f"name = '{settings.model_name}'")
+    versions = [client.get_model_version(settings.model_name, v.version) for v in found]
     rows = [
         {
             "version": v.version,
