@@ -195,6 +195,19 @@ def train_fn(config: dict[str, Any]) -> None:
         restarts, resumed_from = int(state["restarts"]) + 1, int(state["epoch"])
     model = prepare_model(network) if world > 1 else network
     loss_fn = torch.nn.BCEWithLogitsLoss()
+    if checkpoint is not None and start_epoch >= params.epochs:
+        # Re-run after a driver crash that came after the last epoch: nothing left to train, but say so
+        # in a final report, so the outcome records the resume instead of looking like a fresh run.
+        state = {
+            "model": network.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": start_epoch,
+            "history": history,
+            "restarts": restarts,
+            "resumed_from_epoch": resumed_from,
+        }
+        _report(dict(history[-1]), state, rank)
+        return
 
     for epoch in range(start_epoch, params.epochs):
         model.train()

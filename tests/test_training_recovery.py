@@ -65,9 +65,9 @@ def test_rerun_with_the_same_name_after_a_driver_crash_resumes(cli_env: dict[str
         "mlops.cli",
         "train",
         "--rows",
-        "8000",
+        "100000",
         "--epochs",
-        "6",
+        "10",
         "--workers",
         "1",
         "--run-name",
@@ -84,17 +84,17 @@ def test_rerun_with_the_same_name_after_a_driver_crash_resumes(cli_env: dict[str
         while _latest_checkpoint_epoch(run_dir) < 2:
             assert driver.poll() is None, "training finished or died before the crash could be injected"
             assert time.monotonic() < deadline, "no checkpoint for epoch 2 within 300 s"
-            time.sleep(0.2)
+            time.sleep(0.05)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     crashed_at = _latest_checkpoint_epoch(run_dir)
-    assert crashed_at < 6, "the driver was killed after training had already finished"
+    assert crashed_at < 10, "the driver was killed after training had already finished"
 
     result = run_cli(
-        ["train", "--rows", "8000", "--epochs", "6", "--workers", "1", "--run-name", "crashy", "--json"], cli_env
+        ["train", "--rows", "100000", "--epochs", "10", "--workers", "1", "--run-name", "crashy", "--json"], cli_env
     )
     assert result.code == 0, result.stderr[-3000:]
     outcome = result.json
     assert outcome["resumed_from_epoch"] is not None and outcome["resumed_from_epoch"] >= 2
-    assert outcome["epochs_completed"] == 6
+    assert outcome["epochs_completed"] == 10
