@@ -461,13 +461,14 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         _emit_json({"services": rows, "healthy": all(r["healthy"] for r in rows)})
         return
-    table = Table("service", "pid", "alive", "healthy", "url", "log")
+    table = Table("service", "pid", "alive", "healthy", "restarts", "url", "log")
     for row in rows:
         table.add_row(
             row["name"],
             str(row["pid"] or "-"),
             "yes" if row["alive"] else "no",
             "[green]yes[/green]" if row["healthy"] else "[red]no[/red]",
+            str(row["restarts"]),
             row["url"],
             row["log"],
         )
@@ -496,6 +497,20 @@ def serve_controller(
     settings = _settings()
     settings.ensure_dirs()
     serve(settings, host, port or urlsplit(settings.controller_url).port or 8730)
+
+
+@serve_app.command("supervisor", hidden=True)
+def serve_supervisor() -> None:
+    """Restart local-stack services that die (started by `mlops up`, stopped first by `mlops down`)."""
+    import logging
+    import signal
+
+    from mlops.local_stack import supervise
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())  # finish the current pass, then exit
+    supervise(_settings(), stopping.is_set)
 
 
 def _controller_call(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -580,6 +595,58 @@ def rollout_promote(reason: Annotated[str, typer.Option()] = "promoted by hand")
 def rollout_abort(reason: Annotated[str, typer.Option()] = "aborted by hand") -> None:
     """Abort the active rollout: traffic back to the champion at once, challenger rejected."""
     _manual("abort", reason)
+
+
+@app.command("traffic")
+def traffic(
+    rps: Annotated[float, typer.Option(help="requests per second (open loop)")] = 50.0,
+    duration: Annotated[float, typer.Option(help="seconds of traffic")] = 30.0,
+    label_delay: Annotated[float, typer.Option(help="seconds before each label is posted")] = 5.0,
+    drift: Annotated[str | None, typer.Option(help="covariate, new-category or concept")] = None,
+    fraud_rate: Annotated[float, typer.Option()] = 0.02,
+    seed: Annotated[int, typer.Option()] = 0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Send generated transactions through the gateway and post their labels later, with a live display."""
+    import asyncio
+
+    from monitoring.traffic import TrafficPlan, run_traffic
+
+    settings = _settings()
+    try:
+        plan = TrafficPlan(rps, duration, label_delay, drift, fraud_rate, seed)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    url = settings.gateway_base_url
+    from rich.live import Live
+
+    with Live(console=err, refresh_per_second=4, transient=False) as live:
+
+        def show(stats: Any, elapsed: float) -> None:
+            live.update(_traffic_view(stats, elapsed, plan, url))
+
+        stats = asyncio.run(run_traffic(url, plan, on_progress=show))
+    summary = stats.summary()
+    if stats.sent and stats.failed == stats.sent:
+        raise _fail(f"every request failed (is the gateway up at {url}?): {summary['errors'][:1]}", 1)
+    if as_json:
+        _emit_json(summary)
+
+
+def _traffic_view(stats: Any, elapsed: float, plan: Any, url: str) -> Any:
+    from rich.progress_bar import ProgressBar
+
+    table = Table.grid(padding=(0, 2))
+    table.add_row(
+        f"[bold]traffic[/bold] → {url}",
+        ProgressBar(total=plan.duration_s, completed=min(elapsed, plan.duration_s), width=30),
+        f"{elapsed:5.1f}/{plan.duration_s:g}s",
+    )
+    variants = ", ".join(f"{k} {v}" for k, v in sorted(stats.by_variant.items())) or "-"
+    statuses = ", ".join(f"{k} {v}" for k, v in sorted(stats.by_status.items())) or "-"
+    table.add_row(f"sent {stats.sent}  answered {stats.answered}  failed {stats.failed}", variants, statuses)
+    table.add_row(f"labels posted {stats.labels_sent} (frauds {stats.frauds_labelled})", f"drift: {plan.drift}", "")
+    return table
 
 
 def main() -> None:

@@ -8,20 +8,23 @@ benchmarks; `mlops up` builds on it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from mlops.processes import (
     ManagedProcess,
     free_port,
     mlops_command,
+    pid_running,
     port_is_free,
     start_process,
     stop_pid,
@@ -29,6 +32,7 @@ from mlops.processes import (
     wait_until_ready,
 )
 
+log = logging.getLogger("mlops.supervisor")
 REPO = Path(__file__).resolve().parents[1]
 SERVICES = ("control-plane", "slot-a", "slot-b", "gateway")
 
@@ -91,7 +95,9 @@ class LocalStack:
 
 # --- `mlops up` / `mlops status` / `mlops down`: the stack on the configured ports, detached ----------
 
-STACK_ORDER = ("mlflow", "control-plane", "controller", "slot-a", "slot-b", "gateway")
+STACK_ORDER = ("mlflow", "control-plane", "controller", "slot-a", "slot-b", "gateway", "supervisor")
+RESTART_WINDOW_S = 120.0  # a service restarted more than MAX_RESTARTS times within this window is given up on
+MAX_RESTARTS = 5
 
 
 @dataclass
@@ -158,7 +164,9 @@ def read_state(settings: Any) -> dict[str, dict[str, Any]]:
 def _write_state(settings: Any, state: dict[str, dict[str, Any]]) -> None:
     path = _state_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(state, indent=2))
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(state, indent=2))
+    os.replace(temporary, path)  # readers (status, the supervisor) never see half a file
 
 
 def _healthy(url: str) -> bool:
@@ -174,7 +182,7 @@ def stack_status(settings: Any) -> list[dict[str, Any]]:
     for spec in stack_services(settings):
         entry = state.get(spec.name)
         pid = entry["pid"] if entry else None
-        alive = bool(pid) and psutil.pid_exists(pid)
+        alive = pid_running(pid)
         url = f"http://127.0.0.1:{spec.port}"
         rows.append(
             {
@@ -183,27 +191,45 @@ def stack_status(settings: Any) -> list[dict[str, Any]]:
                 "alive": alive,
                 "url": url,
                 "healthy": alive and _healthy(url + spec.health_path),
+                "restarts": entry.get("restarts", 0) if entry else 0,
                 "log": str(settings.logs_dir / f"{spec.name}.out"),
             }
         )
+    supervisor = state.get("supervisor")
+    pid = supervisor["pid"] if supervisor else None
+    rows.append(
+        {
+            "name": "supervisor",
+            "pid": pid,
+            "alive": pid_running(pid),
+            "url": "-",
+            "healthy": pid_running(pid),
+            "restarts": 0,
+            "log": str(settings.logs_dir / "supervisor.out"),
+        }
+    )
     return rows
 
 
-def stack_up(settings: Any, on_progress: Any = print) -> list[dict[str, Any]]:
-    """Start what is not running (a running, healthy service is left alone: `up` twice is a no-op)."""
-    settings.ensure_dirs()
-    state = read_state(settings)
-    tracking = f"http://127.0.0.1:{settings.mlflow_port}"
-    env = {
+def _stack_env(settings: Any) -> dict[str, str]:
+    return {
         **os.environ,
         "MLOPS_HOME": str(settings.home),
-        "MLOPS_MLFLOW_TRACKING_URI": tracking,
+        "MLOPS_MLFLOW_TRACKING_URI": f"http://127.0.0.1:{settings.mlflow_port}",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
+
+
+def stack_up(settings: Any, on_progress: Any = print) -> list[dict[str, Any]]:
+    """Start what is not running (a running, healthy service is left alone: `up` twice is a no-op), then the
+    supervisor that restarts any service that dies."""
+    settings.ensure_dirs()
+    state = read_state(settings)
+    env = _stack_env(settings)
     for spec in stack_services(settings):
         entry = state.get(spec.name)
         url = f"http://127.0.0.1:{spec.port}"
-        if entry and psutil.pid_exists(entry["pid"]) and _healthy(url + spec.health_path):
+        if entry and pid_running(entry["pid"]) and _healthy(url + spec.health_path):
             on_progress(f"{spec.name}: already running (pid {entry['pid']})")
             continue
         if not port_is_free(spec.port):
@@ -216,7 +242,58 @@ def stack_up(settings: Any, on_progress: Any = print) -> list[dict[str, Any]]:
         _write_state(settings, state)  # written per service, so `down` can stop a half-started stack
         wait_until_ready(managed, url + spec.health_path, timeout=180)
         on_progress(f"{spec.name}: started (pid {managed.pid}) at {url}")
+    supervisor = state.get("supervisor")
+    if supervisor and pid_running(supervisor["pid"]):
+        on_progress(f"supervisor: already running (pid {supervisor['pid']})")
+    else:
+        # The supervisor gets the caller's settings (not the services' env, which points MLflow at the server).
+        own_env = {**os.environ, "MLOPS_HOME": str(settings.home)}
+        managed = start_process(
+            "supervisor", mlops_command("serve", "supervisor"), own_env, settings.logs_dir, cwd=REPO
+        )
+        state["supervisor"] = {"pid": managed.pid}
+        _write_state(settings, state)
+        on_progress(f"supervisor: started (pid {managed.pid}); it restarts services that die")
     return stack_status(settings)
+
+
+def supervise(settings: Any, stop: Callable[[], bool], poll_s: float = 1.0) -> None:
+    """Restart stack services that die (a crash, an OOM kill), like a pod's restart policy: after a back-off
+    that doubles from 1 s up to 30 s, and not more than MAX_RESTARTS times in RESTART_WINDOW_S (then the
+    service is marked `gave_up` with its last log lines, and `mlops status` shows it down).
+
+    `mlops down` stops the supervisor first, so a stopped stack is never restarted behind its back."""
+    specs = {spec.name: spec for spec in stack_services(settings)}
+    env = _stack_env(settings)
+    dead_since: dict[str, float] = {}
+    while not stop():
+        state = read_state(settings)
+        for name, spec in specs.items():
+            entry = state.get(name)
+            if entry is None or entry.get("gave_up") or pid_running(entry.get("pid")):
+                dead_since.pop(name, None)
+                continue
+            now = time.time()
+            recent = [t for t in entry.get("restart_times", []) if now - t < RESTART_WINDOW_S]
+            backoff = min(30.0, 2.0 ** len(recent) / 2)
+            if now - dead_since.setdefault(name, now) < backoff:
+                continue
+            if len(recent) >= MAX_RESTARTS:
+                entry["gave_up"] = f"restarted {len(recent)} times in {RESTART_WINDOW_S:.0f}s"
+                log.error("%s: giving up: %s", name, entry["gave_up"])
+            else:
+                managed = start_process(name, spec.command, env, settings.logs_dir, cwd=REPO)
+                entry.update(pid=managed.pid, restarts=entry.get("restarts", 0) + 1, restart_times=[*recent, now])
+                log.warning("%s died; restarted as pid %s (restart %s)", name, managed.pid, entry["restarts"])
+            dead_since.pop(name, None)
+            latest = read_state(settings)  # `down` may have run meanwhile: never resurrect a stopped stack
+            if "supervisor" not in latest:
+                if not entry.get("gave_up"):
+                    stop_pid(entry["pid"])
+                return
+            latest[name] = entry
+            _write_state(settings, latest)
+        time.sleep(poll_s)
 
 
 def stack_down(settings: Any, on_progress: Any = print) -> list[str]:
@@ -225,7 +302,7 @@ def stack_down(settings: Any, on_progress: Any = print) -> list[str]:
     stopped = []
     for name in reversed(STACK_ORDER):
         entry = state.pop(name, None)
-        if entry and psutil.pid_exists(entry["pid"]):
+        if entry and pid_running(entry["pid"]):
             stop_pid(entry["pid"])
             stopped.append(name)
             on_progress(f"{name}: stopped (pid {entry['pid']})")

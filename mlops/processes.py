@@ -142,6 +142,21 @@ def kill_tree(pid: int) -> None:
             process.kill()
 
 
+def pid_running(pid: int | None) -> bool:
+    """Whether `pid` is a live process (a zombie, dead but not yet reaped, is not; it is reaped here when
+    it is our child)."""
+    if not pid:
+        return False
+    try:
+        if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            return True
+    except psutil.NoSuchProcess:
+        return False
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return False
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -561,7 +561,19 @@ def evaluate_guardrails(
     on the given window of the prediction log (the caller picks the window, e.g. the current policy
     generation) and the feedback received so far."""
     obs = observe(phase_kind, predictions, feedback, threshold)
-    return [GUARDRAILS[cfg.kind](cfg, obs) for cfg in spec.guardrails if phase_kind in cfg.applies_to]
+    return [GUARDRAILS[cfg.kind](cfg, obs) for cfg in spec.guardrails if _applies(cfg, obs)]
+
+
+def _applies(cfg: GuardrailConfig, obs: Observations) -> bool:
+    """A guardrail applies to the phase kinds it names, except that in a canary step where the champion serves
+    no request at all (the 100 % step) a purely relative guardrail (no absolute bound) has nothing to compare
+    with: it is left out, so it neither blocks the step forever as "inconclusive" nor passes without evidence."""
+    if obs.phase_kind not in cfg.applies_to:
+        return False
+    if obs.phase_kind == "canary" and obs.baseline is not None and obs.baseline.requests == 0:
+        bound_name = type(cfg).WATCH_LIMIT
+        return bound_name is not None and getattr(cfg, bound_name) is not None
+    return True
 
 
 def overall_verdict(results: list[GuardrailResult]) -> Verdict:

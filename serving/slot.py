@@ -15,14 +15,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hmac
 import json
 import logging
 import os
 import random
 import tempfile
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from starlette.routing import Route
 from mlops.model import FraudScorer
 from mlops.settings import Settings
 from serving.control_plane.client import AsyncControlPlaneClient, ControlPlaneError, ControlPlaneUnavailable
+from serving.control_plane.tokens import resolve_token
 from serving.requests import RequestError, encode, features, parse_batch, parse_transaction
 
 log = logging.getLogger("mlops.slot")
@@ -44,15 +47,43 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 @dataclass
 class Defect:
-    """Deliberate faults a scenario can bake into a model version (see `mlops scenario`)."""
+    """Deliberate faults for scenarios: baked into a model version (`defect.json` beside the model, see
+    `mlops scenario`) or switched on at run time through `POST /v1/fault` (token-protected).
+
+    - `extra_latency_ms`: every answer waits this long first (a slower model);
+    - `error_rate`: this share of requests fails with a 500 (an error-prone model);
+    - `decorrelate`: this share of requests gets the score of an unrelated recent request instead of its
+      own. The score distribution stays the same, so only the labels can tell: a model that lost its signal;
+    - `flip_share`: this share of requests gets `1 - score` (a model that disagrees with the champion).
+    """
 
     extra_latency_ms: float = 0.0
     error_rate: float = 0.0
+    decorrelate: float = 0.0
+    flip_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.extra_latency_ms <= 60_000:
+            raise ValueError(f"extra_latency_ms must be within [0, 60000], got {self.extra_latency_ms}")
+        for name in ("error_rate", "decorrelate", "flip_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Defect:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown defect field(s) {', '.join(sorted(unknown))}")
+        return cls(**{k: float(v) for k, v in data.items()})
 
     @classmethod
     def from_model_dir(cls, directory: Path) -> Defect | None:
         path = directory / "defect.json"
-        return cls(**json.loads(path.read_text())) if path.exists() else None
+        return cls.from_dict(json.loads(path.read_text())) if path.exists() else None
+
+    @property
+    def active(self) -> bool:
+        return any((self.extra_latency_ms, self.error_rate, self.decorrelate, self.flip_share))
 
 
 @dataclass
@@ -67,6 +98,8 @@ class SlotState:
     def __init__(self, slot: str) -> None:
         self.slot = slot
         self.model: LoadedModel | None = None
+        self.fault: Defect | None = None  # set at run time (POST /v1/fault); cleared by the next model load
+        self.recent_scores: deque[float] = deque(maxlen=512)  # what `decorrelate` draws from
         self.generation = 0
         self.last_error: str | None = None
         self.registry = CollectorRegistry()
@@ -95,12 +128,26 @@ async def _score(state: SlotState, rows: list[dict[str, Any]]) -> list[float]:
     model = state.model
     if model is None:
         raise RequestError(503, f"slot {state.slot} has no model loaded yet")
-    if model.defect is not None:
-        if model.defect.extra_latency_ms:
-            await asyncio.sleep(model.defect.extra_latency_ms / 1000)
-        if model.defect.error_rate and random.random() < model.defect.error_rate:
-            raise RequestError(500, f"injected fault in model version {model.version}")
-    return model.scorer.score_records(rows).tolist()
+    defect = state.fault or model.defect
+    if defect is None:
+        return model.scorer.score_records(rows).tolist()
+    if defect.extra_latency_ms:
+        await asyncio.sleep(defect.extra_latency_ms / 1000)
+    if defect.error_rate and random.random() < defect.error_rate:
+        raise RequestError(500, f"injected fault in model version {model.version}")
+    return _degrade(state, defect, model.scorer.score_records(rows).tolist())
+
+
+def _degrade(state: SlotState, defect: Defect, scores: list[float]) -> list[float]:
+    out = []
+    for score in scores:
+        state.recent_scores.append(score)
+        if defect.decorrelate and random.random() < defect.decorrelate:
+            score = random.choice(state.recent_scores)
+        if defect.flip_share and random.random() < defect.flip_share:
+            score = 1.0 - score
+        out.append(score)
+    return out
 
 
 def create_slot_app(
@@ -145,6 +192,24 @@ def create_slot_app(
     async def healthz(_: Request) -> Response:
         return Response(b'{"status":"alive"}', media_type="application/json")
 
+    token = resolve_token(settings)
+
+    async def fault(request: Request) -> Response:
+        """Chaos hook for scenarios: switch a `Defect` on (a JSON object of its fields) or off (`{}`)."""
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer ") or not hmac.compare_digest(header[7:].strip(), token):
+            return Response(encode({"error": "a valid bearer token is required", "field": None}), 401)
+        try:
+            body = json.loads(await request.body() or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("body must be a JSON object")
+            defect = Defect.from_dict(body)
+        except (ValueError, TypeError) as error:
+            return Response(encode({"error": str(error), "field": None}), 422, media_type="application/json")
+        state.fault = defect if defect.active else None
+        log.warning("slot %s: runtime fault %s", slot, asdict(defect) if defect.active else "cleared")
+        return Response(encode({"slot": slot, "fault": asdict(state.fault) if state.fault else None}))
+
     async def metrics(_: Request) -> Response:
         return Response(generate_latest(state.registry), media_type="text/plain; version=0.0.4")
 
@@ -165,6 +230,7 @@ def create_slot_app(
             Route("/v1/predict/batch", predict_batch, methods=["POST"]),
             # BentoML answers /readyz itself (via __is_ready__); /v1/status carries the details.
             Route("/v1/status", readyz),
+            Route("/v1/fault", fault, methods=["POST"]),
             Route("/readyz", readyz),
             Route("/healthz", healthz),
             Route("/metrics", metrics),
@@ -195,6 +261,7 @@ async def watch_assignment(settings: Settings, state: SlotState, load: Callable[
             if assignment.model_version and assignment.model_version != current:
                 try:
                     state.model = await asyncio.to_thread(load, assignment.model_version)
+                    state.fault = None
                     state.loads.labels("ok").inc()
                     # Loading imports MLflow and allocates a lot; freeze what survives so later full GC
                     # passes stay short (they otherwise show up as 50-100 ms spikes in p99).

@@ -211,7 +211,16 @@ def test_canary_at_full_weight_holds_the_challenger_to_the_absolute_bounds() -> 
     results = canary(predictions, feedback)
     assert results["error-rate"].verdict == "fail" and "exact binomial" in results["error-rate"].test
     assert results["error-rate"].limit == 0.02
-    assert results["score-shift"].verdict == "inconclusive"  # no absolute bound for a shift
+    assert "score-shift" not in results  # no absolute bound for a shift, and no champion scores to compare with
+
+
+def test_a_healthy_challenger_can_pass_the_full_weight_step() -> None:
+    """Purely relative guardrails are left out at 100 %, so they cannot block the last step forever."""
+    predictions, feedback = canary_log(np.random.default_rng(11), 0, 12000, challenger_errors=0.0, fraud_rate=0.02)
+    results = canary(predictions, feedback)
+    assert set(results) == {"error-rate", "latency-p99", "online-recall", "online-log-loss"}
+    assert results["error-rate"].verdict == "pass"
+    assert all(r.verdict == "pass" for r in results.values()), {n: r.detail for n, r in results.items()}
 
 
 # ------------------------------------------------------------------------------------------- shadow

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from mlops.processes import free_port
+from mlops.processes import free_port, kill_tree
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -27,19 +28,37 @@ def stack_env(cli_env: dict[str, str]) -> dict[str, str]:
     }
 
 
-def test_up_twice_is_a_no_op_and_down_stops_exactly_what_up_started(cli_env: dict[str, str], home: Path) -> None:
+def wait_for_restart(env: dict[str, str], name: str, old_pid: int, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = next(s for s in run_cli(["status", "--json"], env).json["services"] if s["name"] == name)
+        if row["pid"] != old_pid and row["healthy"]:
+            return row
+        time.sleep(1.0)
+    raise AssertionError(f"{name} was not restarted within {timeout}s")
+
+
+def test_up_twice_is_a_no_op_a_dead_service_is_restarted_and_down_stops_exactly_what_up_started(
+    cli_env: dict[str, str], home: Path
+) -> None:
     env = stack_env(cli_env)
+    pids: dict[str, int] = {}
     try:
         first = run_cli(["up"], env, timeout=600)
         assert first.code == 0, first.stderr[-3000:]
         status = run_cli(["status", "--json"], env).json
         assert status["healthy"], status
         pids = {s["name"]: s["pid"] for s in status["services"]}
-        assert set(pids) == {"mlflow", "control-plane", "controller", "slot-a", "slot-b", "gateway"}
+        assert set(pids) == {"mlflow", "control-plane", "controller", "slot-a", "slot-b", "gateway", "supervisor"}
         second = run_cli(["up"], env, timeout=120)
-        assert second.code == 0 and second.stderr.count("already running") == 6
+        assert second.code == 0 and second.stderr.count("already running") == 7
         assert {s["name"]: s["pid"] for s in run_cli(["status", "--json"], env).json["services"]} == pids
         assert (home / "logs" / "gateway.out").exists()
+
+        kill_tree(pids["slot-b"])  # what an OOM kill looks like: the supervisor must bring it back
+        restarted = wait_for_restart(env, "slot-b", pids["slot-b"])
+        assert restarted["restarts"] == 1
+        pids["slot-b (restarted)"] = restarted["pid"]
     finally:
         down = run_cli(["down"], env, timeout=180)
     assert down.code == 0, down.stderr

@@ -1,0 +1,117 @@
+"""Pure functions that turn a finished rollout (its state, plan and decisions, as the controller's API returns
+them) and what the clients saw into a scenario verdict. No I/O: the runner feeds them, the tests call them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from monitoring.scenarios.spec import Scenario
+
+PROMOTED = "promoted_watching"
+ROLLED_BACK = ("rolled_back", "aborted")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What one scenario run produced."""
+
+    status: str  # the rollout's final status ("succeeded", "rolled_back", ... or a non-terminal one on timeout)
+    decisions: list[dict[str, Any]]
+    phases: list[dict[str, Any]]  # the plan's phases: name, kind, weight
+    client_errors: int
+    traffic: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScenarioResult:
+    name: str
+    expected: str
+    outcome: str
+    passed: bool
+    decision_seconds: float | None
+    reason: str
+    failures: list[str]
+    details: dict[str, Any]
+
+    def to_summary(self) -> dict[str, Any]:
+        """The fields `mlops scenario --json` promises, plus why it failed."""
+        keys = ("name", "expected", "outcome", "passed", "decision_seconds", "reason", "failures")
+        return {k: v for k, v in asdict(self).items() if k in keys}
+
+
+def outcome_of(status: str, decisions: list[dict[str, Any]]) -> str:
+    """promoted | rolled_back | rolled_back_after_promotion | aborted | the status itself when undecided."""
+    promoted = any(d["to_status"] == PROMOTED for d in decisions)
+    if status == "succeeded":
+        return "promoted"
+    if status in ROLLED_BACK:
+        kind = "rolled_back" if status == "rolled_back" else "aborted"
+        return f"{kind}_after_promotion" if promoted else kind
+    return f"undecided ({status})"
+
+
+def deciding(decisions: list[dict[str, Any]], outcome: str) -> dict[str, Any] | None:
+    """The decision that settled the outcome: the promotion, or the roll-back."""
+    wanted = (PROMOTED,) if outcome == "promoted" else ROLLED_BACK
+    return next((d for d in decisions if d["to_status"] in wanted), None)
+
+
+def decision_seconds(decisions: list[dict[str, Any]], outcome: str) -> float | None:
+    """Seconds from the rollout's start (its first decision) to the deciding one."""
+    decision = deciding(decisions, outcome)
+    if decision is None or not decisions:
+        return None
+    return round(decision["at"] - decisions[0]["at"], 2)
+
+
+def max_challenger_weight(decisions: list[dict[str, Any]], phases: list[dict[str, Any]]) -> float:
+    """The largest share of live traffic the challenger was given (1.0 once promoted; shadow gives none)."""
+    weight = 0.0
+    for decision in decisions:
+        if decision["to_status"] == PROMOTED:
+            weight = 1.0
+        elif decision["to_status"] == "canary" and 0 <= decision["phase_index"] < len(phases):
+            weight = max(weight, float(phases[decision["phase_index"]].get("weight") or 0.0))
+    return weight
+
+
+def terminal_decisions(decisions: list[dict[str, Any]]) -> int:
+    """Promotions plus roll-backs: a rollout must take exactly one of the first and at most one of the second."""
+    return sum(d["to_status"] in (PROMOTED, *ROLLED_BACK) for d in decisions)
+
+
+def judge(scenario: Scenario, observed: Observed) -> ScenarioResult:
+    expect = scenario.expect
+    outcome = outcome_of(observed.status, observed.decisions)
+    seconds = decision_seconds(observed.decisions, outcome)
+    decision = deciding(observed.decisions, outcome)
+    reason = decision["reason"] if decision else f"no decision; last status {observed.status}"
+    weight = max_challenger_weight(observed.decisions, observed.phases)
+    failures = []
+    if outcome != expect.outcome:
+        failures.append(f"outcome {outcome}, expected {expect.outcome}")
+    if seconds is not None and seconds > expect.within_s:
+        failures.append(f"decided after {seconds:.1f}s, expected within {expect.within_s:g}s")
+    if expect.max_challenger_weight is not None and weight > expect.max_challenger_weight:
+        failures.append(
+            f"challenger got {weight:.0%} of live traffic, at most {expect.max_challenger_weight:.0%} allowed"
+        )
+    if observed.client_errors > expect.max_client_errors:
+        failures.append(
+            f"{observed.client_errors} client request(s) failed, at most {expect.max_client_errors} allowed"
+        )
+    if expect.reason_contains and expect.reason_contains.lower() not in reason.lower():
+        failures.append(f"decision reason does not mention {expect.reason_contains!r}: {reason}")
+    promotions = sum(d["to_status"] == PROMOTED for d in observed.decisions)
+    rollbacks = sum(d["to_status"] in ROLLED_BACK for d in observed.decisions)
+    if promotions > 1 or rollbacks > 1:
+        failures.append(f"decided more than once: {promotions} promotion(s), {rollbacks} roll-back(s)")
+    details = {
+        "max_challenger_weight": weight,
+        "promotions": promotions,
+        "rollbacks": rollbacks,
+        "final_status": observed.status,
+        "traffic": observed.traffic,
+    }
+    return ScenarioResult(scenario.name, expect.outcome, outcome, not failures, seconds, reason, failures, details)

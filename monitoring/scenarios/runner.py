@@ -1,0 +1,262 @@
+"""Run scenarios against a running platform: build the challenger, send traffic, start a rollout through the
+controller's API, inject the scenario's fault, wait for the decision, judge it.
+
+The runner talks to the platform the way a user does: HTTP to the gateway, the controller and the control
+plane, MLflow for registration. Only two things depend on where the platform runs, and they sit behind
+`Target`: bringing it up, and killing a process for the chaos scenarios (`LocalTarget` here; the kind target
+deletes pods). The decision logic is the controller's, untouched: scenarios only compress time (the `fast`
+rollout spec) and raise the request rate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+
+from mlops.settings import Settings
+from monitoring.scenarios import models
+from monitoring.scenarios.judge import Observed, ScenarioResult, judge
+from monitoring.scenarios.spec import Scenario
+from monitoring.traffic import BackgroundTraffic
+from serving.control_plane.client import ControlPlaneClient
+from serving.control_plane.tokens import resolve_token
+
+TERMINAL = ("succeeded", "rolled_back", "aborted")
+POLL_S = 0.25
+GRACE_S = 60.0  # beyond a scenario's time bound, how long to wait for any decision before giving up
+
+
+class Target(Protocol):
+    """Where the platform runs."""
+
+    def ensure_up(self, on_progress: Callable[[str], None]) -> None: ...
+    def kill(self, service: str) -> None: ...  # "controller", "slot-a", "slot-b": SIGKILL or pod deletion
+    def wait_healthy(self, timeout: float) -> None: ...
+    def release(self, on_progress: Callable[[str], None]) -> None: ...  # stop what ensure_up started
+
+
+@dataclass
+class LocalTarget:
+    """The local stack of `mlops up` (started here when it is not running, and then stopped at the end)."""
+
+    settings: Settings
+    keep: bool = False
+    started: bool = False
+
+    def ensure_up(self, on_progress: Callable[[str], None]) -> None:
+        from mlops.local_stack import stack_status, stack_up
+
+        if all(row["healthy"] for row in stack_status(self.settings)):
+            on_progress("using the running local stack")
+            return
+        on_progress("starting the local stack (mlops up)")
+        stack_up(self.settings, on_progress=lambda line: on_progress(f"  {line}"))
+        self.started = True
+
+    def kill(self, service: str) -> None:
+        from mlops.local_stack import read_state
+        from mlops.processes import kill_tree
+
+        entry = read_state(self.settings).get(service)
+        if entry is None:
+            raise RuntimeError(f"{service} is not part of the running local stack")
+        kill_tree(entry["pid"])
+
+    def wait_healthy(self, timeout: float) -> None:
+        from mlops.local_stack import stack_status
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = stack_status(self.settings)
+            if all(row["healthy"] for row in rows):
+                return
+            time.sleep(0.5)
+        down = [row["name"] for row in stack_status(self.settings) if not row["healthy"]]
+        raise RuntimeError(f"local stack not healthy after {timeout:.0f}s: {', '.join(down)} down")
+
+    def release(self, on_progress: Callable[[str], None]) -> None:
+        from mlops.local_stack import stack_down
+
+        if self.started and not self.keep:
+            on_progress("stopping the local stack this run started (keep it with --keep-stack)")
+            stack_down(self.settings, on_progress=lambda line: on_progress(f"  {line}"))
+
+
+@dataclass
+class Progress:
+    """What the live display shows while one scenario runs."""
+
+    scenario: str
+    stage: str = "preparing"
+    rollout_status: str = "-"
+    phase: str = "-"
+    elapsed_s: float = 0.0
+    traffic: dict[str, Any] = field(default_factory=dict)
+
+
+class ScenarioRunner:
+    def __init__(
+        self,
+        settings: Settings,
+        target: Target,
+        on_progress: Callable[[str], None] = print,
+        on_status: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.settings, self.target = settings, target
+        self.say, self.show = on_progress, on_status or (lambda _: None)
+        self.token = resolve_token(settings)
+        self.control = ControlPlaneClient(settings.control_plane_url, token=self.token)
+        self.http = httpx.Client(timeout=30.0)
+
+    # --- the platform's APIs ---------------------------------------------------------------------
+
+    def _controller(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self.token}"} if method == "POST" else {}
+        response = self.http.request(method, f"{self.settings.controller_url}{path}", json=body, headers=headers)
+        payload = response.json()
+        if response.status_code >= 400:
+            raise RuntimeError(f"controller refused {method} {path} ({response.status_code}): {payload.get('error')}")
+        return payload
+
+    def _slot_version(self, slot: str) -> str | None:
+        try:
+            return self.http.get(f"{self.settings.slot_urls[slot]}/v1/status", timeout=2.0).json().get("model_version")
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def _set_fault(self, slot: str, defect: dict[str, float]) -> None:
+        url = f"{self.settings.slot_urls[slot]}/v1/fault"
+        response = self.http.post(url, json=defect, headers={"Authorization": f"Bearer {self.token}"})
+        response.raise_for_status()
+
+    # --- preparing the stage ---------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Stack up, no rollout in flight, the champion registered and live on its slot with all traffic."""
+        self.target.ensure_up(self.say)
+        self.target.wait_healthy(180)
+        active = self.http.get(f"{self.settings.controller_url}/v1/rollouts/active")
+        if active.status_code == 200:
+            rollout_id = active.json()["rollout_id"]
+            self.say(f"aborting rollout {rollout_id} left over from an earlier run")
+            self._controller("POST", f"/v1/rollouts/{rollout_id}/abort", {"reason": "scenario runner: stale rollout"})
+        champion = models.ensure_champion(self.settings, self.say)
+        policy = self.control.get_policy()
+        slot = policy.champion_slot
+        other = "b" if slot == "a" else "a"
+        if self._slot_version(slot) != champion:
+            self.say(f"loading champion v{champion} into slot {slot}")
+            self.control.assign(slot, champion)
+            self._wait_for(lambda: self._slot_version(slot) == champion, 120, f"slot {slot} to load v{champion}")
+        if policy.weights.get(other, 0.0) > 0 or policy.shadow:
+            self.control.set_policy({slot: 1.0, other: 0.0}, False, slot, "scenario runner: all traffic to champion")
+        for name in ("a", "b"):  # a fault switched on by an earlier scenario must not leak into this one
+            if self._slot_version(name) is not None:
+                self._set_fault(name, {})
+
+    def _wait_for(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+    # --- one scenario ------------------------------------------------------------------------------
+
+    def run(self, scenario: Scenario, index: int = 0) -> ScenarioResult:
+        progress = Progress(scenario.name)
+        self.show(progress)
+        self.prepare()
+        challenger = scenario.challenger
+        progress.stage = "building the challenger"
+        self.show(progress)
+        version = models.register(self.settings, challenger.seed, scenario.name, challenger.defect, self.say)
+        self.say(f"{scenario.name}: challenger v{version} (seed {challenger.seed}, defect {challenger.defect})")
+        budget = scenario.expect.within_s + GRACE_S
+        traffic = BackgroundTraffic(
+            self.settings.gateway_base_url, scenario.traffic.plan(budget + 120, seed_offset=index)
+        ).start()
+        try:
+            view = self._controller("POST", "/v1/rollouts", {"challenger_version": version})
+            status, decisions = self._follow(scenario, view, traffic, progress, budget)
+        finally:
+            stats = traffic.stop()
+        summary = stats.summary()
+        result = judge(scenario, Observed(status, decisions, view["plan"]["phases"], stats.failed, summary))
+        result.details.update(rollout_id=view["rollout_id"], challenger_version=version)
+        return result
+
+    def _follow(
+        self, scenario: Scenario, view: dict[str, Any], traffic: BackgroundTraffic, progress: Progress, budget: float
+    ) -> tuple[str, list[dict[str, Any]]]:
+        rollout_id = view["rollout_id"]
+        phases = view["plan"]["phases"]
+        challenger_slot = view["plan"]["challenger_slot"]
+        started = time.monotonic()
+        chaos_done = fault_done = False
+        progress.stage = "rolling out"
+        while True:
+            view = self._read(f"/v1/rollouts/{rollout_id}")
+            if view is None:  # the controller is down (killed, restarting): the rollout carries on without it
+                if time.monotonic() - started > budget + GRACE_S:
+                    raise RuntimeError(f"controller unreachable at {self.settings.controller_url} for too long")
+                time.sleep(POLL_S)
+                continue
+            state = view["state"]
+            status = state["status"]
+            progress.rollout_status = status
+            index = state["phase_index"]
+            progress.phase = phases[index]["name"] if index < len(phases) else "watch"
+            progress.elapsed_s = time.monotonic() - started
+            progress.traffic = {"sent": traffic.stats.sent, "failed": traffic.stats.failed}
+            self.show(progress)
+            if status in TERMINAL:
+                break
+            if scenario.chaos and not chaos_done and status == scenario.chaos.when:
+                service = "controller" if scenario.chaos.kill == "controller" else f"slot-{challenger_slot}"
+                self.say(f"{scenario.name}: killing {service} (SIGKILL) during {status}")
+                self.target.kill(service)
+                chaos_done = True
+            fault = scenario.challenger.fault
+            if fault and not fault_done and status == fault.when:
+                self.say(f"{scenario.name}: the challenger's slot degrades now ({status}): {fault.defect}")
+                self._set_fault(challenger_slot, fault.defect)
+                fault_done = True
+            if time.monotonic() - started > budget:
+                self.say(f"{scenario.name}: no decision after {budget:.0f}s; aborting the rollout")
+                self._controller("POST", f"/v1/rollouts/{rollout_id}/abort", {"reason": "scenario timed out"})
+                break
+            time.sleep(POLL_S)
+        decisions = self._controller("GET", f"/v1/rollouts/{rollout_id}/decisions")["decisions"]
+        return status, decisions
+
+    def _read(self, path: str) -> dict[str, Any] | None:
+        try:
+            return self._controller("GET", path)
+        except httpx.HTTPError:
+            return None
+
+
+def run_scenarios(
+    runner: ScenarioRunner, scenarios: list[Scenario], on_result: Callable[[ScenarioResult], None] | None = None
+) -> list[ScenarioResult]:
+    """Each scenario in turn; one that cannot run at all (e.g. the stack will not start) fails with the
+    reason, and the others still run."""
+    results = []
+    for index, scenario in enumerate(scenarios):
+        try:
+            result = runner.run(scenario, index)
+        except Exception as error:  # a broken run is a failed scenario with its reason, not a crash of all
+            message = f"{type(error).__name__}: {error}"
+            result = ScenarioResult(
+                scenario.name, scenario.expect.outcome, "error", False, None, message, [message], {}
+            )
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results

@@ -1,0 +1,156 @@
+"""A scenario file (`scenarios/*.yaml`): the challenger, the traffic, an optional fault, the expected outcome.
+
+Example::
+
+    name: latency-regression
+    description: a slower challenger is rolled back on p99 latency
+    challenger: {seed: 2, defect: {extra_latency_ms: 120}}
+    traffic: {rps: 150, label_delay_s: 2, fraud_rate: 0.03}
+    expect: {outcome: rolled_back, within_s: 120, reason_contains: latency}
+
+- `challenger.seed`: the trained model the challenger is built from (trained once, then cached);
+  `defect` bakes a deliberate fault into a wrapper of it (`serving.slot.Defect`); `fault: {when, defect}`
+  switches one on in the challenger's slot at run time, once the rollout reaches status `when` (e.g. a
+  model that degrades after its promotion).
+- `chaos.kill`: `challenger-slot` or `controller`, killed (SIGKILL, with every child) as soon as the rollout
+  reaches `chaos.when` (a status: `shadow`, `canary`, `promoted_watching`).
+- `expect.outcome`: `promoted`, `rolled_back` (before promotion) or `rolled_back_after_promotion`;
+  `within_s` bounds the time from the rollout's start to that decision; `max_challenger_weight` bounds the
+  live traffic the challenger ever got; `max_client_errors` the requests clients saw fail.
+
+Validation reports every problem at once, each with its location.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from monitoring.traffic import TrafficPlan
+
+REPO_SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
+Outcome = Literal["promoted", "rolled_back", "rolled_back_after_promotion"]
+DEFECT_FIELDS = ("extra_latency_ms", "error_rate", "decorrelate", "flip_share")
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be used; the message lists each problem with its location."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_defect(value: dict[str, float] | None) -> dict[str, float] | None:
+    if value is None:
+        return None
+    unknown = set(value) - set(DEFECT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown defect field(s) {', '.join(sorted(unknown))}; known: {', '.join(DEFECT_FIELDS)}")
+    for name, number in value.items():
+        upper = 60_000 if name == "extra_latency_ms" else 1
+        if not 0 <= number <= upper:
+            raise ValueError(f"{name} must be within [0, {upper}], got {number}")
+    return value
+
+
+class FaultSpec(_Strict):
+    """A defect switched on in the challenger's slot once the rollout reaches `when`."""
+
+    when: Literal["shadow", "canary", "promoted_watching"]
+    defect: dict[str, float]
+
+    _defect = field_validator("defect")(_check_defect)
+
+
+class ChallengerSpec(_Strict):
+    seed: int = Field(2, ge=0, description="seed of the trained model the challenger is built from")
+    defect: dict[str, float] | None = None
+    fault: FaultSpec | None = None
+
+    _defect = field_validator("defect")(_check_defect)
+
+
+class TrafficSpec(_Strict):
+    rps: float = Field(150, gt=0, le=5_000)
+    label_delay_s: float = Field(2.0, ge=0, le=3_600)
+    fraud_rate: float = Field(0.03, gt=0, lt=1)
+    drift: str | None = None
+    seed: int = 0
+
+    def plan(self, duration_s: float, seed_offset: int = 0) -> TrafficPlan:
+        return TrafficPlan(
+            self.rps, duration_s, self.label_delay_s, self.drift, self.fraud_rate, seed=self.seed + seed_offset
+        )
+
+
+class ChaosSpec(_Strict):
+    kill: Literal["challenger-slot", "controller"]
+    when: Literal["shadow", "canary", "promoted_watching"] = "canary"
+
+
+class Expectation(_Strict):
+    outcome: Outcome
+    within_s: float = Field(180, gt=0, le=3_600)
+    max_challenger_weight: float | None = Field(None, ge=0, le=1)
+    max_client_errors: int = Field(0, ge=0)
+    reason_contains: str | None = None
+
+
+class Scenario(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    description: str = ""
+    challenger: ChallengerSpec = ChallengerSpec()
+    traffic: TrafficSpec = TrafficSpec()
+    chaos: ChaosSpec | None = None
+    expect: Expectation
+
+
+def parse_scenario(data: Any, source: str = "<scenario>") -> Scenario:
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{source}: a scenario must be a mapping, got {type(data).__name__}")
+    try:
+        scenario = Scenario.model_validate(data)
+        scenario.traffic.plan(1.0)  # the traffic's own checks (e.g. an unknown drift kind)
+    except ValidationError as error:
+        lines = [f"{'.'.join(str(p) for p in e['loc']) or '<top>'}: {e['msg']}" for e in error.errors()]
+        raise ScenarioError(f"invalid scenario {source}:\n" + "\n".join(f"  - {line}" for line in lines)) from None
+    except ValueError as error:
+        raise ScenarioError(f"invalid scenario {source}:\n  - traffic: {error}") from None
+    return scenario
+
+
+def load_scenario(path: Path) -> Scenario:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ScenarioError(f"cannot read scenario {path}: {error.strerror or error}") from None
+    except yaml.YAMLError as error:
+        raise ScenarioError(f"scenario {path} is not valid YAML: {error}") from None
+    scenario = parse_scenario(data, str(path))
+    if scenario.name != path.stem:
+        raise ScenarioError(f"scenario {path}: name {scenario.name!r} must match the file name {path.stem!r}")
+    return scenario
+
+
+def available(directory: Path = REPO_SCENARIOS) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def resolve(selector: str, directory: Path = REPO_SCENARIOS) -> list[Scenario]:
+    """`all`, a scenario name from `scenarios/`, or a path to a YAML file."""
+    if selector == "all":
+        names = available(directory)
+        if not names:
+            raise ScenarioError(f"no scenarios in {directory}")
+        return [load_scenario(directory / f"{name}.yaml") for name in names]
+    path = Path(selector)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return [load_scenario(path)]
+    candidate = directory / f"{selector}.yaml"
+    if not candidate.exists():
+        raise ScenarioError(f"unknown scenario {selector!r}; known: {', '.join(available(directory))}, or all")
+    return [load_scenario(candidate)]
