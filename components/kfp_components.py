@@ -149,3 +149,17 @@ def register_op(
     version, aliases = register(get_settings(), run_id, model_uri, mlflow_run_id, data_sha, validation, checkpoint)
     outputs = namedtuple("RegisterOutputs", ["version", "aliases"])
     return outputs(version, json.dumps(aliases))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def deploy_op(run_id: str, version: str, aliases: str, enabled: bool) -> str:
+    """Ask the rollout controller to roll the new challenger out (or place a first champion); skips clearly
+    when no platform is running. Returns the outcome as JSON."""
+    import json
+
+    from components.steps import deploy
+    from mlops.settings import get_settings
+
+    if not enabled:
+        return json.dumps({"action": "disabled", "version": version, "reason": "deploy=False"})
+    return json.dumps(deploy(get_settings(), run_id, version, json.loads(aliases)))

@@ -95,7 +95,7 @@ def log_evaluation(settings: Settings, run_id: str, metrics: dict[str, float], r
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
     try:
-        return client.get_model_version_by_alias(name, alias).version
+        return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None  # no registered model, or no such alias yet
 

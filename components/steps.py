@@ -210,3 +210,53 @@ def register(
         "mlops.checkpoint": checkpoint,
     }
     return register_version(settings, model_uri, mlflow_run_id, tags)
+
+
+# --- deploy -----------------------------------------------------------------------------------------
+
+
+def deploy(settings: Settings, run_id: str, version: str, aliases: list[str]) -> dict[str, Any]:
+    """Hand the new version to the platform: a challenger goes to the rollout controller, which brings it to
+    traffic only while the guardrails hold; a first champion (nothing to compare with) is put on the champion
+    slot. With no platform running (no controller or control plane answering), nothing is deployed and the
+    result says so and what to run later: training must not need the serving stack.
+
+    The outcome is recorded as the version's `mlops.deploy` tag, so `mlops run` can report it."""
+    import httpx
+
+    from components.registry import connect
+    from serving.control_plane.tokens import resolve_token
+
+    token = resolve_token(settings)
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        if "champion" in aliases:
+            from serving.control_plane.client import ControlPlaneClient, ControlPlaneUnavailable
+
+            try:
+                with ControlPlaneClient(settings.control_plane_url, token=token) as control:
+                    slot = control.get_policy().champion_slot
+                    control.assign(slot, version)
+                result = {"action": "assigned", "slot": slot, "reason": f"first champion v{version} on slot {slot}"}
+            except ControlPlaneUnavailable as error:
+                raise httpx.ConnectError(str(error)) from None
+        else:
+            body = {"challenger_version": version}
+            response = httpx.post(f"{settings.controller_url}/v1/rollouts", json=body, headers=headers, timeout=60)
+            payload = response.json()
+            if response.status_code >= 400:
+                result = {"action": "refused", "reason": f"controller refused the rollout: {payload.get('error')}"}
+            else:
+                result = {
+                    "action": "rollout_started",
+                    "rollout_id": payload["rollout_id"],
+                    "reason": payload.get("description", ""),
+                }
+    except httpx.HTTPError as error:
+        result = {
+            "action": "skipped",
+            "reason": f"no platform answering ({error}); run `mlops up`, then `mlops rollout start {version}`",
+        }
+    result["version"] = version
+    connect(settings).set_model_version_tag(settings.model_name, version, "mlops.deploy", json.dumps(result))
+    return result

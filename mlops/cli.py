@@ -208,6 +208,8 @@ def _print_run(result: Any, log_path: Path) -> None:
         for name, value in result.metrics.items():
             table.add_row(name, f"{value:.4f}")
         err.print(table)
+        if result.deploy:
+            err.print(f"deploy: [bold]{result.deploy['action']}[/bold]: {result.deploy['reason']}")
     else:
         err.print(f"[red]FAILED[/red] at step [bold]{result.failed_step}[/bold]: {result.reason}")
         err.print(f"full log: {log_path}")
@@ -647,6 +649,67 @@ def _traffic_view(stats: Any, elapsed: float, plan: Any, url: str) -> Any:
     table.add_row(f"sent {stats.sent}  answered {stats.answered}  failed {stats.failed}", variants, statuses)
     table.add_row(f"labels posted {stats.labels_sent} (frauds {stats.frauds_labelled})", f"drift: {plan.drift}", "")
     return table
+
+
+@app.command("scenario")
+def scenario(
+    selector: Annotated[str, typer.Argument(help="a scenario name from scenarios/, a YAML file, or all")],
+    spec: Annotated[str, typer.Option(help="rollout spec for a stack this command starts")] = "fast",
+    keep_stack: Annotated[bool, typer.Option(help="leave a stack this command started running")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Run rollback scenarios against the running stack (starting it if needed); exit 1 if any outcome differs."""
+    import os
+
+    from monitoring.scenarios.spec import ScenarioError, resolve
+
+    try:
+        scenarios = resolve(selector)
+    except ScenarioError as error:
+        raise _fail(str(error)) from None
+    os.environ.setdefault("MLOPS_ROLLOUT_SPEC", spec)  # for a stack started here (its processes inherit it)
+    settings = _settings()
+    settings.ensure_dirs()
+    from monitoring.scenarios.runner import LocalTarget, ScenarioRunner, run_scenarios
+
+    target = LocalTarget(settings, keep=keep_stack)
+    results = []
+    from rich.live import Live
+
+    with Live(console=err, refresh_per_second=4, transient=True) as live:
+
+        def say(line: str) -> None:
+            live.console.print(line)
+
+        runner = ScenarioRunner(settings, target, on_progress=say, on_status=lambda p: live.update(_scenario_view(p)))
+        try:
+            results = run_scenarios(runner, scenarios, on_result=lambda r: say(_result_line(r)))
+        finally:
+            target.release(say)
+    table = Table("scenario", "expected", "outcome", "decided in", "passed", "reason", title="scenarios")
+    for result in results:
+        seconds = f"{result.decision_seconds:.1f}s" if result.decision_seconds is not None else "-"
+        verdict = "[green]yes[/green]" if result.passed else "[red]NO[/red]"
+        table.add_row(result.name, result.expected, result.outcome, seconds, verdict, result.reason[:160])
+    err.print(table)
+    passed = all(result.passed for result in results)
+    if as_json:
+        _emit_json({"scenarios": [r.to_summary() for r in results], "passed": passed})
+    if not passed:
+        raise typer.Exit(1)
+
+
+def _result_line(result: Any) -> str:
+    mark = "[green]passed[/green]" if result.passed else f"[red]FAILED[/red] ({'; '.join(result.failures)})"
+    return f"{result.name}: {result.outcome} — {mark}; {result.reason[:200]}"
+
+
+def _scenario_view(progress: Any) -> Any:
+    traffic = progress.traffic
+    return (
+        f"[bold]{progress.scenario}[/bold]: {progress.stage}; rollout {progress.rollout_status} ({progress.phase}) "
+        f"{progress.elapsed_s:5.1f}s; requests sent {traffic.get('sent', 0)}, failed {traffic.get('failed', 0)}"
+    )
 
 
 def main() -> None:

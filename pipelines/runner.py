@@ -7,6 +7,7 @@ same way on any target: the model version tagged with it in MLflow, or the failu
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import time
@@ -22,7 +23,17 @@ from kfp import compiler
 from mlops.settings import Settings
 from pipelines.training import training_pipeline
 
-PARAMETER_TYPES: dict[str, type] = {
+
+def _boolean(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(raw)
+    return lowered in ("true", "1", "yes")
+
+
+_boolean.__name__ = "bool"
+
+PARAMETER_TYPES: dict[str, Any] = {
     "data_path": str,
     "rows": int,
     "seed": int,
@@ -35,8 +46,9 @@ PARAMETER_TYPES: dict[str, type] = {
     "min_pr_auc": float,
     "max_pr_auc_drop": float,
     "max_ece": float,
+    "deploy": _boolean,
 }
-STEPS = ("ingest", "validate", "drift-check", "train", "evaluate", "register")
+STEPS = ("ingest", "validate", "drift-check", "train", "evaluate", "register", "deploy")
 
 
 class ParameterError(ValueError):
@@ -106,6 +118,7 @@ class RunResult:
     failed_step: str | None = None
     reason: str | None = None
     seconds: float = 0.0
+    deploy: dict[str, Any] | None = None  # what the deploy step did (rollout started, skipped, ...)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,6 +191,8 @@ def outcome(
     version = client.get_model_version(settings.model_name, versions[0].version)  # search omits aliases
     result.model_version = str(version.version)
     result.aliases = sorted(version.aliases)
+    if "mlops.deploy" in version.tags:
+        result.deploy = json.loads(version.tags["mlops.deploy"])
     run = client.get_run(version.run_id)
     result.metrics = {k: round(v, 6) for k, v in sorted(run.data.metrics.items()) if k.startswith("test_")}
     return result

@@ -1,13 +1,22 @@
-"""The training pipeline: ingest → validate → (drift check) → train → evaluate → register.
+"""The training pipeline: ingest → validate → (drift check) → train → evaluate → register → deploy.
 
 Gates are failing steps: `validate` and `evaluate` raise when the data or the model is not good
 enough, KFP stops the run there, and `register` never runs, so nothing reaches the registry. The
-drift check is informational here: it reports, it does not stop the run.
+drift check is informational here: it reports, it does not stop the run. `deploy` hands the new
+version to the rollout controller (a guarded rollout, not a switch), and skips when no platform runs.
 """
 
 from kfp import dsl
 
-from components.kfp_components import drift_check_op, evaluate_op, ingest_op, register_op, train_op, validate_op
+from components.kfp_components import (
+    deploy_op,
+    drift_check_op,
+    evaluate_op,
+    ingest_op,
+    register_op,
+    train_op,
+    validate_op,
+)
 
 PIPELINE_NAME = "card-fraud-training"
 
@@ -27,6 +36,7 @@ def training_pipeline(
     min_pr_auc: float = 0.2,
     max_pr_auc_drop: float = 0.02,
     max_ece: float = 0.05,
+    deploy: bool = True,
 ) -> None:
     ingest = ingest_op(run_id=run_id, data_path=data_path, rows=rows, seed=seed).set_display_name("ingest")
     validate = validate_op(run_id=run_id, data=ingest.outputs["data"], min_rows=min_rows).set_display_name("validate")
@@ -56,7 +66,7 @@ def training_pipeline(
         max_pr_auc_drop=max_pr_auc_drop,
         max_ece=max_ece,
     ).set_display_name("evaluate")
-    register_op(
+    register = register_op(
         run_id=run_id,
         model_uri=train.outputs["model_uri"],
         mlflow_run_id=train.outputs["mlflow_run_id"],
@@ -65,3 +75,9 @@ def training_pipeline(
         checkpoint=train.outputs["checkpoint"],
         pr_auc=evaluate.outputs["Output"],
     ).set_display_name("register")
+    deploy_op(
+        run_id=run_id,
+        version=register.outputs["version"],
+        aliases=register.outputs["aliases"],
+        enabled=deploy,
+    ).set_display_name("deploy")

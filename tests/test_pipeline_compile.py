@@ -14,9 +14,18 @@ def _compiled(tmp_path: Path) -> dict[str, Any]:
     return yaml.safe_load(compile_pipeline(tmp_path / "p.yaml").read_text())
 
 
-def test_pipeline_has_the_six_steps(tmp_path: Path) -> None:
+def test_pipeline_has_the_seven_steps_and_deploy_follows_register(tmp_path: Path) -> None:
     tasks = _compiled(tmp_path)["root"]["dag"]["tasks"]
-    assert set(tasks) == {"ingest-op", "validate-op", "drift-check-op", "train-op", "evaluate-op", "register-op"}
+    assert set(tasks) == {
+        "ingest-op",
+        "validate-op",
+        "drift-check-op",
+        "train-op",
+        "evaluate-op",
+        "register-op",
+        "deploy-op",
+    }
+    assert tasks["deploy-op"]["dependentTasks"] == ["register-op"]
 
 
 def test_training_and_drift_wait_for_validation_and_register_waits_for_the_gate(tmp_path: Path) -> None:

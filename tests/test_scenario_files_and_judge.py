@@ -1,0 +1,163 @@
+"""Scenario files, the verdict on a finished rollout, the traffic plan and the slot's deliberate defects:
+pure code, no stack."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from monitoring.scenarios.judge import Observed, judge, max_challenger_weight, outcome_of
+from monitoring.scenarios.spec import ScenarioError, available, load_scenario, parse_scenario, resolve
+from monitoring.traffic import REQUEST_FIELDS, TrafficPlan, transactions
+from serving.slot import Defect, SlotState, _degrade
+
+PHASES = [
+    {"name": "shadow", "kind": "shadow", "weight": 0.0},
+    {"name": "canary-10", "kind": "canary", "weight": 0.1},
+    {"name": "canary-100", "kind": "canary", "weight": 1.0},
+]
+
+
+def decision(at: float, to_status: str, phase_index: int = 0, reason: str = "r") -> dict:
+    return {"at": at, "from_status": "x", "to_status": to_status, "phase_index": phase_index, "reason": reason}
+
+
+def rolled_back(*decisions: dict, errors: int = 0) -> Observed:
+    return Observed("rolled_back", list(decisions), PHASES, errors)
+
+
+def scenario(outcome: str = "rolled_back", **expect: object) -> object:
+    return parse_scenario({"name": "s", "expect": {"outcome": outcome, **expect}})
+
+
+# --- files ----------------------------------------------------------------------------------------
+
+
+def test_every_shipped_scenario_file_is_valid_and_named_after_its_file() -> None:
+    names = available()
+    assert len(names) >= 8
+    assert [s.name for s in resolve("all")] == names
+    for name in names:
+        assert load_scenario(Path("scenarios") / f"{name}.yaml").name == name
+
+
+def test_a_bad_scenario_names_every_problem_with_its_location() -> None:
+    with pytest.raises(ScenarioError) as error:
+        parse_scenario(
+            {
+                "name": "Bad Name",
+                "challenger": {"defect": {"slowness": 3}},
+                "traffic": {"rps": -1},
+                "expect": {"outcome": "exploded"},
+            }
+        )
+    message = str(error.value)
+    for fragment in ("name", "challenger.defect", "slowness", "traffic.rps", "expect.outcome"):
+        assert fragment in message
+
+
+def test_an_unknown_drift_kind_in_the_traffic_is_refused() -> None:
+    with pytest.raises(ScenarioError, match="unknown drift kind 'sideways'"):
+        parse_scenario({"name": "s", "traffic": {"drift": "sideways"}, "expect": {"outcome": "promoted"}})
+
+
+def test_an_unknown_scenario_name_lists_the_known_ones() -> None:
+    with pytest.raises(ScenarioError, match=r"known: .*healthy-promotion"):
+        resolve("no-such-scenario")
+
+
+def test_a_scenario_file_whose_name_differs_from_the_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "one.yaml"
+    path.write_text("name: two\nexpect: {outcome: promoted}\n")
+    with pytest.raises(ScenarioError, match="must match the file name"):
+        load_scenario(path)
+
+
+# --- verdicts ---------------------------------------------------------------------------------------
+
+
+def test_outcomes_distinguish_a_rollback_before_and_after_promotion() -> None:
+    assert outcome_of("succeeded", [decision(0, "shadow"), decision(9, "promoted_watching")]) == "promoted"
+    assert outcome_of("rolled_back", [decision(0, "shadow"), decision(5, "rolled_back")]) == "rolled_back"
+    after = [decision(0, "shadow"), decision(9, "promoted_watching"), decision(12, "rolled_back")]
+    assert outcome_of("rolled_back", after) == "rolled_back_after_promotion"
+    assert outcome_of("canary", [decision(0, "canary")]).startswith("undecided")
+
+
+def test_the_challengers_largest_live_share_comes_from_the_phases_it_entered() -> None:
+    assert max_challenger_weight([decision(0, "shadow"), decision(3, "rolled_back")], PHASES) == 0.0
+    assert max_challenger_weight([decision(0, "shadow"), decision(3, "canary", 1)], PHASES) == 0.1
+    assert max_challenger_weight([decision(0, "shadow"), decision(9, "promoted_watching", 3)], PHASES) == 1.0
+
+
+def test_a_matching_outcome_within_its_bound_passes_with_the_deciding_reason() -> None:
+    decisions = [decision(100, "shadow"), decision(112.5, "rolled_back", 0, "error-rate failed")]
+    result = judge(scenario(within_s=60, reason_contains="error"), Observed("rolled_back", decisions, PHASES, 0))
+    assert result.passed and result.decision_seconds == 12.5 and result.reason == "error-rate failed"
+
+
+@pytest.mark.parametrize(
+    ("expect", "observed", "complaint"),
+    [
+        ({"outcome": "promoted"}, rolled_back(decision(0, "rolled_back")), "outcome"),
+        ({"within_s": 5}, rolled_back(decision(0, "shadow"), decision(9, "rolled_back")), "9.0s"),
+        ({"max_challenger_weight": 0}, rolled_back(decision(0, "canary", 1), decision(2, "rolled_back")), "10%"),
+        ({}, rolled_back(decision(0, "shadow"), decision(2, "rolled_back"), errors=3), "3 client"),
+        ({"reason_contains": "latency"}, rolled_back(decision(0, "rolled_back", 0, "errors")), "latency"),
+    ],
+)  # fmt: skip
+def test_each_broken_expectation_fails_the_scenario_and_says_which(
+    expect: dict, observed: Observed, complaint: str
+) -> None:
+    result = judge(scenario(**({"outcome": "rolled_back"} | expect)), observed)
+    assert not result.passed
+    assert any(complaint in failure for failure in result.failures), result.failures
+
+
+def test_a_rollout_decided_twice_fails_even_with_the_right_final_outcome() -> None:
+    decisions = [decision(0, "shadow"), decision(5, "promoted_watching"), decision(6, "promoted_watching")]
+    result = judge(scenario("promoted"), Observed("succeeded", decisions, PHASES, 0))
+    assert not result.passed and "decided more than once" in result.failures[0]
+
+
+# --- traffic and defects ------------------------------------------------------------------------------
+
+
+def test_a_traffic_plan_reports_every_bad_value_at_once() -> None:
+    with pytest.raises(ValueError) as error:
+        TrafficPlan(rps=0, duration_s=-1, label_delay_s=-2, drift="sideways", fraud_rate=2)
+    for fragment in ("rps", "duration", "label delay", "drift", "fraud rate"):
+        assert fragment in str(error.value)
+
+
+def test_generated_requests_carry_only_the_request_fields_and_the_true_labels_on_the_side() -> None:
+    stream = transactions(TrafficPlan(rps=50, duration_s=10, fraud_rate=0.2, seed=3))
+    pairs = [next(stream) for _ in range(600)]
+    assert all(set(body) == set(REQUEST_FIELDS) for body, _ in pairs)
+    share = sum(label for _, label in pairs) / len(pairs)
+    assert 0.1 < share < 0.3
+
+
+def test_decorrelated_scores_keep_their_distribution_but_lose_the_link_to_the_request() -> None:
+    random.seed(0)
+    state = SlotState("b")
+    scores = [random.random() for _ in range(2000)]  # requests arrive in no particular order of score
+    degraded = _degrade(state, Defect(decorrelate=1.0), scores)
+    assert abs(sum(degraded) / len(degraded) - sum(scores) / len(scores)) < 0.05
+    assert sum(a == b for a, b in zip(scores, degraded, strict=True)) < 100
+    assert sorted(degraded) != sorted(scores)  # drawn from the recent scores, not a permutation of the input
+
+
+def test_flipped_scores_reverse_the_decision_for_about_their_share() -> None:
+    random.seed(1)
+    degraded = _degrade(SlotState("b"), Defect(flip_share=0.2), [0.05] * 2000)
+    assert 0.15 < sum(s == 0.95 for s in degraded) / 2000 < 0.25
+
+
+def test_a_defect_with_an_unknown_field_or_out_of_range_value_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown defect field"):
+        Defect.from_dict({"slowness": 1})
+    with pytest.raises(ValueError, match="error_rate must be within"):
+        Defect.from_dict({"error_rate": 1.5})

@@ -1,0 +1,52 @@
+"""`mlops scenario all` end to end: the real local stack (MLflow server, control plane, controller, two
+BentoML slots, gateway, supervisor), trained models (Ray Train), real traffic and delayed labels, the fast
+rollout spec. Every scenario must reach its expected outcome within its time bound with no failed client
+request, and the command must stop the stack it started."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mlops.processes import port_is_free
+from monitoring.scenarios.spec import available
+from tests.conftest import run_cli
+from tests.test_stack_commands import stack_env
+
+pytestmark = pytest.mark.slow
+
+EIGHT = {
+    "healthy-promotion",
+    "worse-quality",
+    "latency-regression",
+    "error-spike",
+    "shadow-disagreement",
+    "challenger-crash",
+    "controller-restart",
+    "post-promotion-regression",
+}
+
+
+def test_every_scenario_reaches_its_expected_outcome_and_the_stack_is_stopped_after(
+    cli_env: dict[str, str], home: Path
+) -> None:
+    assert set(available()) >= EIGHT
+    env = {**stack_env(cli_env), "MLOPS_MODEL_NAME": "fraud-scenarios"}
+    result = run_cli(["scenario", "all", "--json"], env, timeout=2400)
+    report = result.json
+    by_name = {s["name"]: s for s in report["scenarios"]}
+    failed = {name: (s["outcome"], s["failures"]) for name, s in by_name.items() if not s["passed"]}
+    assert result.code == 0 and report["passed"], f"{failed}\n{result.stderr[-4000:]}"
+    assert set(by_name) == set(available())
+    for summary in by_name.values():
+        assert summary["outcome"] == summary["expected"]
+        assert summary["decision_seconds"] is not None and summary["reason"]
+    assert by_name["latency-regression"]["reason"].count("latency")
+    assert by_name["post-promotion-regression"]["outcome"] == "rolled_back_after_promotion"
+
+    # The command started the stack, so it stopped it: nothing listens on the stack's ports any more.
+    ports = [int(url.rsplit(":", 1)[1]) for url in (env["MLOPS_CONTROL_PLANE_URL"], env["MLOPS_CONTROLLER_URL"])]
+    ports += [int(env[f"MLOPS_{name}_PORT"]) for name in ("SLOT_A", "SLOT_B", "GATEWAY", "MLFLOW")]
+    assert all(port_is_free(port) for port in ports)
+    assert not any(service["alive"] for service in run_cli(["status", "--json"], env).json["services"])
