@@ -50,3 +50,7 @@ bench: setup
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache
+
+# Cluster (kind) targets: up, down, run, scenario, status, cluster-dry-run. Included last so that `help`
+# stays the default goal and the cluster targets can depend on the venv set-up above.
+include infra/cluster.mk

@@ -7,13 +7,15 @@ benchmarks; `mlops up` builds on it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import httpx
 
 from mlops.processes import (
     ManagedProcess,
+    ProcessFailed,
     free_port,
     mlops_command,
     pid_running,
@@ -161,6 +164,31 @@ def read_state(settings: Any) -> dict[str, dict[str, Any]]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+@contextlib.contextmanager
+def _state_lock(settings: Any) -> Iterator[None]:
+    """`up`, `down` and the supervisor all update state.json: read-modify-write under one file lock, so that
+    none of them writes back a stale copy (a restarted service's new pid must never be lost)."""
+    path = _state_path(settings).with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _update_state(settings: Any, name: str, entry: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    with _state_lock(settings):
+        state = read_state(settings)
+        if entry is None:
+            state.pop(name, None)
+        else:
+            state[name] = entry
+        _write_state(settings, state)
+        return state
+
+
 def _write_state(settings: Any, state: dict[str, dict[str, Any]]) -> None:
     path = _state_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +257,14 @@ def stack_up(settings: Any, on_progress: Any = print) -> list[dict[str, Any]]:
     for spec in stack_services(settings):
         entry = state.get(spec.name)
         url = f"http://127.0.0.1:{spec.port}"
-        if entry and pid_running(entry["pid"]) and _healthy(url + spec.health_path):
+        if entry and pid_running(entry["pid"]):
+            try:  # running: wait for it to be healthy (it may be starting, or restarted by the supervisor)
+                wait_until_ready(None, url + spec.health_path, timeout=60)
+            except ProcessFailed:
+                raise StackError(
+                    f"{spec.name} (pid {entry['pid']}) runs but is not healthy at {url}; see its log "
+                    f"{settings.logs_dir / (spec.name + '.out')}, or `mlops down` and `mlops up` again"
+                ) from None
             on_progress(f"{spec.name}: already running (pid {entry['pid']})")
             continue
         if not port_is_free(spec.port):
@@ -238,8 +273,8 @@ def stack_up(settings: Any, on_progress: Any = print) -> list[dict[str, Any]]:
                 f"choose another port (see `mlops settings`)"
             )
         managed = start_process(spec.name, spec.command, env, settings.logs_dir, cwd=REPO)
-        state[spec.name] = {"pid": managed.pid, "port": spec.port}
-        _write_state(settings, state)  # written per service, so `down` can stop a half-started stack
+        # Recorded at once, so that `down` can stop a half-started stack.
+        _update_state(settings, spec.name, {"pid": managed.pid, "port": spec.port})
         wait_until_ready(managed, url + spec.health_path, timeout=180)
         on_progress(f"{spec.name}: started (pid {managed.pid}) at {url}")
     supervisor = state.get("supervisor")
@@ -251,15 +286,14 @@ def stack_up(settings: Any, on_progress: Any = print) -> list[dict[str, Any]]:
         managed = start_process(
             "supervisor", mlops_command("serve", "supervisor"), own_env, settings.logs_dir, cwd=REPO
         )
-        state["supervisor"] = {"pid": managed.pid}
-        _write_state(settings, state)
+        _update_state(settings, "supervisor", {"pid": managed.pid})
         on_progress(f"supervisor: started (pid {managed.pid}); it restarts services that die")
     return stack_status(settings)
 
 
 def supervise(settings: Any, stop: Callable[[], bool], poll_s: float = 1.0) -> None:
     """Restart stack services that die (a crash, an OOM kill), like a pod's restart policy: after a back-off
-    that doubles from 1 s up to 30 s, and not more than MAX_RESTARTS times in RESTART_WINDOW_S (then the
+    that doubles from 0.5 s up to 30 s, and not more than MAX_RESTARTS times in RESTART_WINDOW_S (then the
     service is marked `gave_up` with its last log lines, and `mlops status` shows it down).
 
     `mlops down` stops the supervisor first, so a stopped stack is never restarted behind its back."""
@@ -286,25 +320,26 @@ def supervise(settings: Any, stop: Callable[[], bool], poll_s: float = 1.0) -> N
                 entry.update(pid=managed.pid, restarts=entry.get("restarts", 0) + 1, restart_times=[*recent, now])
                 log.warning("%s died; restarted as pid %s (restart %s)", name, managed.pid, entry["restarts"])
             dead_since.pop(name, None)
-            latest = read_state(settings)  # `down` may have run meanwhile: never resurrect a stopped stack
+            with _state_lock(settings):
+                latest = read_state(settings)  # `down` may have run meanwhile: never resurrect a stopped stack
+                if "supervisor" in latest:
+                    latest[name] = entry
+                    _write_state(settings, latest)
             if "supervisor" not in latest:
                 if not entry.get("gave_up"):
                     stop_pid(entry["pid"])
                 return
-            latest[name] = entry
-            _write_state(settings, latest)
         time.sleep(poll_s)
 
 
 def stack_down(settings: Any, on_progress: Any = print) -> list[str]:
     """Stop exactly the processes `up` started (recorded in MLOPS_HOME/stack/state.json)."""
-    state = read_state(settings)
     stopped = []
-    for name in reversed(STACK_ORDER):
-        entry = state.pop(name, None)
+    for name in reversed(STACK_ORDER):  # the supervisor first: nothing is restarted behind our back
+        entry = read_state(settings).get(name)
+        _update_state(settings, name, None)
         if entry and pid_running(entry["pid"]):
             stop_pid(entry["pid"])
             stopped.append(name)
             on_progress(f"{name}: stopped (pid {entry['pid']})")
-    _write_state(settings, state)
     return stopped

@@ -243,5 +243,11 @@ def test_the_controller_process_takes_commands_from_the_cli(world: dict, tmp_pat
         history = json.loads(cli("rollout", "history", "--json").stdout.splitlines()[-1])
         assert history["decisions"][-1]["reason"].endswith("operator said no")
         assert world["control"].get_policy().weights[world["control"].get_policy().champion_slot] == 1.0
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text  # what Prometheus scrapes
+        rollout_id = status["rollout_id"]
+        assert f'mlops_rollout_info{{rollout_id="{rollout_id}",status="aborted"' in metrics
+        assert f'challenger_version="{world["versions"]["v2"]}"' in metrics
+        assert 'mlops_rollout_decisions_total{outcome="aborted"}' in metrics
+        assert "mlops_rollout_challenger_weight 0.0" in metrics
     finally:
         stop_process(controller)

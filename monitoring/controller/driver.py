@@ -101,6 +101,7 @@ class Controller:
     slot_ready_timeout_s: float = 60.0
     decision_threshold: float = 0.5
     _slot_down: set[str] = field(default_factory=set)
+    last_analysis: Any = None  # the latest AnalysisResult, exported as metrics (`/metrics`)
 
     # --- commands (API / CLI) ------------------------------------------------------------------
 
@@ -159,6 +160,7 @@ class Controller:
         if now <= since:
             return Tick(at=now)
         result = analyse(self.spec, kind, state.phase_index, self.log_dir, since, now, self.decision_threshold)
+        self.last_analysis = result
         return Analysis(result=result)
 
     def _slot_event(self, plan: RolloutPlan, state: RolloutState, now: float) -> SlotDown | None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from monitoring.controller.driver import Controller
@@ -124,6 +124,10 @@ def create_controller_app(controller: Controller, token: str, run_loop: bool = T
 
         return handler
 
+    async def metrics(_: Request) -> Response:
+        text = await asyncio.to_thread(rollout_metrics, controller)
+        return Response(text, media_type="text/plain; version=0.0.4")
+
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "alive", "holder": controller.holder})
 
@@ -160,8 +164,52 @@ def create_controller_app(controller: Controller, token: str, run_loop: bool = T
             Route("/v1/rollouts/{rollout_id}/decisions", decisions),
             Route("/v1/rollouts/{rollout_id}/promote", manual("promote"), methods=["POST"]),
             Route("/v1/rollouts/{rollout_id}/abort", manual("abort"), methods=["POST"]),
+            Route("/metrics", metrics),
             Route("/healthz", healthz),
             Route("/readyz", healthz),
         ],
         lifespan=lifespan,
     )
+
+
+VERDICT_VALUE = {"pass": 1.0, "inconclusive": 0.0, "fail": -1.0}
+OUTCOMES = {"succeeded": "promoted", "rolled_back": "rolled_back", "aborted": "aborted"}
+
+
+def rollout_metrics(controller: Controller) -> bytes:
+    """Prometheus text for the dashboards and alert rules: the latest rollout's phase and weight, the latest
+    analysis's guardrail values and verdicts, and decisions by outcome. Built from the store at scrape time,
+    so a restarted controller exports the same figures."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+    registry = CollectorRegistry()
+    info = Gauge("mlops_rollout_info", "The latest rollout (value 1)", ["rollout_id", "status", "phase",
+                 "challenger_version", "champion_version"], registry=registry)  # fmt: skip
+    phase_index = Gauge("mlops_rollout_phase_index", "Phase index of the latest rollout", registry=registry)
+    weight = Gauge("mlops_rollout_challenger_weight", "Live traffic share of the challenger", registry=registry)
+    value = Gauge("mlops_guardrail_value", "Latest guardrail value", ["guardrail", "variant"], registry=registry)
+    verdict = Gauge("mlops_guardrail_verdict", "1 pass, 0 inconclusive, -1 fail", ["guardrail"], registry=registry)
+    decisions = Counter("mlops_rollout_decisions", "Finished rollouts by outcome", ["outcome"], registry=registry)
+    rollouts = controller.store.list_rollouts(200, controller.model_name)
+    for row in rollouts:
+        if row["status"] in OUTCOMES:
+            decisions.labels(OUTCOMES[row["status"]]).inc()
+    if rollouts:
+        plan, state, _ = controller.store.get(rollouts[0]["rollout_id"])
+        phase = plan.phases[state.phase_index] if state.phase_index < len(plan.phases) else None
+        info.labels(
+            plan.rollout_id, state.status, phase.name if phase else "watch", plan.challenger_version,
+            plan.champion_version,
+        ).set(1)  # fmt: skip
+        phase_index.set(state.phase_index)
+        live = state.status == "canary" and phase is not None
+        weight.set(phase.weight if live else (1.0 if state.status in ("promoted_watching", "succeeded") else 0.0))
+    result = controller.last_analysis
+    if result is not None:
+        for name, values in result.values.items():
+            verdict.labels(name).set(VERDICT_VALUE.get(values.get("verdict"), 0.0))
+            if values.get("value") is not None:
+                value.labels(name, "challenger").set(values["value"])
+            if values.get("baseline") is not None:
+                value.labels(name, "champion").set(values["baseline"])
+    return generate_latest(registry)

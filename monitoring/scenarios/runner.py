@@ -50,7 +50,8 @@ class LocalTarget:
     def ensure_up(self, on_progress: Callable[[str], None]) -> None:
         from mlops.local_stack import stack_status, stack_up
 
-        if all(row["healthy"] for row in stack_status(self.settings)):
+        rows = {row["name"]: row for row in stack_status(self.settings)}
+        if rows["supervisor"]["alive"]:  # a stack is up; a service restarting is the supervisor's business
             on_progress("using the running local stack")
             return
         on_progress("starting the local stack (mlops up)")

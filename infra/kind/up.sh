@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# `make up`: the platform on a local kind cluster. Idempotent: a second run creates nothing twice,
+# rebuilds and reloads the image, and upgrades the releases in place.
+#
+#   1. prerequisites: docker (daemon reachable), kind, kubectl, helm; enough free memory
+#   2. inotify limits KFP's pods need (set when root, else the command to run is printed)
+#   3. the kind cluster from infra/kind/cluster.yaml (created if absent)
+#   4. the project image, built and loaded into the cluster's nodes
+#   5. KubeRay operator (upstream helm chart, pinned)
+#   6. Kubeflow Pipelines 2.17.0 standalone (platform-agnostic manifests) + a NodePort for its UI
+#   7. the platform chart (infra/helm/mlops-platform), then waits for every rollout
+#
+# DRY_RUN=1 prints the actions instead of running them. Settings: see infra/kind/lib.sh.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+log "prerequisites"
+require_tools docker kind kubectl helm
+require_docker_daemon
+
+log "inotify limits (KFP's pods watch many files)"
+if [[ "$(uname -s)" == "Linux" ]]; then
+	for setting in fs.inotify.max_user_watches=524288 fs.inotify.max_user_instances=512; do
+		key="${setting%%=*}"
+		want="${setting#*=}"
+		have="$(cat "/proc/sys/${key//.//}" 2>/dev/null || echo 0)"
+		if ((have >= want)); then
+			continue
+		elif [[ "$(id -u)" == "0" ]]; then
+			run sysctl -w "$key=$want"
+		else
+			warn "$key is $have, KFP needs $want; run: sudo sysctl -w $key=$want (and add it to /etc/sysctl.d/ to keep it)"
+		fi
+	done
+else
+	log "not Linux: the limits live in Docker's VM (Docker Desktop's defaults are high enough)"
+fi
+
+log "kind cluster '$CLUSTER_NAME'"
+if cluster_exists; then
+	log "cluster '$CLUSTER_NAME' exists: reusing it"
+else
+	require_memory
+	run "$KIND" create cluster --name "$CLUSTER_NAME" --config "$KIND_CONFIG" --wait 180s
+fi
+
+log "project image $IMAGE"
+run "$DOCKER" build -t "$IMAGE" .
+run "$KIND" load docker-image "$IMAGE" --name "$CLUSTER_NAME"
+# The tag stays the same across rebuilds; the image id, passed to the chart as a pod annotation,
+# makes a rebuilt image roll the Deployments.
+if dry_run; then
+	image_id="<image id of $IMAGE>"
+else
+	image_id="$("$DOCKER" image inspect --format '{{.Id}}' "$IMAGE")"
+fi
+
+log "KubeRay operator (chart $KUBERAY_CHART_VERSION)"
+h upgrade --install kuberay-operator kuberay-operator \
+	--repo "$KUBERAY_HELM_REPO" --version "$KUBERAY_CHART_VERSION" \
+	--namespace "$KUBERAY_NAMESPACE" --create-namespace --wait --timeout 10m
+
+log "Kubeflow Pipelines $KFP_VERSION (standalone, platform-agnostic)"
+k apply -k "$KFP_MANIFESTS/cluster-scoped-resources?ref=$KFP_VERSION"
+k wait --for condition=established --timeout=120s crd/applications.app.k8s.io
+k apply -k "$KFP_MANIFESTS/env/platform-agnostic?ref=$KFP_VERSION"
+# The UI on a NodePort, mapped to localhost:8888 by cluster.yaml (the upstream Service is ClusterIP).
+run_with_input "apiVersion: v1
+kind: Service
+metadata:
+  name: ml-pipeline-ui-nodeport
+  namespace: $KFP_NAMESPACE
+  labels:
+    app.kubernetes.io/managed-by: mlops-template-up-sh
+spec:
+  type: NodePort
+  selector:
+    app: ml-pipeline-ui
+  ports:
+    - name: http
+      port: 80
+      targetPort: 3000
+      nodePort: 30888" "$KUBECTL" --context "$KUBE_CONTEXT" apply -f -
+# KFP's pods restart a few times while MySQL and SeaweedFS come up: that is expected.
+k -n "$KFP_NAMESPACE" wait --for=condition=Available deployment --all --timeout=20m
+
+log "platform chart $CHART_DIR -> namespace $PLATFORM_NAMESPACE"
+h upgrade --install "$HELM_RELEASE" "$CHART_DIR" \
+	--namespace "$PLATFORM_NAMESPACE" --create-namespace \
+	--set-string "image.repository=${IMAGE%:*}" \
+	--set-string "image.tag=${IMAGE##*:}" \
+	--set-string "image.buildId=$image_id" \
+	--set-string "kfp.namespace=$KFP_NAMESPACE" \
+	--set-string "networkPolicy.rayOperatorNamespace=$KUBERAY_NAMESPACE" \
+	${HELM_EXTRA_ARGS:-} \
+	--wait --timeout 15m
+
+log "rollouts"
+k -n "$PLATFORM_NAMESPACE" rollout status statefulset/postgres --timeout=10m
+k -n "$PLATFORM_NAMESPACE" wait --for=condition=Available deployment --all --timeout=10m
+
+if dry_run; then
+	log "dry run: nothing was changed"
+	exit 0
+fi
+cat <<EOF
+
+The platform is up (kind cluster '$CLUSTER_NAME', namespace '$PLATFORM_NAMESPACE'):
+  gateway    $GATEWAY_URL/v1/score   (health: $GATEWAY_URL/healthz)
+  MLflow     $MLFLOW_URL
+  KFP UI     $KFP_UI_URL   (or: kubectl -n $KFP_NAMESPACE port-forward svc/ml-pipeline-ui 8888:80)
+  Grafana    $GRAFANA_URL   (user admin; password: kubectl --context $KUBE_CONTEXT -n $PLATFORM_NAMESPACE get secret $SECRET_NAME -o jsonpath='{.data.grafana-admin-password}' | base64 -d)
+Next: make run   (a training pipeline run on KFP)   |   make scenario NAME=worse-quality   |   make status
+EOF
