@@ -102,7 +102,7 @@ def stop_pid(pid: int, timeout: float = 20.0, process: subprocess.Popen[bytes] |
         return process.poll() if process else None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (process.poll() is not None) if process is not None else not _pid_alive(pid):
+        if (process.poll() is not None) if process is not None else not pid_running(pid):
             break
         time.sleep(0.1)
     else:
@@ -155,13 +155,3 @@ def pid_running(pid: int | None) -> bool:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
     return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -20,8 +20,8 @@ PHASES = [
 ]
 
 
-def decision(at: float, to_status: str, phase_index: int = 0, reason: str = "r") -> dict:
-    return {"at": at, "from_status": "x", "to_status": to_status, "phase_index": phase_index, "reason": reason}
+def decision(at: float, to_status: str, phase_index: int = 0, reason: str = "r", from_status: str = "x") -> dict:
+    return {"at": at, "from_status": from_status, "to_status": to_status, "phase_index": phase_index, "reason": reason}
 
 
 def rolled_back(*decisions: dict, errors: int = 0) -> Observed:
@@ -114,6 +114,18 @@ def test_each_broken_expectation_fails_the_scenario_and_says_which(
     result = judge(scenario(**({"outcome": "rolled_back"} | expect)), observed)
     assert not result.passed
     assert any(complaint in failure for failure in result.failures), result.failures
+
+
+def test_a_failed_analysis_during_the_watch_is_not_a_second_promotion() -> None:
+    decisions = [
+        decision(0, "shadow"),
+        decision(9, "promoted_watching", 3),
+        decision(11, "promoted_watching", 3, "latency-p99 failed (1/2)", from_status="promoted_watching"),
+        decision(12, "rolled_back", 3, "latency-p99 failed (2/2)", from_status="promoted_watching"),
+    ]
+    result = judge(scenario("rolled_back_after_promotion"), Observed("rolled_back", decisions, PHASES, 0))
+    assert result.passed, result.failures
+    assert result.details["promotions"] == 1 and result.decision_seconds == 12
 
 
 def test_a_rollout_decided_twice_fails_even_with_the_right_final_outcome() -> None:

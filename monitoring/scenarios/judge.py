@@ -40,9 +40,14 @@ class ScenarioResult:
         return {k: v for k, v in asdict(self).items() if k in keys}
 
 
+def is_promotion(decision: dict[str, Any]) -> bool:
+    """Entering the watch; a failed analysis during the watch is recorded as promoted_watching -> same, too."""
+    return decision["to_status"] == PROMOTED and decision["from_status"] != PROMOTED
+
+
 def outcome_of(status: str, decisions: list[dict[str, Any]]) -> str:
     """promoted | rolled_back | rolled_back_after_promotion | aborted | the status itself when undecided."""
-    promoted = any(d["to_status"] == PROMOTED for d in decisions)
+    promoted = any(is_promotion(d) for d in decisions)
     if status == "succeeded":
         return "promoted"
     if status in ROLLED_BACK:
@@ -53,8 +58,9 @@ def outcome_of(status: str, decisions: list[dict[str, Any]]) -> str:
 
 def deciding(decisions: list[dict[str, Any]], outcome: str) -> dict[str, Any] | None:
     """The decision that settled the outcome: the promotion, or the roll-back."""
-    wanted = (PROMOTED,) if outcome == "promoted" else ROLLED_BACK
-    return next((d for d in decisions if d["to_status"] in wanted), None)
+    if outcome == "promoted":
+        return next((d for d in decisions if is_promotion(d)), None)
+    return next((d for d in decisions if d["to_status"] in ROLLED_BACK), None)
 
 
 def decision_seconds(decisions: list[dict[str, Any]], outcome: str) -> float | None:
@@ -69,16 +75,11 @@ def max_challenger_weight(decisions: list[dict[str, Any]], phases: list[dict[str
     """The largest share of live traffic the challenger was given (1.0 once promoted; shadow gives none)."""
     weight = 0.0
     for decision in decisions:
-        if decision["to_status"] == PROMOTED:
+        if is_promotion(decision):
             weight = 1.0
         elif decision["to_status"] == "canary" and 0 <= decision["phase_index"] < len(phases):
             weight = max(weight, float(phases[decision["phase_index"]].get("weight") or 0.0))
     return weight
-
-
-def terminal_decisions(decisions: list[dict[str, Any]]) -> int:
-    """Promotions plus roll-backs: a rollout must take exactly one of the first and at most one of the second."""
-    return sum(d["to_status"] in (PROMOTED, *ROLLED_BACK) for d in decisions)
 
 
 def judge(scenario: Scenario, observed: Observed) -> ScenarioResult:
@@ -103,7 +104,7 @@ def judge(scenario: Scenario, observed: Observed) -> ScenarioResult:
         )
     if expect.reason_contains and expect.reason_contains.lower() not in reason.lower():
         failures.append(f"decision reason does not mention {expect.reason_contains!r}: {reason}")
-    promotions = sum(d["to_status"] == PROMOTED for d in observed.decisions)
+    promotions = sum(is_promotion(d) for d in observed.decisions)
     rollbacks = sum(d["to_status"] in ROLLED_BACK for d in observed.decisions)
     if promotions > 1 or rollbacks > 1:
         failures.append(f"decided more than once: {promotions} promotion(s), {rollbacks} roll-back(s)")
