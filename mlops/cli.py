@@ -501,6 +501,20 @@ def serve_controller(
     serve(settings, host, port or urlsplit(settings.controller_url).port or 8730)
 
 
+@serve_app.command("drift-monitor")
+def serve_drift_monitor(
+    port: Annotated[int | None, typer.Option(help="default: from MLOPS_DRIFT_MONITOR_URL")] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+) -> None:
+    """The drift monitor: Evidently over prediction-log windows, metrics, reports, retraining runs."""
+    from urllib.parse import urlsplit
+
+    from monitoring.drift_monitor import serve
+
+    settings = _settings()
+    serve(settings, host, port or urlsplit(settings.drift_monitor_url).port or 8740)
+
+
 @serve_app.command("supervisor", hidden=True)
 def serve_supervisor() -> None:
     """Restart local-stack services that die (started by `mlops up`, stopped first by `mlops down`)."""
@@ -651,6 +665,35 @@ def _traffic_view(stats: Any, elapsed: float, plan: Any, url: str) -> Any:
     return table
 
 
+@app.command("demo")
+def demo(
+    rows: Annotated[int, typer.Option(min=2_000, max=1_000_000, help="rows per training run")] = 20_000,
+    keep_stack: Annotated[bool, typer.Option(help="leave a stack this command started running")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The whole life cycle: stack up, champion, challenger rollout under traffic, a rollback, one report."""
+    from mlops.demo import demo_environment, run_demo
+
+    demo_environment()
+    settings = _settings()
+    settings.ensure_dirs()
+    with err.status("starting") as spinner:
+
+        def say(line: str) -> None:
+            err.print(line)
+
+        record = run_demo(settings, rows, keep_stack, say, lambda text: spinner.update(text[:150]))
+    table = Table("step", "what happened", "outcome", "seconds", title=f"demo: {record['duration_s']} s")
+    for row in record["summary"]:
+        table.add_row(row["step"], row["what"], row["outcome"], str(row["seconds"]))
+    err.print(table)
+    err.print(
+        f"report: [bold]{record['report']}[/bold]" + (f"  picture: {record['picture']}" if record["picture"] else "")
+    )
+    if as_json:
+        _emit_json({k: record[k] for k in ("summary", "report", "picture", "duration_s")})
+
+
 @app.command("scenario")
 def scenario(
     selector: Annotated[str, typer.Argument(help="a scenario name from scenarios/, a YAML file, or all")],
@@ -659,15 +702,31 @@ def scenario(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Run rollback scenarios against the running stack (starting it if needed); exit 1 if any outcome differs."""
+    import logging
     import os
 
     from monitoring.scenarios.spec import ScenarioError, resolve
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
 
     try:
         scenarios = resolve(selector)
     except ScenarioError as error:
         raise _fail(str(error)) from None
-    os.environ.setdefault("MLOPS_ROLLOUT_SPEC", spec)  # for a stack started here (its processes inherit it)
+    # For a stack started here (its processes inherit these): the rollout and the drift monitor compressed to
+    # seconds, as the scenarios' time bounds assume. A running stack keeps its own settings.
+    for name, value in {
+        "MLOPS_ROLLOUT_SPEC": spec,
+        "MLOPS_DRIFT_INTERVAL_S": "10",
+        "MLOPS_DRIFT_WINDOW_S": "30",
+        "MLOPS_DRIFT_MIN_ROWS": "1000",
+        "MLOPS_RETRAIN_WINDOW_S": "90",
+        "MLOPS_RETRAIN_COOLDOWN_S": "900",
+        "MLOPS_RETRAIN_EPOCHS": "3",
+        "MLOPS_TRAIN_WORKERS": "1",
+    }.items():
+        os.environ.setdefault(name, value)
     settings = _settings()
     settings.ensure_dirs()
     from monitoring.scenarios.runner import LocalTarget, ScenarioRunner, run_scenarios

@@ -98,7 +98,7 @@ class LocalStack:
 
 # --- `mlops up` / `mlops status` / `mlops down`: the stack on the configured ports, detached ----------
 
-STACK_ORDER = ("mlflow", "control-plane", "controller", "slot-a", "slot-b", "gateway", "supervisor")
+STACK_ORDER = ("mlflow", "control-plane", "controller", "slot-a", "slot-b", "gateway", "drift-monitor", "supervisor")
 RESTART_WINDOW_S = 120.0  # a service restarted more than MAX_RESTARTS times within this window is given up on
 MAX_RESTARTS = 5
 
@@ -117,6 +117,7 @@ def stack_services(settings: Any) -> list[ServiceSpec]:
 
     cp_port = urlsplit(settings.control_plane_url).port or 8700
     controller_port = urlsplit(settings.controller_url).port or 8730
+    drift_port = urlsplit(settings.drift_monitor_url).port or 8740
     mlflow = [
         sys.executable,
         "-m",
@@ -140,6 +141,7 @@ def stack_services(settings: Any) -> list[ServiceSpec]:
         ServiceSpec("slot-a", settings.slot_a_port, mlops_command("serve", "slot", "--slot", "a"), "/healthz"),
         ServiceSpec("slot-b", settings.slot_b_port, mlops_command("serve", "slot", "--slot", "b"), "/healthz"),
         ServiceSpec("gateway", settings.gateway_port, mlops_command("serve", "gateway"), "/healthz"),
+        ServiceSpec("drift-monitor", drift_port, mlops_command("serve", "drift-monitor"), "/healthz"),
     ]
 
 

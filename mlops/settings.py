@@ -76,6 +76,17 @@ class Settings(BaseSettings):
     controller_url: str = Field("http://127.0.0.1:8730", description="rollout controller API base URL")
     rollout_spec: str = Field("default", description="rollout spec: default, fast, or a YAML file path")
 
+    # Drift monitor: Evidently over sliding windows of the prediction log, retraining when drift crosses the line.
+    drift_monitor_url: str = Field("http://127.0.0.1:8740", description="drift monitor API and metrics base URL")
+    drift_interval_s: float = Field(60, gt=0, le=86_400, description="seconds between drift checks")
+    drift_window_s: float = Field(600, gt=0, le=30 * 86_400, description="prediction-log window each check compares")
+    drift_min_rows: int = Field(1_000, ge=50, le=10_000_000, description="rows a window needs to be checked")
+    drift_share_threshold: float = Field(0.5, gt=0, le=1, description="share of drifted features that is drift")
+    retrain_enabled: bool = Field(True, description="submit a retraining run when drift is detected")
+    retrain_window_s: float = Field(3_600, gt=0, le=90 * 86_400, description="recent labelled data to retrain on")
+    retrain_cooldown_s: float = Field(1_800, ge=0, le=30 * 86_400, description="quiet time after a retraining run")
+    retrain_epochs: int = Field(4, ge=1, le=200, description="epochs of a drift-triggered retraining run")
+
     # Cluster target (issue: kind).
     kfp_host: str = Field("http://localhost:8888", description="KFP API endpoint")
     image: str = Field("mlops-template:0.1.0", description="project image for cluster components")

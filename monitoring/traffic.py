@@ -27,7 +27,10 @@ from mlops.schema import FEATURES, LABEL
 from mlops.synthetic import DRIFT_KINDS, generate_transactions
 
 REQUEST_FIELDS = ("account_id", *FEATURES)
-CHUNK_SECONDS = 10  # transactions are generated this many seconds ahead, not all at once
+CHUNK_SECONDS = 10  # transactions are generated this many seconds ahead, not all at once...
+# ...but never fewer than this many: the generator draws ~rows/25 accounts per call, and a small call's few
+# accounts would make clean traffic look drifted (account age, home country) next to the training data.
+MIN_CHUNK_ROWS = 20_000
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ class TrafficStats:
 def transactions(plan: TrafficPlan) -> Iterator[tuple[dict[str, Any], int]]:
     """(request body, true label) pairs, generated a chunk at a time; ids are left to the gateway so that
     repeated runs never reuse one."""
-    chunk_rows = max(100, int(plan.rps * CHUNK_SECONDS))
+    chunk_rows = max(MIN_CHUNK_ROWS, int(plan.rps * CHUNK_SECONDS))
     chunk = 0
     while True:
         frame = generate_transactions(

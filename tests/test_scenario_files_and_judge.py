@@ -38,7 +38,9 @@ def scenario(outcome: str = "rolled_back", **expect: object) -> object:
 def test_every_shipped_scenario_file_is_valid_and_named_after_its_file() -> None:
     names = available()
     assert len(names) >= 8
-    assert [s.name for s in resolve("all")] == names
+    ordered = [s.name for s in resolve("all")]
+    assert sorted(ordered) == names
+    assert ordered[-2:] == ["no-drift", "drift-retrain"]  # clean traffic first, the retrained champion last
     for name in names:
         assert load_scenario(Path("scenarios") / f"{name}.yaml").name == name
 
@@ -126,6 +128,17 @@ def test_a_failed_analysis_during_the_watch_is_not_a_second_promotion() -> None:
     result = judge(scenario("rolled_back_after_promotion"), Observed("rolled_back", decisions, PHASES, 0))
     assert result.passed, result.failures
     assert result.details["promotions"] == 1 and result.decision_seconds == 12
+
+
+def test_decided_accepts_any_decision_and_none_needs_no_rollout_and_no_retraining() -> None:
+    decided = parse_scenario({"name": "d", "expect": {"outcome": "decided", "retrain": True}})
+    rolled = Observed("rolled_back", [decision(0, "shadow"), decision(5, "rolled_back")], PHASES, 0, retrains=1)
+    assert judge(decided, rolled).passed
+    assert not judge(decided, Observed("none", [], [], 0, retrains=0)).passed  # no retraining, no decision
+    quiet = parse_scenario({"name": "q", "expect": {"outcome": "none", "retrain": False}})
+    assert judge(quiet, Observed("none", [], [], 0, retrains=0)).passed
+    noisy = judge(quiet, Observed("none", [], [], 0, retrains=1))
+    assert not noisy.passed and "1 retraining run(s) submitted, expected none" in noisy.failures
 
 
 def test_a_rollout_decided_twice_fails_even_with_the_right_final_outcome() -> None:

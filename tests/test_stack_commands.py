@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def stack_env(cli_env: dict[str, str]) -> dict[str, str]:
-    ports = {name: free_port() for name in ("cp", "ctl", "a", "b", "gw", "mlflow")}
+    ports = {name: free_port() for name in ("cp", "ctl", "a", "b", "gw", "mlflow", "drift")}
     return {
         **cli_env,
         "MLOPS_CONTROL_PLANE_URL": f"http://127.0.0.1:{ports['cp']}",
@@ -25,6 +25,7 @@ def stack_env(cli_env: dict[str, str]) -> dict[str, str]:
         "MLOPS_SLOT_B_PORT": str(ports["b"]),
         "MLOPS_GATEWAY_PORT": str(ports["gw"]),
         "MLOPS_MLFLOW_PORT": str(ports["mlflow"]),
+        "MLOPS_DRIFT_MONITOR_URL": f"http://127.0.0.1:{ports['drift']}",
     }
 
 
@@ -49,9 +50,18 @@ def test_up_twice_is_a_no_op_a_dead_service_is_restarted_and_down_stops_exactly_
         status = run_cli(["status", "--json"], env).json
         assert status["healthy"], status
         pids = {s["name"]: s["pid"] for s in status["services"]}
-        assert set(pids) == {"mlflow", "control-plane", "controller", "slot-a", "slot-b", "gateway", "supervisor"}
+        assert set(pids) == {
+            "mlflow",
+            "control-plane",
+            "controller",
+            "slot-a",
+            "slot-b",
+            "gateway",
+            "drift-monitor",
+            "supervisor",
+        }
         second = run_cli(["up"], env, timeout=120)
-        assert second.code == 0 and second.stderr.count("already running") == 7
+        assert second.code == 0 and second.stderr.count("already running") == 8
         assert {s["name"]: s["pid"] for s in run_cli(["status", "--json"], env).json["services"]} == pids
         assert (home / "logs" / "gateway.out").exists()
 

@@ -4,6 +4,8 @@ GET  /v1/rollouts                     recent rollouts
 GET  /v1/rollouts/active              the active rollout of the model (404 if none)
 GET  /v1/rollouts/{id}                plan, state, one-line description
 GET  /v1/rollouts/{id}/decisions      every decision with the metric values behind it
+GET  /v1/analysis                     the latest analysis (guardrail values and verdicts) of this controller
+GET  /metrics                         Prometheus: rollout phase and weight, guardrail values, decisions
 POST /v1/rollouts                     {"challenger_version": "7"}         (bearer token)
 POST /v1/rollouts/{id}/promote|abort  {"reason": "..."}                   (bearer token)
 """
@@ -124,6 +126,12 @@ def create_controller_app(controller: Controller, token: str, run_loop: bool = T
 
         return handler
 
+    async def analysis(_: Request) -> JSONResponse:
+        result = controller.last_analysis
+        if result is None:
+            return JSONResponse({"error": "no analysis yet", "field": None}, 404)
+        return JSONResponse(result.to_dict())
+
     async def metrics(_: Request) -> Response:
         text = await asyncio.to_thread(rollout_metrics, controller)
         return Response(text, media_type="text/plain; version=0.0.4")
@@ -164,6 +172,7 @@ def create_controller_app(controller: Controller, token: str, run_loop: bool = T
             Route("/v1/rollouts/{rollout_id}/decisions", decisions),
             Route("/v1/rollouts/{rollout_id}/promote", manual("promote"), methods=["POST"]),
             Route("/v1/rollouts/{rollout_id}/abort", manual("abort"), methods=["POST"]),
+            Route("/v1/analysis", analysis),
             Route("/metrics", metrics),
             Route("/healthz", healthz),
             Route("/readyz", healthz),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from monitoring.scenarios.spec import Scenario
+from monitoring.scenarios.spec import DECIDED, Scenario
 
 PROMOTED = "promoted_watching"
 ROLLED_BACK = ("rolled_back", "aborted")
@@ -21,6 +21,8 @@ class Observed:
     phases: list[dict[str, Any]]  # the plan's phases: name, kind, weight
     client_errors: int
     traffic: dict[str, Any] = field(default_factory=dict)
+    retrains: int = 0  # retraining runs the drift monitor submitted during the scenario
+    started_at: float | None = None  # the scenario's start, when it is not the rollout's (drift scenarios)
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,12 @@ def deciding(decisions: list[dict[str, Any]], outcome: str) -> dict[str, Any] | 
     return next((d for d in decisions if d["to_status"] in ROLLED_BACK), None)
 
 
-def decision_seconds(decisions: list[dict[str, Any]], outcome: str) -> float | None:
-    """Seconds from the rollout's start (its first decision) to the deciding one."""
+def decision_seconds(decisions: list[dict[str, Any]], outcome: str, start: float | None = None) -> float | None:
+    """Seconds from the start (default: the rollout's first decision) to the deciding one."""
     decision = deciding(decisions, outcome)
     if decision is None or not decisions:
         return None
-    return round(decision["at"] - decisions[0]["at"], 2)
+    return round(decision["at"] - (decisions[0]["at"] if start is None else start), 2)
 
 
 def max_challenger_weight(decisions: list[dict[str, Any]], phases: list[dict[str, Any]]) -> float:
@@ -85,13 +87,19 @@ def max_challenger_weight(decisions: list[dict[str, Any]], phases: list[dict[str
 def judge(scenario: Scenario, observed: Observed) -> ScenarioResult:
     expect = scenario.expect
     outcome = outcome_of(observed.status, observed.decisions)
-    seconds = decision_seconds(observed.decisions, outcome)
+    seconds = decision_seconds(observed.decisions, outcome, observed.started_at)
     decision = deciding(observed.decisions, outcome)
     reason = decision["reason"] if decision else f"no decision; last status {observed.status}"
     weight = max_challenger_weight(observed.decisions, observed.phases)
+    if not observed.decisions and observed.status == "none":
+        outcome, reason = "none", "no rollout started"
     failures = []
-    if outcome != expect.outcome:
+    matches = outcome in DECIDED if expect.outcome == "decided" else outcome == expect.outcome
+    if not matches:
         failures.append(f"outcome {outcome}, expected {expect.outcome}")
+    if expect.retrain is not None and (observed.retrains > 0) != expect.retrain:
+        wanted = "some" if expect.retrain else "none"
+        failures.append(f"{observed.retrains} retraining run(s) submitted, expected {wanted}")
     if seconds is not None and seconds > expect.within_s:
         failures.append(f"decided after {seconds:.1f}s, expected within {expect.within_s:g}s")
     if expect.max_challenger_weight is not None and weight > expect.max_challenger_weight:
@@ -114,5 +122,6 @@ def judge(scenario: Scenario, observed: Observed) -> ScenarioResult:
         "rollbacks": rollbacks,
         "final_status": observed.status,
         "traffic": observed.traffic,
+        "retrains": observed.retrains,
     }
     return ScenarioResult(scenario.name, expect.outcome, outcome, not failures, seconds, reason, failures, details)

@@ -173,6 +173,8 @@ class ScenarioRunner:
         progress = Progress(scenario.name)
         self.show(progress)
         self.prepare()
+        if scenario.challenger.source == "retrained":
+            return self._run_drift(scenario, index, progress)
         challenger = scenario.challenger
         progress.stage = "building the challenger"
         self.show(progress)
@@ -235,6 +237,52 @@ class ScenarioRunner:
             time.sleep(POLL_S)
         decisions = self._controller("GET", f"/v1/rollouts/{rollout_id}/decisions")["decisions"]
         return status, decisions
+
+    def _run_drift(self, scenario: Scenario, index: int, progress: Progress) -> ScenarioResult:
+        """Traffic only: the drift monitor must (or must not) retrain, and the retrained model must go through
+        a guarded rollout that reaches a decision."""
+        expect, started = scenario.expect, time.time()
+        watch_s = scenario.traffic.duration_s or expect.within_s
+        budget = expect.within_s + GRACE_S
+        traffic = BackgroundTraffic(
+            self.settings.gateway_base_url, scenario.traffic.plan(budget + 120, seed_offset=index)
+        ).start()
+        status, decisions, phases, retrains, rollout_id = "none", [], [], [], None
+        try:
+            progress.stage = "waiting for the drift monitor"
+            while time.time() - started < (watch_s if expect.outcome == "none" else budget):
+                retrains = [r for r in self._retrains() if r["started_at"] >= started]
+                progress.elapsed_s = time.time() - started
+                progress.traffic = {"sent": traffic.stats.sent, "failed": traffic.stats.failed}
+                progress.rollout_status = f"{len(retrains)} retraining run(s)"
+                progress.phase = retrains[-1]["status"] if retrains else "-"
+                self.show(progress)
+                active = self.http.get(f"{self.settings.controller_url}/v1/rollouts/active")
+                if active.status_code == 200:
+                    view = active.json()
+                    rollout_id = view["rollout_id"]
+                    self.say(f"{scenario.name}: the retrained model is in rollout {rollout_id}")
+                    status, decisions = self._follow(scenario, view, traffic, progress, budget)
+                    phases = view["plan"]["phases"]
+                    break
+                if retrains and retrains[-1]["status"] == "failed":
+                    self.say(f"{scenario.name}: the retraining run failed; see {retrains[-1]['log']}")
+                    break
+                time.sleep(1.0)
+            retrains = [r for r in self._retrains() if r["started_at"] >= started]
+        finally:
+            stats = traffic.stop()
+        observed = Observed(status, decisions, phases, stats.failed, stats.summary(), len(retrains), started)
+        result = judge(scenario, observed)
+        result.details.update(rollout_id=rollout_id, retrain_runs=retrains)
+        return result
+
+    def _retrains(self) -> list[dict[str, Any]]:
+        try:
+            response = self.http.get(f"{self.settings.drift_monitor_url}/v1/drift", timeout=5.0)
+            return list(response.json().get("retrains", []))
+        except (httpx.HTTPError, ValueError):
+            return []  # the monitor restarting: ask again on the next poll
 
     def _read(self, path: str) -> dict[str, Any] | None:
         try:

@@ -14,6 +14,9 @@ Example::
   model that degrades after its promotion).
 - `chaos.kill`: `challenger-slot` or `controller`, killed (SIGKILL, with every child) as soon as the rollout
   reaches `chaos.when` (a status: `shadow`, `canary`, `promoted_watching`).
+- `challenger.source: retrained`: no challenger is built; drifted traffic must make the drift monitor submit a
+  retraining run whose model then goes through a guarded rollout (`expect.retrain: true`, outcome `decided`:
+  any decision), or clean traffic must trigger nothing for `traffic.duration_s` (`outcome: none`).
 - `expect.outcome`: `promoted`, `rolled_back` (before promotion) or `rolled_back_after_promotion`;
   `within_s` bounds the time from the rollout's start to that decision; `max_challenger_weight` bounds the
   live traffic the challenger ever got; `max_client_errors` the requests clients saw fail.
@@ -32,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from monitoring.traffic import TrafficPlan
 
 REPO_SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
-Outcome = Literal["promoted", "rolled_back", "rolled_back_after_promotion"]
+Outcome = Literal["promoted", "rolled_back", "rolled_back_after_promotion", "decided", "none"]
+DECIDED = ("promoted", "rolled_back", "rolled_back_after_promotion")
 DEFECT_FIELDS = ("extra_latency_ms", "error_rate", "decorrelate", "flip_share")
 
 
@@ -67,6 +71,9 @@ class FaultSpec(_Strict):
 
 
 class ChallengerSpec(_Strict):
+    source: Literal["trained", "retrained"] = Field(
+        "trained", description="trained: built here from `seed`; retrained: the drift monitor must produce it"
+    )
     seed: int = Field(2, ge=0, description="seed of the trained model the challenger is built from")
     defect: dict[str, float] | None = None
     fault: FaultSpec | None = None
@@ -80,6 +87,7 @@ class TrafficSpec(_Strict):
     fraud_rate: float = Field(0.03, gt=0, lt=1)
     drift: str | None = None
     seed: int = 0
+    duration_s: float | None = Field(None, gt=0, le=3_600, description="for `outcome: none`: how long to watch")
 
     def plan(self, duration_s: float, seed_offset: int = 0) -> TrafficPlan:
         return TrafficPlan(
@@ -98,6 +106,7 @@ class Expectation(_Strict):
     max_challenger_weight: float | None = Field(None, ge=0, le=1)
     max_client_errors: int = Field(0, ge=0)
     reason_contains: str | None = None
+    retrain: bool | None = Field(None, description="whether the drift monitor must (true) or must not submit a run")
 
 
 class Scenario(_Strict):
@@ -146,7 +155,10 @@ def resolve(selector: str, directory: Path = REPO_SCENARIOS) -> list[Scenario]:
         names = available(directory)
         if not names:
             raise ScenarioError(f"no scenarios in {directory}")
-        return [load_scenario(directory / f"{name}.yaml") for name in names]
+        scenarios = [load_scenario(directory / f"{name}.yaml") for name in names]
+        # Drift scenarios last (clean traffic before drifted): a retrained champion carries a different
+        # training reference, which must not be what the other scenarios' drift monitor compares against.
+        return sorted(scenarios, key=lambda s: (s.challenger.source == "retrained", s.expect.outcome != "none"))
     path = Path(selector)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return [load_scenario(path)]

@@ -1,0 +1,247 @@
+"""`make demo` / `mlops demo`: the whole life cycle on the embedded default, in one command.
+
+1. bring up the local stack (MLflow, control plane, controller, two slots, gateway, drift monitor, supervisor);
+2. train and register the first champion with the training pipeline (its deploy step puts it on a slot);
+3. start simulated traffic with delayed labels;
+4. train a challenger with the same pipeline: its deploy step starts a guarded rollout, which runs under the
+   traffic to a decision (shadow → canary steps → promotion, unless a guardrail fails);
+5. show a rollback: the `latency-regression` scenario (a slower challenger, rolled back on p99 latency);
+6. print a summary table and write one HTML report (and a PNG of the rollout timelines);
+7. stop what it started (unless `--keep-stack`).
+
+The rollout uses the `fast` spec and the drift monitor checks every few seconds (retraining is off during the
+demo: the drift scenarios show it), so the whole demo takes a few minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from mlops.settings import Settings
+
+DEMO_ENV = {
+    "MLOPS_ROLLOUT_SPEC": "fast",
+    "MLOPS_DRIFT_INTERVAL_S": "10",
+    "MLOPS_DRIFT_WINDOW_S": "30",
+    "MLOPS_DRIFT_MIN_ROWS": "1000",
+    "MLOPS_RETRAIN_ENABLED": "false",
+}
+
+
+def demo_environment() -> None:
+    """Defaults for a stack the demo starts (its processes inherit them); explicit settings win."""
+    for name, value in DEMO_ENV.items():
+        os.environ.setdefault(name, value)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def run_pipeline(
+    settings: Settings, data: Path, label: str, params: dict[str, Any], say: Callable[[str], None]
+) -> dict:
+    """`mlops run --data ... --json` as a user runs it (its live step display goes to the terminal)."""
+    from mlops.processes import mlops_command
+
+    args = ["run", "--data", str(data), "--json"]
+    for key, value in params.items():
+        args += ["--param", f"{key}={value}"]
+    say(f"[bold]{label}[/bold]: mlops {' '.join(args)}")
+    started = time.time()
+    process = subprocess.run(mlops_command(*args), stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    lines = [line for line in process.stdout.strip().splitlines() if line.strip()]
+    result = json.loads(lines[-1]) if lines else {"status": "FAILED", "reason": "no output"}
+    result["label"], result["wall_seconds"] = label, round(time.time() - started, 1)
+    result["history"] = training_history(settings, result.get("model_version"))
+    result["steps"] = step_summaries(settings, result.get("run_id"))
+    return result
+
+
+def training_history(settings: Settings, version: str | None) -> list[dict[str, float]]:
+    """Per-epoch curves of the version's training run, from MLflow."""
+    if version is None:
+        return []
+    from components.registry import connect
+
+    client = connect(settings)
+    run_id = client.get_model_version(settings.model_name, version).run_id
+    by_epoch: dict[int, dict[str, float]] = {}
+    for key in ("train_loss", "val_log_loss", "val_pr_auc"):
+        for metric in client.get_metric_history(run_id, key):
+            by_epoch.setdefault(metric.step, {"epoch": metric.step})[key] = metric.value
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def step_summaries(settings: Settings, run_id: str | None) -> dict[str, Any]:
+    """What the steps recorded under `runs/<run_id>/steps/` (validation and drift results)."""
+    if run_id is None:
+        return {}
+    directory = settings.runs_dir / run_id / "steps"
+    return {p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))} if directory.exists() else {}
+
+
+def follow_rollout(settings: Settings, rollout_id: str, timeout_s: float, on_status: Callable[[str], None]) -> dict:
+    """Wait for the rollout's terminal status; return its view and decisions."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=10.0) as http:
+        while True:
+            view = http.get(f"{settings.controller_url}/v1/rollouts/{rollout_id}").json()
+            on_status(view["description"])
+            if view["state"]["status"] in ("succeeded", "rolled_back", "aborted") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        decisions = http.get(f"{settings.controller_url}/v1/rollouts/{rollout_id}/decisions").json()["decisions"]
+    return {"view": view, "decisions": decisions}
+
+
+def rollout_entry(label: str, story: str, followed: dict, timeline: list[dict], traffic: dict) -> dict[str, Any]:
+    from monitoring.scenarios.judge import deciding, decision_seconds, outcome_of
+
+    view, decisions = followed["view"], followed["decisions"]
+    outcome = outcome_of(view["state"]["status"], decisions)
+    decision = deciding(decisions, outcome)
+    return {
+        "label": label,
+        "story": story,
+        "rollout_id": view["rollout_id"],
+        "outcome": outcome,
+        "reason": decision["reason"] if decision else view["description"],
+        "decision_seconds": decision_seconds(decisions, outcome),
+        "decisions": decisions,
+        "plan": view["plan"],
+        "timeline": timeline,
+        "traffic": traffic,
+    }
+
+
+def run_demo(
+    settings: Settings, rows: int, keep_stack: bool, say: Callable[[str], None], status: Callable[[str], None]
+) -> dict[str, Any]:
+    """The whole demo; returns the record the report is rendered from (also written as `record.json`)."""
+    from components.dataset import write_transactions
+    from mlops.local_stack import stack_down, stack_status, stack_up
+    from mlops.synthetic import generate_transactions
+    from monitoring.report import render_png, render_report
+    from monitoring.scenarios.runner import LocalTarget, ScenarioRunner
+    from monitoring.scenarios.spec import resolve
+    from monitoring.timeline import TimelineRecorder
+    from monitoring.traffic import BackgroundTraffic, TrafficPlan
+
+    started = time.time()
+    record: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started))}
+    record.update(home=str(settings.home), runs=[], rollouts=[], summary=[])
+    summary = record["summary"]
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(started))
+    out_dir = settings.reports_dir / f"demo-{stamp}"
+
+    def step(name: str, what: str, outcome: str, since: float) -> None:
+        summary.append({"step": name, "what": what, "outcome": outcome, "seconds": round(time.time() - since, 1)})
+        say(f"[bold]{name}[/bold]: {outcome} ({summary[-1]['seconds']} s)")
+
+    already_up = all(row["healthy"] for row in stack_status(settings))
+    since = time.time()
+    if not already_up:
+        say("starting the local stack (mlops up)")
+        stack_up(settings, on_progress=lambda line: say(f"  {line}"))
+    step("stack", "MLflow, control plane, controller, slots a/b, gateway, drift monitor", "up", since)
+    os.environ["MLOPS_MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{settings.mlflow_port}"  # for the pipeline runs
+    registry = Settings(mlflow_tracking_uri=os.environ["MLOPS_MLFLOW_TRACKING_URI"], home=settings.home)
+    timeline = TimelineRecorder(settings.controller_url).start()
+    traffic: BackgroundTraffic | None = None
+    try:
+        # 2. the first champion
+        data_dir = settings.data_dir
+        champion_data, challenger_data = data_dir / f"demo-{stamp}-1.parquet", data_dir / f"demo-{stamp}-2.parquet"
+        write_transactions(generate_transactions(rows, seed=1), champion_data)
+        write_transactions(generate_transactions(rows, seed=2, start="2026-02-01"), challenger_data)
+        since = time.time()
+        first = run_pipeline(registry, champion_data, "first champion", {"epochs": 4}, say)
+        record["runs"].append(first)
+        step("train champion", f"pipeline on {rows} rows", f"{first['status']} v{first.get('model_version')}", since)
+        if first["status"] != "SUCCEEDED":
+            raise RuntimeError(f"the first training run failed at {first.get('failed_step')}: {first.get('reason')}")
+        _wait_for_slot(settings, str(first["model_version"]))
+
+        # 3-4. traffic, then a challenger whose deploy step starts a guarded rollout
+        traffic = BackgroundTraffic(settings.gateway_base_url, TrafficPlan(150, 3_600, 2.0, seed=7)).start()
+        since = time.time()
+        second = run_pipeline(registry, challenger_data, "challenger", {"epochs": 4}, say)
+        record["runs"].append(second)
+        step(
+            "train challenger",
+            f"pipeline on {rows} new rows",
+            f"{second['status']} v{second.get('model_version')}",
+            since,
+        )
+        deploy = second.get("deploy") or {}
+        if deploy.get("action") == "rollout_started":
+            since = time.time()
+            followed = follow_rollout(settings, deploy["rollout_id"], 300, status)
+            entry = rollout_entry(
+                "guarded rollout of the retrained model",
+                "The challenger the pipeline just registered goes shadow → 10 % → 50 % → 100 % under live traffic "
+                "with delayed labels, judged by the guardrails at each step, then a post-promotion watch.",
+                followed,
+                timeline.for_rollout(deploy["rollout_id"]),
+                traffic.stats.summary(),
+            )
+            record["rollouts"].append(entry)
+            step("rollout", f"v{second['model_version']} against the champion", entry["outcome"], since)
+        else:
+            step("rollout", "the deploy step's request", f"not started: {deploy.get('reason')}", time.time())
+
+        # 5. a rollback
+        traffic.stop()
+        traffic = None
+        since = time.time()
+        scenario = resolve("latency-regression")[0]
+        runner = ScenarioRunner(registry, LocalTarget(settings), on_progress=say)
+        result = runner.run(scenario)
+        rollout_id = result.details.get("rollout_id")
+        if rollout_id:
+            followed = follow_rollout(settings, rollout_id, 30, lambda _: None)
+            entry = rollout_entry(
+                "rollback scenario: latency-regression",
+                scenario.description.strip(),
+                followed,
+                timeline.for_rollout(rollout_id),
+                result.details.get("traffic", {}),
+            )
+            record["rollouts"].append(entry)
+        step("rollback scenario", "a challenger 150 ms slower", f"{result.outcome} (passed: {result.passed})", since)
+    finally:
+        if traffic is not None:
+            traffic.stop()
+        timeline.stop()
+        record["duration_s"] = round(time.time() - started, 1)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "record.json").write_text(json.dumps(record, indent=2, default=str))
+        record["report"] = str(render_report(record, out_dir / "report.html"))
+        png = render_png(record, out_dir / "rollouts.png")
+        record["picture"] = str(png) if png else None
+        if not already_up and not keep_stack:
+            say("stopping the local stack the demo started (keep it with --keep-stack)")
+            stack_down(settings, on_progress=lambda line: say(f"  {line}"))
+    return record
+
+
+def _wait_for_slot(settings: Settings, version: str, timeout: float = 120) -> None:
+    """The first champion's deploy step assigned it to a slot; wait until that slot serves it."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=5.0) as http:
+        while time.monotonic() < deadline:
+            policy = http.get(f"{settings.control_plane_url}/v1/policy").json()
+            slot_url = settings.slot_urls[policy["champion_slot"]]
+            try:
+                if http.get(f"{slot_url}/v1/status").json().get("model_version") == version:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+    raise RuntimeError(f"no slot serves the champion v{version} after {timeout:.0f}s")

@@ -1,0 +1,83 @@
+"""Rollout timeline: the controller's state and latest guardrail values, sampled every second over HTTP while
+a rollout runs, for the demo report (traffic weight and guardrail values over time)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import httpx
+
+
+def weight_of(view: dict[str, Any]) -> float:
+    """The challenger's live traffic share in a rollout view (`GET /v1/rollouts/{id}`)."""
+    state, phases = view["state"], view["plan"]["phases"]
+    status, index = state["status"], state["phase_index"]
+    if status == "canary" and index < len(phases):
+        return float(phases[index].get("weight") or 0.0)
+    return 1.0 if status in ("promoted_watching", "succeeded") else 0.0
+
+
+def sample(view: dict[str, Any], analysis: dict[str, Any] | None, at: float) -> dict[str, Any]:
+    """One point of the timeline (pure): time, status, phase, weight, and each guardrail's value and verdict."""
+    state, phases = view["state"], view["plan"]["phases"]
+    index = state["phase_index"]
+    guardrails = {}
+    if analysis is not None and analysis.get("phase_index") == index:
+        for name, values in analysis.get("values", {}).items():
+            guardrails[name] = {k: values.get(k) for k in ("value", "baseline", "verdict", "limit", "samples")}
+    return {
+        "t": at,
+        "rollout_id": view["rollout_id"],
+        "status": state["status"],
+        "phase": phases[index]["name"] if index < len(phases) else "watch",
+        "weight": weight_of(view),
+        "guardrails": guardrails,
+    }
+
+
+class TimelineRecorder:
+    """Samples whichever rollout is active (and the one just finished) once a second, in a thread."""
+
+    def __init__(self, controller_url: str, interval_s: float = 1.0) -> None:
+        self.url, self.interval_s = controller_url, interval_s
+        self.points: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="timeline", daemon=True)
+        self._last_id: str | None = None
+
+    def start(self) -> TimelineRecorder:
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[dict[str, Any]]:
+        self._stop.set()
+        self._thread.join(10)
+        return self.points
+
+    def for_rollout(self, rollout_id: str) -> list[dict[str, Any]]:
+        return [p for p in self.points if p["rollout_id"] == rollout_id]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5.0) as http:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    self._sample(http)
+                except (httpx.HTTPError, ValueError, KeyError):
+                    continue  # the controller restarting: the timeline simply has a gap
+
+    def _sample(self, http: httpx.Client) -> None:
+        active = http.get(f"{self.url}/v1/rollouts/active")
+        if active.status_code == 200:
+            view = active.json()
+        elif self._last_id is not None:  # the rollout just ended: one last point with its final status
+            view = http.get(f"{self.url}/v1/rollouts/{self._last_id}").json()
+            self._last_id = None
+        else:
+            return
+        response = http.get(f"{self.url}/v1/analysis")
+        analysis = response.json() if response.status_code == 200 else None
+        self.points.append(sample(view, analysis, time.time()))
+        if active.status_code == 200:
+            self._last_id = view["rollout_id"]
