@@ -128,6 +128,7 @@ def run_demo(
     from mlops.local_stack import stack_down, stack_status, stack_up
     from mlops.synthetic import generate_transactions
     from monitoring.report import render_png, render_report
+    from monitoring.scenarios.models import cache_from_version
     from monitoring.scenarios.runner import LocalTarget, ScenarioRunner
     from monitoring.scenarios.spec import resolve
     from monitoring.timeline import TimelineRecorder
@@ -159,7 +160,8 @@ def run_demo(
         data_dir = settings.data_dir
         champion_data, challenger_data = data_dir / f"demo-{stamp}-1.parquet", data_dir / f"demo-{stamp}-2.parquet"
         write_transactions(generate_transactions(rows, seed=1), champion_data)
-        write_transactions(generate_transactions(rows, seed=2, start="2026-02-01"), challenger_data)
+        # The challenger is retrained on twice as much (newer) data: an equal-or-better model, as a retrain should be.
+        write_transactions(generate_transactions(2 * rows, seed=2, start="2026-02-01"), challenger_data)
         since = time.time()
         first = run_pipeline(registry, champion_data, "first champion", {"epochs": 4}, say)
         record["runs"].append(first)
@@ -168,10 +170,11 @@ def run_demo(
             raise RuntimeError(f"the first training run failed at {first.get('failed_step')}: {first.get('reason')}")
         _wait_for_slot(settings, str(first["model_version"]))
 
-        # 3-4. traffic, then a challenger whose deploy step starts a guarded rollout
-        traffic = BackgroundTraffic(settings.gateway_base_url, TrafficPlan(150, 3_600, 2.0, seed=7)).start()
+        # 3-4. a challenger whose deploy step starts a guarded rollout, which runs under traffic (started as the
+        # pipeline ends: the rollout's first phase waits for its samples, and training keeps both cores)
         since = time.time()
         second = run_pipeline(registry, challenger_data, "challenger", {"epochs": 4}, say)
+        traffic = BackgroundTraffic(settings.gateway_base_url, TrafficPlan(150, 3_600, 2.0, seed=7)).start()
         record["runs"].append(second)
         step(
             "train challenger",
@@ -201,6 +204,8 @@ def run_demo(
         traffic = None
         since = time.time()
         scenario = resolve("latency-regression")[0]
+        if second.get("model_version"):  # wrap the model just trained rather than train another
+            cache_from_version(registry, scenario.challenger.seed, str(second["model_version"]))
         runner = ScenarioRunner(registry, LocalTarget(settings), on_progress=say)
         result = runner.run(scenario)
         rollout_id = result.details.get("rollout_id")

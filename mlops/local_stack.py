@@ -99,6 +99,8 @@ class LocalStack:
 # --- `mlops up` / `mlops status` / `mlops down`: the stack on the configured ports, detached ----------
 
 STACK_ORDER = ("mlflow", "control-plane", "controller", "slot-a", "slot-b", "gateway", "drift-monitor", "supervisor")
+# MLflow and the control plane first (the others talk to them as they start), then everything else at once.
+START_WAVES = (("mlflow", "control-plane"), ("controller", "slot-a", "slot-b", "gateway", "drift-monitor"))
 RESTART_WINDOW_S = 120.0  # a service restarted more than MAX_RESTARTS times within this window is given up on
 MAX_RESTARTS = 5
 
@@ -256,29 +258,34 @@ def stack_up(settings: Any, on_progress: Any = print) -> list[dict[str, Any]]:
     settings.ensure_dirs()
     state = read_state(settings)
     env = _stack_env(settings)
-    for spec in stack_services(settings):
-        entry = state.get(spec.name)
-        url = f"http://127.0.0.1:{spec.port}"
-        if entry and pid_running(entry["pid"]):
-            try:  # running: wait for it to be healthy (it may be starting, or restarted by the supervisor)
-                wait_until_ready(None, url + spec.health_path, timeout=60)
-            except ProcessFailed:
+    specs = {spec.name: spec for spec in stack_services(settings)}
+    for wave in START_WAVES:  # each wave starts at once, then waits: the stack is up in two start-up times
+        starting = []
+        for spec in (specs[name] for name in wave):
+            entry = state.get(spec.name)
+            url = f"http://127.0.0.1:{spec.port}"
+            if entry and pid_running(entry["pid"]):
+                try:  # running: wait for it to be healthy (it may be starting, or restarted by the supervisor)
+                    wait_until_ready(None, url + spec.health_path, timeout=60)
+                except ProcessFailed:
+                    raise StackError(
+                        f"{spec.name} (pid {entry['pid']}) runs but is not healthy at {url}; see its log "
+                        f"{settings.logs_dir / (spec.name + '.out')}, or `mlops down` and `mlops up` again"
+                    ) from None
+                on_progress(f"{spec.name}: already running (pid {entry['pid']})")
+                continue
+            if not port_is_free(spec.port):
                 raise StackError(
-                    f"{spec.name} (pid {entry['pid']}) runs but is not healthy at {url}; see its log "
-                    f"{settings.logs_dir / (spec.name + '.out')}, or `mlops down` and `mlops up` again"
-                ) from None
-            on_progress(f"{spec.name}: already running (pid {entry['pid']})")
-            continue
-        if not port_is_free(spec.port):
-            raise StackError(
-                f"port {spec.port} for {spec.name} is already in use by another process; stop it or "
-                f"choose another port (see `mlops settings`)"
-            )
-        managed = start_process(spec.name, spec.command, env, settings.logs_dir, cwd=REPO)
-        # Recorded at once, so that `down` can stop a half-started stack.
-        _update_state(settings, spec.name, {"pid": managed.pid, "port": spec.port})
-        wait_until_ready(managed, url + spec.health_path, timeout=180)
-        on_progress(f"{spec.name}: started (pid {managed.pid}) at {url}")
+                    f"port {spec.port} for {spec.name} is already in use by another process; stop it or "
+                    f"choose another port (see `mlops settings`)"
+                )
+            managed = start_process(spec.name, spec.command, env, settings.logs_dir, cwd=REPO)
+            # Recorded at once, so that `down` can stop a half-started stack.
+            _update_state(settings, spec.name, {"pid": managed.pid, "port": spec.port})
+            starting.append((spec, managed, url))
+        for spec, managed, url in starting:
+            wait_until_ready(managed, url + spec.health_path, timeout=180)
+            on_progress(f"{spec.name}: started (pid {managed.pid}) at {url}")
     supervisor = state.get("supervisor")
     if supervisor and pid_running(supervisor["pid"]):
         on_progress(f"supervisor: already running (pid {supervisor['pid']})")

@@ -4,7 +4,8 @@ A spec is a YAML file (see `monitoring/specs/`) validated into a frozen pydantic
 
 - `phases`: an optional shadow phase first (the challenger scores a copy of the traffic, clients
   never see its answers), then canary phases with strictly increasing traffic weights in (0, 1].
-  Each phase lasts at least `min_duration_s` and `min_samples` challenger requests.
+  Each phase lasts at least `min_duration_s` and `min_samples` challenger requests, and at most
+  `max_duration_s` (optional): a phase still undecided then rolls back.
 - `analysis_interval_s`: how often the controller evaluates the guardrails.
 - `failure_limit`: consecutive failed analyses that trigger a rollback (Argo Rollouts' failureLimit).
 - `post_promotion_watch_s`: how long a promoted champion is watched against absolute bounds.
@@ -100,10 +101,22 @@ class Phase(_Strict):
     weight: float | None = None
     min_duration_s: float
     min_samples: int
+    # The progress deadline (like Flagger's progressDeadlineSeconds): a phase whose guardrails still have not
+    # all passed after this long rolls back instead of waiting forever on evidence that does not come.
+    max_duration_s: float | None = None
 
     _name = field_validator("name")(_non_empty)
     _duration = field_validator("min_duration_s")(_non_negative)
     _samples = field_validator("min_samples")(_at_least_one)
+
+    @model_validator(mode="after")
+    def _deadline_after_minimum(self) -> Phase:
+        if self.max_duration_s is not None and self.max_duration_s < max(self.min_duration_s, 1e-9):
+            raise ValueError(
+                f"max_duration_s ({self.max_duration_s:g}) must be > 0 and at least min_duration_s "
+                f"({self.min_duration_s:g})"
+            )
+        return self
 
     @field_validator("weight")
     @classmethod

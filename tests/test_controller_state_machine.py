@@ -896,3 +896,51 @@ def test_random_event_sequences_keep_the_invariants(seed_block):
         # the generator is good enough to reach every status (checked on one block to keep it cheap)
         assert seen_statuses >= set(STATUSES) - {"pending"}
     assert TERMINAL_STATUSES & seen_statuses
+
+
+# --- progress deadline ------------------------------------------------------------------------------------
+
+DEADLINE_PLAN = make_plan(
+    phases=(
+        PhaseSpec("shadow", "shadow", 0.0, 60.0, 100, max_duration_s=300.0),
+        PhaseSpec("canary-50", "canary", 0.5, 60.0, 100, max_duration_s=300.0),
+    )
+)
+
+
+def test_a_phase_still_inconclusive_at_its_deadline_rolls_back_and_names_the_undecided_guardrails() -> None:
+    state = started(DEADLINE_PLAN)
+    state, _ = step(DEADLINE_PLAN, state, analysis(299.0, 0, psi="inconclusive"))
+    assert state.status == "shadow"  # before the deadline: still waiting for evidence
+    state, actions = step(DEADLINE_PLAN, state, analysis(300.0, 0, psi="inconclusive"))
+    assert state.status == "rolled_back" and state.decided
+    assert "undecided after 300s (deadline 300s): inconclusive: psi" in state.reason
+    assert isinstance(actions[0], SetTraffic) and actions[0].challenger_weight == 0
+
+
+def test_a_tick_past_the_deadline_rolls_back_when_no_analysis_arrives() -> None:
+    state = at_phase(1, DEADLINE_PLAN)
+    state, _ = step(DEADLINE_PLAN, state, Tick(at=1000.0 + 299.0))
+    assert state.status == "canary"
+    state, _ = step(DEADLINE_PLAN, state, Tick(at=1000.0 + 300.0))
+    assert state.status == "rolled_back" and "no analysis" in state.reason
+
+
+def test_passing_guardrails_short_of_min_samples_at_the_deadline_roll_back_too() -> None:
+    state = started(DEADLINE_PLAN)
+    state, _ = step(DEADLINE_PLAN, state, analysis(400.0, 0, samples=12))
+    assert state.status == "rolled_back" and "only 12/100 samples" in state.reason
+
+
+def test_a_phase_that_passes_before_its_deadline_advances_and_the_watch_has_no_deadline() -> None:
+    state = started(DEADLINE_PLAN)
+    state, _ = step(DEADLINE_PLAN, state, analysis(100.0, 0))
+    state, _ = step(DEADLINE_PLAN, state, analysis(200.0, 1))
+    assert state.status == "promoted_watching"
+    state, _ = step(DEADLINE_PLAN, state, Tick(at=200.0 + 500.0))  # past any phase deadline, inside the watch
+    assert state.status == "promoted_watching"
+
+
+def test_a_deadline_shorter_than_the_minimum_duration_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_duration_s must be >= min_duration_s"):
+        PhaseSpec("shadow", "shadow", 0.0, 60.0, 100, max_duration_s=30.0)

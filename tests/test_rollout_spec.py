@@ -249,3 +249,14 @@ def test_a_loaded_spec_is_immutable() -> None:
     spec = load_spec(VALID)
     with pytest.raises(pydantic.ValidationError):
         spec.failure_limit = 5  # type: ignore[misc]
+
+
+def test_a_phase_deadline_shorter_than_its_minimum_duration_is_refused_with_its_location() -> None:
+    data = spec_data()
+    data["phases"][0] = {**data["phases"][0], "max_duration_s": data["phases"][0]["min_duration_s"] / 2}
+    assert any(p.startswith("phases[0]") and "max_duration_s" in p for p in problems_of(data))
+
+
+def test_every_shipped_phase_has_a_progress_deadline() -> None:
+    for spec in (default_spec(), fast_spec()):
+        assert all(p.max_duration_s is not None and p.max_duration_s >= p.min_duration_s for p in spec.phases)

@@ -72,6 +72,7 @@ def plan_for(
             weight=p.weight if p.kind == "canary" else 0.0,
             min_duration_s=p.min_duration_s,
             min_samples=p.min_samples,
+            max_duration_s=p.max_duration_s,
         )
         for p in spec.phases
     )

@@ -109,6 +109,7 @@ class PhaseSpec:
     weight: float
     min_duration_s: float
     min_samples: int
+    max_duration_s: float | None = None  # progress deadline: still undecided after this long rolls back
 
     def __post_init__(self) -> None:
         if self.kind not in ("shadow", "canary"):
@@ -122,6 +123,12 @@ class PhaseSpec:
         _finite_nonneg(f"phase {self.name!r}: min_duration_s", self.min_duration_s)
         if not isinstance(self.min_samples, int) or self.min_samples < 0:
             raise ValueError(f"phase {self.name!r}: min_samples must be an int >= 0, got {self.min_samples!r}")
+        if self.max_duration_s is not None and not (
+            isinstance(self.max_duration_s, int | float) and self.max_duration_s >= self.min_duration_s
+        ):
+            raise ValueError(
+                f"phase {self.name!r}: max_duration_s must be >= min_duration_s, got {self.max_duration_s!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(self)
@@ -134,6 +141,7 @@ class PhaseSpec:
             weight=float(data["weight"]),
             min_duration_s=float(data["min_duration_s"]),
             min_samples=int(data["min_samples"]),
+            max_duration_s=None if data.get("max_duration_s") is None else float(data["max_duration_s"]),
         )
 
 
@@ -709,6 +717,9 @@ def _on_analysis(plan: RolloutPlan, state: RolloutState, result: AnalysisResult)
         where = "after promotion" if watching else f"in phase {plan.phases[state.phase_index].name}"
         return _count_failure(plan, state, result.at, f"guardrails failed {where}: {', '.join(failed)}", metrics)
     if not verdicts or any(v != "pass" for v in verdicts):
+        pending = sorted(k for k, v in result.verdicts.items() if v != "pass") or ["no guardrail evaluated"]
+        if _past_deadline(plan, state, result.at):
+            return _deadline_roll_back(plan, state, result.at, f"inconclusive: {', '.join(pending)}", metrics)
         return _ignore(state)  # inconclusive: neither advances nor fails
     if not watching:
         phase = plan.phases[state.phase_index]
@@ -723,6 +734,9 @@ def _on_analysis(plan: RolloutPlan, state: RolloutState, result: AnalysisResult)
             if nxt < len(plan.phases):
                 return _enter_phase(plan, state, nxt, result.at, reason, metrics)
             return _promote(plan, state, result.at, reason, metrics)
+        if _past_deadline(plan, state, result.at):
+            gates = f"{result.samples}/{phase.min_samples} samples"
+            return _deadline_roll_back(plan, state, result.at, f"all pass but only {gates}", metrics)
     if state.consecutive_failures:
         return _transition(
             state,
@@ -739,7 +753,25 @@ def _on_analysis(plan: RolloutPlan, state: RolloutState, result: AnalysisResult)
 def _on_tick(plan: RolloutPlan, state: RolloutState, event: Tick) -> _Result:
     if _watch_over(plan, state, event.at):
         return _succeed(plan, state, event.at)
+    if _past_deadline(plan, state, event.at):
+        return _deadline_roll_back(plan, state, event.at, "no analysis", {})
     return _ignore(state)
+
+
+def _past_deadline(plan: RolloutPlan, state: RolloutState, at: float) -> bool:
+    if state.status not in PHASE_STATUSES:
+        return False
+    deadline = plan.phases[state.phase_index].max_duration_s
+    return deadline is not None and at - state.phase_started_at >= deadline
+
+
+def _deadline_roll_back(plan: RolloutPlan, state: RolloutState, at: float, why: str, metrics: dict) -> _Result:
+    """No evidence that the challenger is good enough within the phase's deadline: it does not get more traffic."""
+    phase = plan.phases[state.phase_index]
+    elapsed = at - state.phase_started_at
+    reason = f"phase {phase.name} undecided after {elapsed:.0f}s (deadline {phase.max_duration_s:g}s): {why}"
+    metrics = {**metrics, "max_duration_s": phase.max_duration_s, "elapsed_s": at - state.phase_started_at}
+    return _roll_back(plan, state, at, "rolled_back", reason, metrics)
 
 
 def _on_manual_promote(plan: RolloutPlan, state: RolloutState, event: ManualPromote) -> _Result:

@@ -47,6 +47,22 @@ def trained_model(settings: Settings, seed: int, on_progress: Any = print) -> tu
     return model_dir, data_path, summary
 
 
+def cache_from_version(settings: Settings, seed: int, version: str) -> None:
+    """Use a version the training pipeline already registered as the seed's trained model (the demo does this
+    so that its rollback scenario wraps the model it just trained instead of training another)."""
+    from components.registry import download_model
+
+    root = settings.home / "scenarios" / "models" / f"seed-{seed}"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(prefix="scenario-base-") as workdir:
+        model_dir, reference = download_model(f"models:/{settings.model_name}/{version}", workdir)
+        shutil.copytree(model_dir, root / "model")
+        shutil.copy(reference, root / "train.parquet")
+    summary = {"seed": seed, "metrics": {}, "history": [], "params": {"from_version": version}}
+    (root / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
 def register(
     settings: Settings, seed: int, label: str, defect: dict[str, float] | None = None, on_progress: Any = print
 ) -> str:
