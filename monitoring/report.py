@@ -273,15 +273,20 @@ def render_png(record: dict[str, Any], out: Path) -> Path | None:
         top.set_ylim(-0.05, 1.05)
         top.set_ylabel("challenger share of live traffic")
         top.set_title(f"{rollout['label']}: {rollout.get('outcome')}", fontsize=11)
-        for name in sorted({n for p in points for n in p["guardrails"]}):
-            series = [(x, p["guardrails"].get(name, {})) for x, p in zip(xs, points, strict=True)]
-            series = [(x, g) for x, g in series if isinstance(g.get("value"), int | float) and g.get("limit")]
-            if series:  # normalised by the guardrail's limit, so every guardrail fits one axis
-                bottom.plot([x for x, _ in series], [g["value"] / g["limit"] for _, g in series], label=name)
-        bottom.axhline(1.0, color="#999", linestyle="--", linewidth=0.8)
-        bottom.set_ylabel("guardrail value / its limit")
+        names = sorted({n for p in points for n in p["guardrails"]})
+        for row, name in enumerate(names):  # one strip per guardrail, a dot per analysis, coloured by verdict
+            series = [
+                (x, p["guardrails"][name].get("verdict"))
+                for x, p in zip(xs, points, strict=True)
+                if name in p["guardrails"]
+            ]
+            bottom.scatter(
+                [x for x, _ in series], [row] * len(series), c=[VERDICT_COLOUR.get(v, "#555") for _, v in series], s=9
+            )
+        bottom.set_yticks(range(len(names)), names, fontsize=8)
+        bottom.set_ylim(-0.7, len(names) - 0.3)
+        bottom.set_title("guardrail verdicts: green pass, grey inconclusive, red fail", fontsize=9)
         bottom.set_xlabel("seconds since the rollout started")
-        bottom.legend(fontsize=7, loc="upper left")
         for decision in rollout.get("decisions", []):
             if decision["to_status"] != decision["from_status"]:
                 for axis in (top, bottom):
