@@ -47,7 +47,7 @@ def validate_op(
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def drift_check_op(data: Input[Dataset], report: Output[HTML], metrics: Output[Metrics]) -> float:
+def drift_check_op(run_id: str, data: Input[Dataset], report: Output[HTML], metrics: Output[Metrics]) -> float:
     """Evidently drift against the champion's training reference; -1.0 when there is no champion yet."""
     import tempfile
 
@@ -55,7 +55,7 @@ def drift_check_op(data: Input[Dataset], report: Output[HTML], metrics: Output[M
     from mlops.settings import get_settings
 
     with tempfile.TemporaryDirectory() as workdir:
-        result = drift_check(get_settings(), data.path, report.path, workdir)
+        result = drift_check(get_settings(), data.path, report.path, workdir, run_id)
     share = result["drift_share"]
     if share is None:
         return -1.0
@@ -95,6 +95,8 @@ def train_op(
         max_failures=settings.train_max_failures,
         inject_failure_at_epoch=inject_failure_at_epoch or None,
     )
+    # MLOPS_TARGET=kind: `train` runs this training as a KubeRay RayJob (components.rayjob.RayJobTraining,
+    # checkpoints and the model on MinIO); local: Ray in this process tree. Chosen by `training_backend`.
     result = train(settings, run_id, data.path, data_sha, params, model.path)
     for name, value in result.metrics.items():
         metrics.log_metric(name, value)

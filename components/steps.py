@@ -12,13 +12,13 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 
 from components.dataset import file_sha256, read_transactions, split_by_account, write_transactions
 from components.evaluate import GateTolerances, compute_metrics, offline_gate, slice_gaps, slice_metrics
-from components.train import TrainParams, train_model
+from components.train import TrainOutcome, TrainParams, train_model
 from mlops.model import FraudScorer
 from mlops.schema import FEATURES, LABEL
 from mlops.settings import Settings
@@ -78,9 +78,23 @@ def validate(
     summary = validate_transactions(frame, docs_dir, min_rows=min_rows)
     if summary.docs_index:
         _copy_docs_page(Path(summary.docs_index), Path(html_path))
+    passed = summary.evaluated - len(summary.failed)
+    record_step(settings, run_id, "validate", {**summary.to_dict(), "passed": passed}, html_path)
     if not summary.success:
         raise fail(settings, run_id, "validate", summary.describe_failures())
     return summary.to_dict()
+
+
+def record_step(
+    settings: Settings, run_id: str, step: str, result: dict[str, Any], html: str | Path | None = None
+) -> None:
+    """Keep a step's result (and its HTML page) under `runs/<run_id>/steps/`, where reports and people find
+    them by run id (KFP's own artifact paths are named by its run, not ours)."""
+    directory = settings.runs_dir / run_id / "steps"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{step}.json").write_text(json.dumps(result, indent=2, default=str))
+    if html is not None and Path(html).exists():
+        shutil.copy(html, directory / f"{step}.html")
 
 
 def _copy_docs_page(index: Path, html_path: Path) -> None:
@@ -93,7 +107,7 @@ def _copy_docs_page(index: Path, html_path: Path) -> None:
 
 
 def drift_check(
-    settings: Settings, data_path: str | Path, html_path: str | Path, workdir: str | Path
+    settings: Settings, data_path: str | Path, html_path: str | Path, workdir: str | Path, run_id: str | None = None
 ) -> dict[str, Any]:
     """Evidently drift of the new data against the champion's training reference (informational)."""
     from components.drift import drift_report
@@ -105,10 +119,14 @@ def drift_check(
             "<html><body><h1>Drift check</h1><p>No champion yet: nothing to compare "
             "the new data with. This run's training data becomes the reference.</p></body></html>"
         )
-        return {"drift_share": None, "reference": None}
-    version, _, reference_file = champion
-    summary = drift_report(pd.read_parquet(reference_file), read_transactions(data_path), html_path)
-    return {**summary.to_dict(), "reference": f"champion v{version}"}
+        result: dict[str, Any] = {"drift_share": None, "reference": None}
+    else:
+        version, _, reference_file = champion
+        summary = drift_report(pd.read_parquet(reference_file), read_transactions(data_path), html_path)
+        result = {**summary.to_dict(), "reference": f"champion v{version}"}
+    if run_id is not None:
+        record_step(settings, run_id, "drift_check", result, html_path)
+    return result
 
 
 # --- train ------------------------------------------------------------------------------------------
@@ -124,10 +142,38 @@ class TrainStepResult:
     resumed_from_epoch: int | None
 
 
+class TrainingBackend(Protocol):
+    """Where the Ray training runs; one implementation per target, chosen once by `training_backend`."""
+
+    def train(
+        self, data_path: str | Path, run_name: str, params: TrainParams, model_dir: str | Path
+    ) -> TrainOutcome: ...
+
+
+@dataclass
+class LocalTraining:
+    """The embedded default: Ray on this machine, checkpoints under `MLOPS_HOME/checkpoints`."""
+
+    settings: Settings
+
+    def train(self, data_path: str | Path, run_name: str, params: TrainParams, model_dir: str | Path) -> TrainOutcome:
+        return train_model(data_path, self.settings.checkpoint_root, run_name, params, model_dir)
+
+
+def training_backend(settings: Settings) -> TrainingBackend:
+    """`local`: Ray in this process tree; `kind`: a KubeRay RayJob running the same training code
+    (`components.rayjob.RayJobTraining`, checkpoints and model on MinIO)."""
+    if settings.target == "kind":
+        from components.rayjob import RayJobTraining
+
+        return RayJobTraining(settings)
+    return LocalTraining(settings)
+
+
 def train(
     settings: Settings, run_id: str, data_path: str | Path, data_sha: str, params: TrainParams, model_dir: str | Path
 ) -> TrainStepResult:
-    outcome = train_model(data_path, settings.checkpoint_root, f"train-{run_id}", params, model_dir)
+    outcome = training_backend(settings).train(data_path, f"train-{run_id}", params, model_dir)
     reference = Path(model_dir).parent / f"{Path(model_dir).name}-reference.parquet"
     train_frame, _ = split_by_account(read_transactions(data_path))
     train_frame.sample(min(REFERENCE_ROWS, len(train_frame)), random_state=0).to_parquet(reference, index=False)

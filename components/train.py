@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from mlops.model import FraudScorer, NetworkConfig, Preprocessor, build_network
 from mlops.schema import LABEL
 
 CHECKPOINT_STATE = "state.pt"
+S3_SCHEME = "s3://"
 
 
 @dataclass
@@ -88,18 +90,28 @@ def train_model(
         raise ValueError("the training data has no fraud labels at all; cannot train a fraud model")
     preprocessor = Preprocessor.fit(fit_frame)
 
-    work = Path(storage_path) / run_name
-    work.mkdir(parents=True, exist_ok=True)
-    fit_path, validation_path = work / "fit.parquet", work / "validation.parquet"
-    fit_frame.to_parquet(fit_path, index=False)
-    validation_frame.to_parquet(validation_path, index=False)
+    storage, filesystem = storage_for(storage_path)
+    if filesystem is None:
+        work = Path(storage_path) / run_name
+        work.mkdir(parents=True, exist_ok=True)
+        fit_path, validation_path = work / "fit.parquet", work / "validation.parquet"
+        fit_frame.to_parquet(fit_path, index=False)
+        validation_frame.to_parquet(validation_path, index=False)
+        failure_marker = str(work / "failure-injected")
+    else:
+        # On S3 every Ray worker, on whichever pod, reads the same objects: nothing is on a shared disk.
+        work_uri = f"{S3_SCHEME}{storage}/{run_name}"
+        fit_path, validation_path = f"{work_uri}/fit.parquet", f"{work_uri}/validation.parquet"
+        _write_frame(fit_frame, fit_path)
+        _write_frame(validation_frame, validation_path)
+        failure_marker = f"{work_uri}/failure-injected"
 
     config = {
         "fit_path": str(fit_path),
         "validation_path": str(validation_path),
         "preprocessor": asdict(preprocessor),
         "params": asdict(params),
-        "failure_marker": str(work / "failure-injected"),
+        "failure_marker": failure_marker,
     }
     # Ray Train checks worker health every 2 s by default; a faster check shortens recovery on a laptop.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
@@ -111,7 +123,8 @@ def train_model(
             scaling_config=ScalingConfig(num_workers=params.workers, use_gpu=False, resources_per_worker={"CPU": 1}),
             run_config=RunConfig(
                 name=run_name,
-                storage_path=str(Path(storage_path).resolve()),
+                storage_path=storage,
+                storage_filesystem=filesystem,
                 failure_config=FailureConfig(max_failures=params.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
@@ -132,7 +145,7 @@ def train_model(
     epoch_seconds = sum(entry["epoch_seconds"] for entry in state["history"])
     return TrainOutcome(
         run_name=run_name,
-        checkpoint=result.checkpoint.path,
+        checkpoint=result.checkpoint.path if filesystem is None else f"{S3_SCHEME}{result.checkpoint.path}",
         model_dir=str(model_dir),
         epochs_completed=epochs_done,
         restarts=int(state["restarts"]),
@@ -174,10 +187,10 @@ def train_fn(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     params = TrainParams(**{**config["params"], "network": NetworkConfig(**config["params"]["network"])})
     preprocessor = Preprocessor(**config["preprocessor"])
-    shard = read_transactions(config["fit_path"]).iloc[rank::world]
+    shard = _read_frame(config["fit_path"]).iloc[rank::world]
     numeric, categorical = preprocessor.transform(shard)
     labels = shard[LABEL].to_numpy(dtype="float32")
-    validation = read_transactions(config["validation_path"])
+    validation = _read_frame(config["validation_path"])
     val_numeric, val_categorical = preprocessor.transform(validation)
     val_labels = validation[LABEL].to_numpy()
 
@@ -264,10 +277,10 @@ def _maybe_inject_failure(
     """Fault injection for tests and benchmarks: the last rank dies once, mid-epoch, like an OOM kill."""
     if params.inject_failure_at_epoch != epoch or rank != world - 1 or step == 0:
         return
-    marker = Path(config["failure_marker"])
-    if marker.exists():
+    marker = config["failure_marker"]
+    if storage_exists(marker):
         return  # already died once in this run; recovery must now succeed
-    marker.write_text(f"worker {rank} killed at epoch {epoch} step {step}\n")
+    write_text(marker, f"worker {rank} killed at epoch {epoch} step {step}\n")
     # A real crash lands long after the last checkpoint; with epochs of a few seconds, give Ray Train's
     # controller one health-check interval to register the previous epoch's report first, so the test
     # measures recovery rather than a polling race.
@@ -302,3 +315,109 @@ def _network_from_state(preprocessor: Preprocessor, config: NetworkConfig, state
     network = build_network(preprocessor, config)
     network.load_state_dict(state["model"])
     return network
+
+
+# --- storage: a local directory, or S3 (MinIO on the kind target) through pyarrow.fs ----------------------
+
+
+def is_s3(path: str | Path) -> bool:
+    return str(path).startswith(S3_SCHEME)
+
+
+def s3_options(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`pyarrow.fs.S3FileSystem` keyword arguments from the standard variables: the endpoint from
+    `AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL` or `MLFLOW_S3_ENDPOINT_URL` (MinIO: `http://minio:9000`, so
+    plain HTTP and path-style addressing), the keys from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`."""
+    env = os.environ if env is None else env
+    options: dict[str, Any] = {"region": env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1"}
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or env.get("MLFLOW_S3_ENDPOINT_URL")
+    if endpoint:
+        scheme, sep, rest = endpoint.partition("://")
+        if not sep:
+            scheme, rest = "https", endpoint
+        options["endpoint_override"] = rest.rstrip("/")
+        options["scheme"] = scheme
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        options["access_key"] = env["AWS_ACCESS_KEY_ID"]
+        options["secret_key"] = env["AWS_SECRET_ACCESS_KEY"]
+    return options
+
+
+def s3_filesystem(env: Mapping[str, str] | None = None) -> Any:
+    from pyarrow import fs
+
+    return fs.S3FileSystem(**s3_options(env))
+
+
+def storage_for(storage_path: str | Path) -> tuple[str, Any]:
+    """Where Ray Train keeps a run: `(path, None)` for a local directory (the absolute path, as before), or
+    `("bucket/prefix", S3FileSystem)` for `s3://bucket/prefix`: Ray wants the path without its scheme when it
+    is given the filesystem, and the filesystem is how we point it at MinIO rather than AWS."""
+    if is_s3(storage_path):
+        return str(storage_path)[len(S3_SCHEME) :].rstrip("/"), s3_filesystem()
+    return str(Path(storage_path).resolve()), None
+
+
+def _resolve(uri: str | Path) -> tuple[Any, str]:
+    """`(filesystem, path on it)` for a local path or an `s3://` URI."""
+    from pyarrow import fs
+
+    if is_s3(uri):
+        return s3_filesystem(), str(uri)[len(S3_SCHEME) :]
+    return fs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def storage_exists(uri: str | Path) -> bool:
+    if not is_s3(uri):
+        return Path(uri).exists()
+    from pyarrow import fs
+
+    filesystem, path = _resolve(uri)
+    return filesystem.get_file_info(path).type != fs.FileType.NotFound
+
+
+def write_text(uri: str | Path, text: str) -> None:
+    if not is_s3(uri):
+        Path(uri).write_text(text)
+        return
+    filesystem, path = _resolve(uri)
+    with filesystem.open_output_stream(path) as stream:  # S3 has no directories to create first
+        stream.write(text.encode())
+
+
+def read_text(uri: str | Path) -> str:
+    if not is_s3(uri):
+        return Path(uri).read_text()
+    filesystem, path = _resolve(uri)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def copy_tree(source: str | Path, destination: str | Path) -> None:
+    """Copy a file or a directory tree between local paths and `s3://` URIs (model dirs, data files)."""
+    from pyarrow import fs
+
+    source_fs, source_path = _resolve(source)
+    destination_fs, destination_path = _resolve(destination)
+    if not is_s3(destination):
+        is_file = source_fs.get_file_info(source_path).type == fs.FileType.File
+        Path(destination_path if not is_file else Path(destination_path).parent).mkdir(parents=True, exist_ok=True)
+    fs.copy_files(source_path, destination_path, source_fs, destination_fs)
+
+
+def _write_frame(frame: Any, uri: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    filesystem, path = _resolve(uri)
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, filesystem=filesystem)
+
+
+def _read_frame(uri: str) -> Any:
+    """A training file: a local path (as before) or an object on S3."""
+    if not is_s3(uri):
+        return read_transactions(uri)
+    import pyarrow.parquet as pq
+
+    filesystem, path = _resolve(uri)
+    return pq.read_table(path, filesystem=filesystem).to_pandas()

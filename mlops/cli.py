@@ -114,8 +114,15 @@ def run(
         list[str] | None, typer.Option("--param", help="pipeline parameter KEY=VALUE (repeatable)")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
+    target: Annotated[str | None, typer.Option(help="local or kind (default: MLOPS_TARGET)")] = None,
 ) -> None:
-    """Run the training pipeline (ingest, validate, drift check, train, evaluate, register)."""
+    """Run the training pipeline (ingest, validate, drift check, train, evaluate, register, deploy)."""
+    import os
+
+    if target is not None:
+        if target not in ("local", "kind"):
+            raise _fail(f"--target must be local or kind, got {target!r}")
+        os.environ["MLOPS_TARGET"] = target
     settings = _settings()  # first: the pipeline modules read settings when imported
     from components.dataset import DataFileError, read_transactions
     from pipelines.runner import ParameterError, new_run_id, parse_params, run_local
@@ -136,9 +143,18 @@ def run(
         params["rows"] = generate
     else:
         params.setdefault("rows", settings.demo_rows)
-    if settings.target != "local":
-        raise _fail(f"MLOPS_TARGET={settings.target}: cluster submission is not available yet; use local")
     run_id = new_run_id()
+    if settings.target == "kind":
+        from pipelines.cluster import ClusterRunError, run_on_cluster
+
+        try:
+            result = run_on_cluster(settings, params, on_progress=err.print, run_id=run_id)
+        except ClusterRunError as error:
+            raise _fail(str(error), 1) from None
+        _print_run(result, Path(f"KFP run {run_id} (see the KFP UI)"))
+        if as_json:
+            _emit_json(result.to_dict())
+        raise typer.Exit(0 if result.status == "SUCCEEDED" else 1)
     log_path = settings.runs_dir / run_id / "pipeline.log"
     with _step_status(log_path, f"pipeline run {run_id}"):
         result = run_local(settings, params, run_id=run_id, log_path=log_path)
@@ -699,6 +715,7 @@ def scenario(
     selector: Annotated[str, typer.Argument(help="a scenario name from scenarios/, a YAML file, or all")],
     spec: Annotated[str, typer.Option(help="rollout spec for a stack this command starts")] = "fast",
     keep_stack: Annotated[bool, typer.Option(help="leave a stack this command started running")] = False,
+    target: Annotated[str, typer.Option(help="local (the embedded stack) or kind (`make up`)")] = "local",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Run rollback scenarios against the running stack (starting it if needed); exit 1 if any outcome differs."""
@@ -729,9 +746,11 @@ def scenario(
         os.environ.setdefault(name, value)
     settings = _settings()
     settings.ensure_dirs()
-    from monitoring.scenarios.runner import LocalTarget, ScenarioRunner, run_scenarios
+    from monitoring.scenarios.runner import KindTarget, LocalTarget, ScenarioRunner, run_scenarios
 
-    target = LocalTarget(settings, keep=keep_stack)
+    if target not in ("local", "kind"):
+        raise _fail(f"--target must be local or kind, got {target!r}")
+    where = KindTarget(settings) if target == "kind" else LocalTarget(settings, keep=keep_stack)
     results = []
     from rich.live import Live
 
@@ -740,11 +759,11 @@ def scenario(
         def say(line: str) -> None:
             live.console.print(line)
 
-        runner = ScenarioRunner(settings, target, on_progress=say, on_status=lambda p: live.update(_scenario_view(p)))
+        runner = ScenarioRunner(settings, where, on_progress=say, on_status=lambda p: live.update(_scenario_view(p)))
         try:
             results = run_scenarios(runner, scenarios, on_result=lambda r: say(_result_line(r)))
         finally:
-            target.release(say)
+            where.release(say)
     table = Table("scenario", "expected", "outcome", "decided in", "passed", "reason", title="scenarios")
     for result in results:
         seconds = f"{result.decision_seconds:.1f}s" if result.decision_seconds is not None else "-"

@@ -60,6 +60,9 @@ def run_pipeline(
     result["label"], result["wall_seconds"] = label, round(time.time() - started, 1)
     result["history"] = training_history(settings, result.get("model_version"))
     result["steps"] = step_summaries(settings, result.get("run_id"))
+    steps_dir = settings.runs_dir / str(result.get("run_id")) / "steps"
+    pages = {"Data Docs (validation)": "validate.html", "Evidently drift report": "drift_check.html"}
+    result["pages"] = {name: str(steps_dir / file) for name, file in pages.items() if (steps_dir / file).exists()}
     return result
 
 

@@ -89,6 +89,9 @@ class Settings(BaseSettings):
 
     # Cluster target (issue: kind).
     kfp_host: str = Field("http://localhost:8888", description="KFP API endpoint")
+    namespace: str = Field("mlops", description="the platform's Kubernetes namespace")
+    kube_context: str = Field("kind-mlops", description="kubectl context of the kind cluster")
+    cluster_service_domain: str = Field("mlops.svc.cluster.local", description="DNS suffix of platform services")
     image: str = Field("mlops-template:0.1.0", description="project image for cluster components")
 
     @field_validator("home")

@@ -138,6 +138,10 @@ def rollout_figure(rollout: dict[str, Any]) -> go.Figure:
 # ---------------------------------------------------------------- sections
 
 
+def _link(path: str, text: str) -> str:
+    return f'<a href="{html.escape(Path(path).resolve().as_uri())}">{_e(text)}</a>'
+
+
 def _drifted(drift: dict[str, Any]) -> str:
     return ", ".join(drift.get("drifted_columns", [])) or "none"
 
@@ -167,6 +171,7 @@ def _run_section(run: dict[str, Any]) -> tuple[str, list[go.Figure]]:
             ),
         ],
         ["holdout metrics", _e(", ".join(f"{k} {v:.4f}" for k, v in sorted(run.get("metrics", {}).items())))],
+        ["step pages", " · ".join(_link(path, name) for name, path in run.get("pages", {}).items()) or "-"],
         ["deploy", _e(f"{(run.get('deploy') or {}).get('action')}: {(run.get('deploy') or {}).get('reason')}")],
     ]
     if not ok:

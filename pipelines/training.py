@@ -41,7 +41,7 @@ def training_pipeline(
     ingest = ingest_op(run_id=run_id, data_path=data_path, rows=rows, seed=seed).set_display_name("ingest")
     validate = validate_op(run_id=run_id, data=ingest.outputs["data"], min_rows=min_rows).set_display_name("validate")
     # Drift runs before training so its reference is the champion as it was when this run started.
-    drift = drift_check_op(data=ingest.outputs["data"]).after(validate).set_display_name("drift-check")
+    drift = drift_check_op(run_id=run_id, data=ingest.outputs["data"]).after(validate).set_display_name("drift-check")
     train = (
         train_op(
             run_id=run_id,

@@ -124,12 +124,12 @@ def render(helm: Helm, *args: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="session")
 def default_docs(helm: Helm) -> list[dict[str, Any]]:
-    """Default values with every component on: the drift monitor is off by default until its command ships,
-    but its manifests are checked like every other's."""
+    """Default values with every component on: the drift monitor is off by default on the cluster (its
+    retraining runs cannot reach KFP yet), but its manifests are checked like every other's."""
     return render(helm, "--set", "driftMonitor.enabled=true")
 
 
-def test_the_drift_monitor_is_off_by_default_until_it_ships(helm: Helm) -> None:
+def test_the_drift_monitor_is_off_by_default_on_the_cluster(helm: Helm) -> None:
     assert "drift-monitor" not in names(render(helm), "Deployment")
 
 

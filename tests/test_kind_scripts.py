@@ -122,7 +122,8 @@ def test_up_script_dry_run_with_faked_prerequisites(fake_tools: dict[str, str]) 
     )
     chart = index_of(lines, "upgrade --install mlops infra/helm/mlops-platform --namespace mlops --create-namespace")
     rollouts = index_of(lines, "-n mlops wait --for=condition=Available deployment --all")
-    assert create < build < load < kuberay < kfp_cluster < crds < kfp < chart < rollouts
+    secret = index_of(lines, "-n kubeflow apply -f -")  # the platform secret copied for the pipeline pods
+    assert create < build < load < kuberay < kfp_cluster < crds < kfp < chart < rollouts < secret
     # kubectl and helm always name the kind context, never the user's current one
     for line in lines:
         if line.startswith("kubectl "):

@@ -26,7 +26,11 @@ trap stop_port_forwards EXIT
 port_forward "$PLATFORM_NAMESPACE" svc/control-plane "$CONTROL_PLANE_PORT" 8700
 port_forward "$PLATFORM_NAMESPACE" svc/controller "$CONTROLLER_PORT" 8730
 port_forward "$KFP_NAMESPACE" svc/ml-pipeline "$KFP_API_PORT" 8888
+# The runner reads each slot's loaded version and switches scenario faults on and off there.
+port_forward "$PLATFORM_NAMESPACE" svc/slot-a "$SLOT_A_PORT" 8721
+port_forward "$PLATFORM_NAMESPACE" svc/slot-b "$SLOT_B_PORT" 8722
 export_cluster_env
+export MLOPS_SLOT_A_URL="http://127.0.0.1:${SLOT_A_PORT}" MLOPS_SLOT_B_URL="http://127.0.0.1:${SLOT_B_PORT}"
 MLOPS_CONTROL_PLANE_TOKEN="$(control_plane_token)"
 export MLOPS_CONTROL_PLANE_TOKEN
 run "$cli" scenario "$name" --target kind "$@"

@@ -99,6 +99,22 @@ log "rollouts"
 k -n "$PLATFORM_NAMESPACE" rollout status statefulset/postgres --timeout=10m
 k -n "$PLATFORM_NAMESPACE" wait --for=condition=Available deployment --all --timeout=10m
 
+# Pipeline pods run in the KFP namespace, and a pod reads secrets only from its own namespace: the steps
+# (MinIO and MLflow credentials, the control-plane token) need a copy of the platform secret there.
+log "platform secret for pipeline pods in $KFP_NAMESPACE"
+if dry_run; then
+	run "$KUBECTL" --context "$KUBE_CONTEXT" -n "$PLATFORM_NAMESPACE" get secret "$SECRET_NAME" -o json
+	run "$KUBECTL" --context "$KUBE_CONTEXT" -n "$KFP_NAMESPACE" apply -f -
+else
+	secret_json=$("$KUBECTL" --context "$KUBE_CONTEXT" -n "$PLATFORM_NAMESPACE" get secret "$SECRET_NAME" -o json)
+	copied=$(printf '%s' "$secret_json" | python3 -c '
+import json, sys
+secret = json.load(sys.stdin)
+secret["metadata"] = {"name": secret["metadata"]["name"], "namespace": sys.argv[1]}
+print(json.dumps(secret))' "$KFP_NAMESPACE")
+	run_with_input "$copied" "$KUBECTL" --context "$KUBE_CONTEXT" -n "$KFP_NAMESPACE" apply -f -
+fi
+
 if dry_run; then
 	log "dry run: nothing was changed"
 	exit 0

@@ -10,6 +10,7 @@ rollout spec) and raise the request rate.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,6 +86,43 @@ class LocalTarget:
         if self.started and not self.keep:
             on_progress("stopping the local stack this run started (keep it with --keep-stack)")
             stack_down(self.settings, on_progress=lambda line: on_progress(f"  {line}"))
+
+
+@dataclass
+class KindTarget:
+    """The platform on the kind cluster (`make up`): never started or stopped here; a kill deletes the
+    service's pod at once (`--grace-period=0 --force`), what a node failure or an OOM kill looks like, and its
+    Deployment brings a new one."""
+
+    settings: Settings
+
+    def _kubectl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        command = ["kubectl", "--context", self.settings.kube_context, "-n", self.settings.namespace, *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    def ensure_up(self, on_progress: Callable[[str], None]) -> None:
+        for name, url in (("controller", self.settings.controller_url), ("gateway", self.settings.gateway_base_url)):
+            try:
+                httpx.get(f"{url}/healthz", timeout=5.0).raise_for_status()
+            except httpx.HTTPError as error:
+                raise RuntimeError(
+                    f"{name} unreachable at {url} ({error}): run `make up`, then `make scenario`"
+                ) from None
+        on_progress(f"using the platform on kind (context {self.settings.kube_context}, ns {self.settings.namespace})")
+
+    def kill(self, service: str) -> None:
+        selector = f"app.kubernetes.io/name={service}"
+        result = self._kubectl("delete", "pod", "-l", selector, "--grace-period=0", "--force", "--wait=false")
+        if result.returncode != 0:
+            raise RuntimeError(f"could not delete the {service} pod: {result.stderr.strip()}")
+
+    def wait_healthy(self, timeout: float) -> None:
+        result = self._kubectl("wait", "--for=condition=Available", "deployment", "--all", f"--timeout={timeout:.0f}s")
+        if result.returncode != 0:
+            raise RuntimeError(f"platform not healthy after {timeout:.0f}s: {result.stderr.strip()}")
+
+    def release(self, on_progress: Callable[[str], None]) -> None:
+        """The cluster stays up: `make down` removes it."""
 
 
 @dataclass
