@@ -47,6 +47,7 @@ demo: setup
 bench: setup
 	$(BIN)/python benchmarks/training.py --rows 50000 --epochs 4
 	$(BIN)/python benchmarks/serving.py --json --duration 6 --connections 4 --rounds 3
+	$(BIN)/python benchmarks/rollout.py --rounds 3 --rollouts 100
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

@@ -181,7 +181,7 @@ def run_demo(
         record["runs"].append(second)
         step(
             "train challenger",
-            f"pipeline on {rows} new rows",
+            f"pipeline on {2 * rows} newer rows",
             f"{second['status']} v{second.get('model_version')}",
             since,
         )
