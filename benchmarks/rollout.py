@@ -189,11 +189,11 @@ def rollback_to_gateway(rounds: int) -> dict[str, Any]:
     from mlops.local_stack import stack_down, stack_up
     from mlops.processes import free_port
     from mlops.settings import Settings
+    from monitoring.scenarios import models
     from monitoring.traffic import BackgroundTraffic, TrafficPlan
-    from tests.support import register_model
 
     root = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
-    ports = {name: free_port() for name in ("cp", "ctl", "a", "b", "gw", "mlflow")}
+    ports = {name: free_port() for name in ("cp", "ctl", "a", "b", "gw", "mlflow", "drift")}
     env = {
         "MLOPS_HOME": str(root / "home"),
         "MLOPS_CONTROL_PLANE_URL": f"http://127.0.0.1:{ports['cp']}",
@@ -202,6 +202,7 @@ def rollback_to_gateway(rounds: int) -> dict[str, Any]:
         "MLOPS_SLOT_B_PORT": str(ports["b"]),
         "MLOPS_GATEWAY_PORT": str(ports["gw"]),
         "MLOPS_MLFLOW_PORT": str(ports["mlflow"]),
+        "MLOPS_DRIFT_MONITOR_URL": f"http://127.0.0.1:{ports['drift']}",
         "MLOPS_ROLLOUT_SPEC": "fast",
         "MLOPS_MODEL_NAME": "bench-rollout",
     }
@@ -210,20 +211,22 @@ def rollback_to_gateway(rounds: int) -> dict[str, Any]:
     samples: list[float] = []
     try:
         stack_up(settings, on_progress=lambda line: print(line, file=sys.stderr))
-        registry = Settings(mlflow_tracking_uri=f"http://127.0.0.1:{ports['mlflow']}")
+        registry = Settings(mlflow_tracking_uri=f"http://127.0.0.1:{ports['mlflow']}", home=settings.home)
         from serving.control_plane.client import ControlPlaneClient
         from serving.control_plane.tokens import resolve_token
 
         token = resolve_token(settings)
         control = ControlPlaneClient(settings.control_plane_url, token=token)
-        champion = register_model(registry, root, seed=1)
+        # Trained models (the scenarios' own, trained once here): the fast spec's label-based guardrails need
+        # a model that catches fraud, or the shadow phase never passes.
+        champion = models.ensure_champion(registry, lambda line: print(line, file=sys.stderr))
         control.assign("a", champion)
         control.set_policy({"a": 1.0, "b": 0.0}, False, "a", "bench start")
         http = httpx.Client(timeout=10)
         headers = {"Authorization": f"Bearer {token}"}
         for round_index in range(rounds):
             _wait(lambda: http.get(f"{settings.slot_urls['a']}/v1/status").json().get("model_version") == champion)
-            challenger = register_model(registry, root, seed=10 + round_index)
+            challenger = models.register(registry, 2, f"bench-{round_index}")
             policy = http.get(f"{settings.gateway_base_url}/v1/policy").json()
             champion_slot = policy["champion_slot"]
             traffic = BackgroundTraffic(settings.gateway_base_url, TrafficPlan(200, 300, 1.0, seed=round_index)).start()
