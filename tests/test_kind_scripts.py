@@ -131,6 +131,7 @@ def test_up_script_dry_run_with_faked_prerequisites(fake_tools: dict[str, str]) 
         if line.startswith("helm "):
             assert line.startswith("helm --kube-context kind-mlops "), line
     assert "nodePort: 30888" in result.stdout  # the KFP UI NodePort
+    assert "platform.rolloutSpec=fast" in lines[chart]  # a laptop cluster decides in seconds (ROLLOUT_SPEC)
     # Under DRY_RUN only read-only checks reached the (fake) tools.
     assert set(fake_calls(fake_tools)) == {"docker info", "kind get clusters"}
 

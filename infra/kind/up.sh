@@ -84,6 +84,8 @@ spec:
 # KFP's pods restart a few times while MySQL and SeaweedFS come up: that is expected.
 k -n "$KFP_NAMESPACE" wait --for=condition=Available deployment --all --timeout=20m
 
+# A laptop cluster runs the `fast` rollout spec (phases of seconds), so that `make scenario` decides within
+# the scenarios' time bounds; ROLLOUT_SPEC=default gives the production timings.
 log "platform chart $CHART_DIR -> namespace $PLATFORM_NAMESPACE"
 h upgrade --install "$HELM_RELEASE" "$CHART_DIR" \
 	--namespace "$PLATFORM_NAMESPACE" --create-namespace \
@@ -91,6 +93,7 @@ h upgrade --install "$HELM_RELEASE" "$CHART_DIR" \
 	--set-string "image.tag=${IMAGE##*:}" \
 	--set-string "image.buildId=$image_id" \
 	--set-string "kfp.namespace=$KFP_NAMESPACE" \
+	--set-string "platform.rolloutSpec=${ROLLOUT_SPEC:-fast}" \
 	--set-string "networkPolicy.rayOperatorNamespace=$KUBERAY_NAMESPACE" \
 	${HELM_EXTRA_ARGS:-} \
 	--wait --timeout 15m
