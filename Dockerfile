@@ -18,13 +18,14 @@ RUN pip install --upgrade pip
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
 WORKDIR /src
 # Dependencies change less often than code: resolve them from the metadata first (cached layer).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY mlops ./mlops
 COPY components ./components
 COPY pipelines ./pipelines
 COPY serving ./serving
 COPY monitoring ./monitoring
-RUN pip install ".[cluster]" \
+# Every dependency pinned by the same lock that `make setup` and CI use.
+RUN pip install -c requirements.lock ".[cluster]" \
     && python -c "import torch, mlflow, kfp, ray, bentoml, psycopg, boto3, kubernetes; assert not torch.cuda.is_available()"
 
 # ---- runtime: slim base, the venv, the project tree at /app, a non-root user ----

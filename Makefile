@@ -8,7 +8,7 @@ DEMO_ROWS ?= 20000
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo compile bench clean help
+.PHONY: setup lock test lint demo compile bench clean help
 
 help:
 	@echo "make setup    create $(VENV) and install the project (idempotent)"
@@ -16,18 +16,26 @@ help:
 	@echo "make test     lint + the whole test suite"
 	@echo "make compile  write the KFP pipeline IR to build/training_pipeline.yaml"
 	@echo "make bench    run the benchmarks (JSON on stdout)"
+	@echo "make lock     re-pin requirements.lock to the venv (after changing pyproject.toml)"
 
 setup: $(STAMP)
 
-# Re-installs only when pyproject.toml changes. torch is installed first and pinned, so pip takes
-# the CPU wheel instead of resolving a CUDA build through another package's requirement.
-$(STAMP): pyproject.toml
+# Re-installs only when pyproject.toml or the lock changes. torch is installed first and pinned, so pip
+# takes the CPU wheel instead of resolving a CUDA build through another package's requirement; every other
+# dependency is pinned by requirements.lock, so a new upstream release cannot change a green build.
+$(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[dev,cluster]"
+	$(BIN)/pip install --quiet -c requirements.lock -e ".[dev,cluster]"
 	@touch $@
+
+# Re-pin every dependency to what the venv has now (after a deliberate upgrade in pyproject.toml).
+lock: setup
+	@{ sed -n '1,3p' requirements.lock; $(BIN)/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.lock.new
+	@mv requirements.lock.new requirements.lock
+	@echo "requirements.lock: $$(grep -c '==' requirements.lock) pins"
 
 lint: setup
 	$(BIN)/ruff check .

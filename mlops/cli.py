@@ -688,7 +688,7 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The whole life cycle: stack up, champion, challenger rollout under traffic, a rollback, one report."""
-    from mlops.demo import demo_environment, run_demo
+    from mlops.demo import demo_environment, demo_problems, run_demo
 
     demo_environment()
     settings = _settings()
@@ -706,8 +706,13 @@ def demo(
     err.print(
         f"report: [bold]{record['report']}[/bold]" + (f"  picture: {record['picture']}" if record["picture"] else "")
     )
+    problems = demo_problems(record)
+    for problem in problems:
+        err.print(f"[red]not shown[/red]: {problem}")
     if as_json:
-        _emit_json({k: record[k] for k in ("summary", "report", "picture", "duration_s")})
+        _emit_json({**{k: record[k] for k in ("summary", "report", "picture", "duration_s")}, "problems": problems})
+    if problems:
+        raise typer.Exit(1)
 
 
 @app.command("scenario")

@@ -222,7 +222,11 @@ def run_demo(
                 result.details.get("traffic", {}),
             )
             record["rollouts"].append(entry)
+        record["scenario"] = result.to_summary()
         step("rollback scenario", "a challenger 150 ms slower", f"{result.outcome} (passed: {result.passed})", since)
+    except Exception as error:  # the report is still written, and the command says what broke and exits 1
+        record["error"] = f"{type(error).__name__}: {error}"
+        say(f"[red]the demo stopped early[/red]: {record['error']}")
     finally:
         if traffic is not None:
             traffic.stop()
@@ -237,6 +241,31 @@ def run_demo(
             say("stopping the local stack the demo started (keep it with --keep-stack)")
             stack_down(settings, on_progress=lambda line: say(f"  {line}"))
     return record
+
+
+def demo_problems(record: dict[str, Any]) -> list[str]:
+    """What the demo failed to show, one line each; empty when it showed the whole life cycle.
+
+    A guardrail may roll back the retrained model (a legitimate, recorded decision), so any decided outcome
+    counts for that rollout; an undecided one, a failed pipeline run or a rollback scenario that did not roll
+    back do not."""
+    problems = [f"stopped early: {record['error']}"] if record.get("error") else []
+    for run in record.get("runs", []):
+        if run.get("status") != "SUCCEEDED":
+            problems.append(f"{run.get('label')}: pipeline {run.get('status')} at {run.get('failed_step')}: "
+                            f"{run.get('reason')}")  # fmt: skip
+    retrained = [r for r in record.get("rollouts", []) if not r["label"].startswith("rollback scenario")]
+    if not retrained:
+        problems.append("the retrained model's guarded rollout did not run")
+    for rollout in retrained:
+        if rollout["outcome"].startswith("undecided"):
+            problems.append(f"{rollout['label']}: {rollout['outcome']}, no decision in time")
+    scenario = record.get("scenario")
+    if scenario is None:
+        problems.append("the rollback scenario did not run")
+    elif not scenario["passed"]:
+        problems.append(f"rollback scenario {scenario['name']}: {'; '.join(scenario['failures'])}")
+    return problems
 
 
 def _wait_for_slot(settings: Settings, version: str, timeout: float = 120) -> None:

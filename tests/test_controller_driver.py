@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from mlflow import MlflowClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from mlops.local_stack import LocalStack
 from mlops.schema import FEATURES
@@ -245,8 +246,22 @@ def test_the_controller_process_takes_commands_from_the_cli(world: dict, tmp_pat
         assert world["control"].get_policy().weights[world["control"].get_policy().champion_slot] == 1.0
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text  # what Prometheus scrapes
         rollout_id = status["rollout_id"]
-        assert f'mlops_rollout_info{{rollout_id="{rollout_id}",status="aborted"' in metrics
-        assert f'challenger_version="{world["versions"]["v2"]}"' in metrics
+        # Parsed, not matched as text: prometheus_client decides the order of labels in its output.
+        info = [
+            s.labels
+            for f in text_string_to_metric_families(metrics)
+            for s in f.samples
+            if s.name == "mlops_rollout_info"
+        ]
+        assert info == [
+            {
+                "rollout_id": rollout_id,
+                "status": "aborted",
+                "phase": "shadow",
+                "challenger_version": world["versions"]["v2"],
+                "champion_version": status["plan"]["champion_version"],
+            }
+        ]
         assert 'mlops_rollout_decisions_total{outcome="aborted"}' in metrics
         assert "mlops_rollout_challenger_weight 0.0" in metrics
     finally:
