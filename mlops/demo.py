@@ -105,6 +105,7 @@ def follow_rollout(settings: Settings, rollout_id: str, timeout_s: float, on_sta
 
 def rollout_entry(label: str, story: str, followed: dict, timeline: list[dict], traffic: dict) -> dict[str, Any]:
     from monitoring.scenarios.judge import deciding, decision_seconds, outcome_of
+    from monitoring.timeline import with_decisions
 
     view, decisions = followed["view"], followed["decisions"]
     outcome = outcome_of(view["state"]["status"], decisions)
@@ -118,7 +119,7 @@ def rollout_entry(label: str, story: str, followed: dict, timeline: list[dict], 
         "decision_seconds": decision_seconds(decisions, outcome),
         "decisions": decisions,
         "plan": view["plan"],
-        "timeline": timeline,
+        "timeline": with_decisions(timeline, decisions),
         "traffic": traffic,
     }
 

@@ -45,6 +45,25 @@ def read_feedback(directory: str | Path, request_ids: pd.Series) -> pd.DataFrame
     return frame.drop_duplicates("request_id", keep="last").reset_index(drop=True)
 
 
+def rows_of_versions(predictions: pd.DataFrame, versions: dict[str, str]) -> pd.DataFrame:
+    """Only what the rollout's own versions answered (`versions`: variant -> model version).
+
+    A slot that failed to load the challenger keeps serving what it had, and a slot restarted mid-rollout
+    answers with whatever it loaded: such rows must never be judged as the challenger's (or the champion's).
+    Rows without a version (errors, fallbacks: the challenger failed) stay; shadow answers from another
+    version are marked `other_version`, which the guardrails and the sample count leave out."""
+    if predictions.empty:
+        return predictions
+    version = predictions["model_version"]
+    expected = predictions["variant"].map(versions)
+    keep = version.isna() | (version == expected) | (predictions["status"] == "fallback")
+    frame = predictions[keep].copy()
+    if "shadow_status" in frame and "challenger" in versions:
+        stale = (frame["shadow_status"] == "ok") & (frame["shadow_model_version"] != versions["challenger"])
+        frame.loc[stale, "shadow_status"] = "other_version"
+    return frame.reset_index(drop=True)
+
+
 def to_analysis(results: list[GuardrailResult], phase_index: int, at: float, samples: int) -> AnalysisResult:
     verdicts: dict[str, Verdict] = {r.name: r.verdict for r in results}
     values: dict[str, dict[str, Any]] = {r.name: r.to_dict() for r in results}
@@ -59,10 +78,14 @@ def analyse(
     since: float,
     at: float,
     threshold: float = 0.5,
+    versions: dict[str, str] | None = None,
 ) -> AnalysisResult:
-    """Guardrails over the prediction log written since the phase started (the window under analysis)."""
+    """Guardrails over the prediction log written since the phase started (the window under analysis);
+    with `versions` (variant -> model version), over the rows those versions answered only."""
     log_dir = Path(log_dir)
     predictions = read_window(log_dir / "predictions", since, at)
+    if versions is not None:
+        predictions = rows_of_versions(predictions, versions)
     feedback = read_feedback(log_dir / "feedback", predictions.get("request_id", pd.Series(dtype=str)))
     if predictions.empty:
         return AnalysisResult(at=at, phase_index=phase_index, samples=0, verdicts={}, values={})

@@ -93,7 +93,7 @@ def rollout_figure(rollout: dict[str, Any]) -> go.Figure:
     )
     figure.update_yaxes(range=[-0.05, 1.05], tickformat=".0%", row=1, col=1)
     for row, name in enumerate(names, start=2):
-        series = [(p["t"] - t0, p["guardrails"].get(name, {})) for p in points]
+        series = [(p["t"] - t0, {**p["guardrails"].get(name, {}), "decision": p.get("decision")}) for p in points]
         series = [(x, g) for x, g in series if g.get("value") is not None]
         figure.add_trace(
             go.Scatter(
@@ -101,7 +101,11 @@ def rollout_figure(rollout: dict[str, Any]) -> go.Figure:
                 y=[g["value"] for _, g in series],
                 mode="lines+markers",
                 name=name,
-                marker={"color": [VERDICT_COLOUR.get(g.get("verdict"), "#555") for _, g in series], "size": 6},
+                marker={
+                    "color": [VERDICT_COLOUR.get(g.get("verdict"), "#555") for _, g in series],
+                    "size": [11 if g.get("decision") else 6 for _, g in series],
+                    "line": {"color": "black", "width": [1.5 if g.get("decision") else 0 for _, g in series]},
+                },
                 line={"color": "#607d8b"},
                 text=[g.get("verdict") for _, g in series],
                 hovertemplate="%{y:.4g} (%{text})<extra>" + name + "</extra>",
@@ -249,8 +253,8 @@ MLOPS_HOME {_e(record.get("home", ""))}</p>
 {fill(runs_html)}
 <h2>Guarded rollouts</h2>
 <p>Top: the challenger's share of live traffic (shadow = 0 %). Below: each guardrail's value for the challenger
-(dots coloured by verdict: green pass, grey inconclusive, red fail; dotted: the champion). Dashed lines:
-decisions.</p>
+(dots coloured by verdict: green pass, grey inconclusive, red fail; large ringed dots: the analysis behind a
+decision; dotted: the champion). Dashed lines: decisions.</p>
 {fill(rollouts_html)}
 </body></html>"""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -288,9 +292,22 @@ def render_png(record: dict[str, Any], out: Path) -> Path | None:
             bottom.scatter(
                 [x for x, _ in series], [row] * len(series), c=[VERDICT_COLOUR.get(v, "#555") for _, v in series], s=9
             )
+            deciding = [(x, p["guardrails"][name].get("verdict")) for x, p in zip(xs, points, strict=True)
+                        if p.get("decision") and name in p["guardrails"]]  # fmt: skip
+            bottom.scatter(
+                [x for x, _ in deciding],
+                [row] * len(deciding),
+                c=[VERDICT_COLOUR.get(v, "#555") for _, v in deciding],
+                s=40,
+                edgecolors="black",
+                linewidths=0.8,
+            )
         bottom.set_yticks(range(len(names)), names, fontsize=8)
         bottom.set_ylim(-0.7, len(names) - 0.3)
-        bottom.set_title("guardrail verdicts: green pass, grey inconclusive, red fail", fontsize=9)
+        bottom.set_title(
+            "verdicts: green pass, grey inconclusive, red fail; ringed: behind a decision",
+            fontsize=9,
+        )
         bottom.set_xlabel("seconds since the rollout started")
         for decision in rollout.get("decisions", []):
             if decision["to_status"] != decision["from_status"]:

@@ -37,6 +37,26 @@ def sample(view: dict[str, Any], analysis: dict[str, Any] | None, at: float) -> 
     }
 
 
+def with_decisions(points: list[dict[str, Any]], decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The timeline with one more point per decision that an analysis made (pure).
+
+    Sampling once a second misses the analysis that ends a phase (the next sample already belongs to the new
+    phase), so a phase would appear to advance on inconclusive dots. Each decision recorded the guardrail
+    values behind it: that analysis becomes a point at the decision's time, in the phase it decided."""
+    if not points:
+        return points
+    extra = []
+    for decision in decisions:
+        values = (decision.get("metrics") or {}).get("values")
+        if not values:
+            continue
+        before = [p for p in points if p["t"] <= decision["at"]] or points[:1]
+        keys = ("value", "baseline", "verdict", "limit", "samples")
+        guardrails = {name: {k: v.get(k) for k in keys} for name, v in values.items()}
+        extra.append({**before[-1], "t": decision["at"], "guardrails": guardrails, "decision": True})
+    return sorted(points + extra, key=lambda p: p["t"])
+
+
 class TimelineRecorder:
     """Samples whichever rollout is active (and the one just finished) once a second, in a thread."""
 

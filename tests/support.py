@@ -6,20 +6,29 @@ import json
 from pathlib import Path
 
 from components.registry import log_training_run, register_version
-from mlops.model import FraudScorer, NetworkConfig, Preprocessor, build_network
+from mlops.model import STATE_FILE, FraudScorer, NetworkConfig, Preprocessor, build_network
 from mlops.settings import Settings
 from mlops.synthetic import generate_transactions
 
 
-def register_model(settings: Settings, workdir: Path, seed: int = 0, defect: dict[str, float] | None = None) -> str:
+def register_model(
+    settings: Settings,
+    workdir: Path,
+    seed: int = 0,
+    defect: dict[str, float] | None = None,
+    unloadable: bool = False,
+) -> str:
     """Register an untrained-but-valid fraud model (fitted preprocessing, base-rate output) and return
-    its version. Serving cost is identical to a trained one; `defect` bakes in a slot fault."""
+    its version. Serving cost is identical to a trained one; `defect` bakes in a slot fault; `unloadable`
+    registers a version whose weights file is garbage, so a slot fails to load it."""
     frame = generate_transactions(2_000, seed=seed)
     preprocessor = Preprocessor.fit(frame)
     config = NetworkConfig()
     model_dir = FraudScorer(preprocessor, build_network(preprocessor, config), config).save(workdir / f"m{seed}")
     if defect:
         (model_dir / "defect.json").write_text(json.dumps(defect))
+    if unloadable:
+        (model_dir / STATE_FILE).write_bytes(b"not a torch state dict")
     reference = workdir / f"ref{seed}.parquet"
     frame.to_parquet(reference)
     logged = log_training_run(settings, model_dir, reference, {"seed": seed}, [], {"mlops.run_name": f"quick-{seed}"})

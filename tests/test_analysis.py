@@ -65,3 +65,40 @@ def test_rows_outside_the_window_are_not_analysed(tmp_path: Path) -> None:
     assert read_window(tmp_path / "predictions", time.time() + 60).empty
     empty = analyse(fast_spec(), "canary", 1, tmp_path, time.time() + 60, at=time.time() + 61)
     assert empty.samples == 0 and empty.verdicts == {}
+
+
+def test_rows_another_version_answered_are_not_judged_as_the_challengers(tmp_path: Path) -> None:
+    # The challenger's slot never loaded version 3 and kept serving version 2: its rows are not version 3's.
+    since = write_canary_log(tmp_path, 2_000, challenger_error_rate=0.0)
+    unfiltered = analyse(fast_spec(), "canary", 1, tmp_path, since, at=time.time() + 1)
+    assert unfiltered.samples == 1_000
+    judged = analyse(
+        fast_spec(), "canary", 1, tmp_path, since, at=time.time() + 1, versions={"champion": "1", "challenger": "3"}
+    )
+    assert judged.samples == 0
+    assert "pass" not in judged.verdicts.values() and "fail" not in judged.verdicts.values()
+    own = analyse(
+        fast_spec(), "canary", 1, tmp_path, since, at=time.time() + 1, versions={"champion": "1", "challenger": "2"}
+    )
+    assert own.samples == 1_000 and own.verdicts == unfiltered.verdicts
+
+
+def test_shadow_answers_of_another_version_are_left_out_and_fallbacks_stay() -> None:
+    import pandas as pd
+
+    from monitoring.analysis import rows_of_versions
+
+    frame = pd.DataFrame(
+        {
+            "variant": ["champion", "champion", "challenger", "champion", "champion"],
+            "model_version": ["1", "7", "3", None, "1"],
+            "status": ["ok", "ok", "ok", "fallback", "ok"],
+            "shadow_status": ["ok", "ok", None, None, "ok"],
+            "shadow_model_version": ["3", "3", None, None, "2"],
+        }
+    )
+    kept = rows_of_versions(frame, {"champion": "1", "challenger": "3"})
+    assert kept["model_version"].tolist() == ["1", "3", None, "1"]  # version 7 answered as champion: dropped
+    assert kept["shadow_status"].tolist() == ["ok", None, None, "other_version"]
+    watch = rows_of_versions(frame, {"champion": "3"})  # after promotion the challenger answers as champion
+    assert watch["model_version"].tolist() == [None]

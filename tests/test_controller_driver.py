@@ -61,6 +61,7 @@ def world(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "v1": register_model(settings, root, seed=1),  # first version: champion
         "v2": register_model(settings, root, seed=2),
         "broken": register_model(settings, root, seed=3, defect={"error_rate": 0.6}),
+        "unloadable": register_model(settings, root, seed=5, unloadable=True),
     }
     stack = LocalStack(
         root / "home",
@@ -266,3 +267,33 @@ def test_the_controller_process_takes_commands_from_the_cli(world: dict, tmp_pat
         assert "mlops_rollout_challenger_weight 0.0" in metrics
     finally:
         stop_process(controller)
+
+
+def test_a_challenger_its_slot_cannot_load_is_rolled_back_and_the_old_version_is_never_judged_for_it(
+    world: dict,
+) -> None:
+    # The slot keeps serving the version it had: that version's answers must not pass for the challenger's.
+    controller = make_controller(world)
+    deadline_spec = {**SPEC, "phases": [{**SPEC["phases"][0], "max_duration_s": 5}, *SPEC["phases"][1:]]}
+    controller.spec = load_spec(deadline_spec)
+    controller.slot_ready_timeout_s = 3
+    versions = world["versions"]
+    champion_before = alias(world, "champion")
+    # The challenger's slot serves a good, older version when the rollout assigns it the unloadable one.
+    challenger_slot = "b" if world["control"].get_policy().champion_slot == "a" else "a"
+    older = versions["v1"] if champion_before != versions["v1"] else versions["v2"]
+    world["control"].assign(challenger_slot, older)
+    wait_for_version(world["stack"].url(f"slot-{challenger_slot}"), older)
+    with Traffic(world["stack"].url("gateway")) as traffic:
+        rollout_id = controller.start(versions["unloadable"])
+        assert drive([controller], rollout_id, timeout=60) == "rolled_back"
+    assert set(traffic.statuses) == {200}
+    slot_status = httpx.get(f"{world['stack'].url('slot-' + challenger_slot)}/v1/status").json()
+    assert slot_status["model_version"] == older
+    assert f"loading version {versions['unloadable']}" in slot_status["last_error"]
+    decisions = controller.store.decisions(rollout_id)
+    reasons = " | ".join(d["reason"] for d in decisions)
+    assert f"serves version {older}, not the challenger {versions['unloadable']}" in reasons
+    assert all(d["to_status"] != "canary" for d in decisions), "never given live traffic"
+    assert alias(world, "champion") == champion_before
+    assert world["mlflow"].get_model_version(MODEL, versions["unloadable"]).tags["mlops.rollout"].startswith("rejected")

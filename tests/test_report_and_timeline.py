@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from monitoring.report import render_png, render_report
-from monitoring.timeline import sample, weight_of
+from monitoring.timeline import sample, weight_of, with_decisions
 
 PLAN = {"phases": [{"name": "shadow", "weight": 0.0}, {"name": "canary-10", "weight": 0.1}]}
 
@@ -27,6 +27,24 @@ def test_a_timeline_point_keeps_only_the_analysis_of_the_current_phase() -> None
     assert point["phase"] == "canary-10" and point["weight"] == 0.1
     assert point["guardrails"]["error-rate"]["verdict"] == "pass" and "detail" not in point["guardrails"]["error-rate"]
     assert sample(view("shadow", 0), analysis, at=1.0)["guardrails"] == {}  # a stale analysis is not shown
+
+
+def test_the_analysis_behind_each_decision_joins_the_timeline_in_the_phase_it_decided() -> None:
+    # Sampled once a second, the timeline never saw the all-pass analysis that ended the shadow phase.
+    points = [{**sample(view("shadow", 0), None, 100.0 + i), "guardrails": {}} for i in range(3)]
+    points.append({**sample(view("canary", 1), None, 103.2), "guardrails": {}})
+    deciding = {"recall": {"value": 0.6, "verdict": "pass", "detail": "long", "samples": 40}}
+    decisions = [
+        {"at": 100.0, "from_status": "pending", "to_status": "shadow", "metrics": {"phases": 2}},
+        {"at": 102.5, "from_status": "shadow", "to_status": "canary", "metrics": {"values": deciding}},
+    ]
+    merged = with_decisions(points, decisions)
+    assert [p["t"] for p in merged] == [100.0, 101.0, 102.0, 102.5, 103.2]
+    added = merged[3]
+    assert added["decision"] and added["phase"] == "shadow" and added["weight"] == 0.0
+    assert added["guardrails"] == {"recall": {"value": 0.6, "verdict": "pass", "limit": None, "baseline": None,
+                                              "samples": 40}}  # fmt: skip
+    assert with_decisions([], decisions) == []
 
 
 def record() -> dict:

@@ -160,23 +160,38 @@ class Controller:
         since = state.phase_started_at + 1.0
         if now <= since:
             return Tick(at=now)
-        result = analyse(self.spec, kind, state.phase_index, self.log_dir, since, now, self.decision_threshold)
+        # Judge the versions of the plan only: after promotion the challenger answers as champion.
+        versions = (
+            {"champion": plan.challenger_version}
+            if kind == WATCH
+            else {"champion": plan.champion_version, "challenger": plan.challenger_version}
+        )
+        result = analyse(
+            self.spec, kind, state.phase_index, self.log_dir, since, now, self.decision_threshold, versions
+        )
         self.last_analysis = result
         return Analysis(result=result)
 
     def _slot_event(self, plan: RolloutPlan, state: RolloutState, now: float) -> SlotDown | None:
-        """Edge-triggered: report the challenger's slot once when it stops answering."""
+        """Edge-triggered: report the challenger's slot once when it stops answering, or answers with another
+        version than the challenger (it could not load it: it keeps serving what it had)."""
         if state.status not in ("shadow", "canary", "promoted_watching"):
             return None
         slot = plan.challenger_slot
-        up = self.effects.slot_version(slot) is not None
-        if up:
+        serving = self.effects.slot_version(slot)
+        if serving == plan.challenger_version:
             self._slot_down.discard(slot)
             return None
         if slot in self._slot_down:
             return None
         self._slot_down.add(slot)
-        return SlotDown(at=now, slot=slot, detail=f"slot {slot} does not answer")
+        if serving is None:
+            return SlotDown(at=now, slot=slot, detail=f"slot {slot} does not answer")
+        return SlotDown(
+            at=now,
+            slot=slot,
+            detail=f"slot {slot} serves version {serving}, not the challenger {plan.challenger_version}",
+        )
 
     # --- actions ---------------------------------------------------------------------------------
 
