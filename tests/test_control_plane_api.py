@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import pytest
 from sqlalchemy import text
 from starlette.requests import Request
 
+from mlops.processes import free_port, stop_pid
 from serving.control_plane.app import MAX_WAIT_S, _long_poll_params, create_app
 from serving.control_plane.client import (
     AsyncControlPlaneClient,
@@ -64,16 +64,10 @@ class Server:
         return ControlPlaneClient(self.url, token=token or self.token)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _start_server(root: Path) -> Server:
     """`python -m serving.control_plane` with a clean environment: no token configured, so it generates one."""
     home, log = root / "home", root / "server.log"
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLOPS_")}
     env.update(
         {"MLOPS_HOME": str(home), "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
@@ -91,7 +85,7 @@ def _start_server(root: Path) -> Server:
     try:
         _wait_ready(server)
     except BaseException:
-        _stop(server.proc)
+        stop_pid(server.proc.pid, 15, server.proc)
         raise
     return server
 
@@ -109,24 +103,13 @@ def _wait_ready(server: Server, timeout: float = 30.0) -> None:
     raise TimeoutError(f"control plane not ready:\n{server.log.read_text()[-3000:]}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     running = _start_server(tmp_path_factory.mktemp("control-plane"))
     try:
         yield running
     finally:
-        _stop(running.proc)
+        stop_pid(running.proc.pid, 15, running.proc)
 
 
 @pytest.fixture
@@ -456,7 +439,7 @@ def test_client_surfaces_server_error_text_and_field(server: Server) -> None:
 
 
 def test_client_reports_unreachable_server_as_unavailable() -> None:
-    with ControlPlaneClient(f"http://127.0.0.1:{_free_port()}", timeout=1) as client:
+    with ControlPlaneClient(f"http://127.0.0.1:{free_port()}", timeout=1) as client:
         with pytest.raises(ControlPlaneUnavailable):
             client.get_policy()
         with pytest.raises(ControlPlaneUnavailable):
@@ -483,7 +466,7 @@ def test_async_client_reads_and_long_polls(server: Server) -> None:
     assert latency < 1.0
 
     async def unreachable() -> None:
-        async with AsyncControlPlaneClient(f"http://127.0.0.1:{_free_port()}", timeout=1) as client:
+        async with AsyncControlPlaneClient(f"http://127.0.0.1:{free_port()}", timeout=1) as client:
             await client.get_policy()
 
     with pytest.raises(ControlPlaneUnavailable):
@@ -522,7 +505,7 @@ def test_sigterm_answers_pending_long_polls_and_exits_promptly(tmp_path: Path) -
         log = (own.home / "logs" / "control-plane.log").read_text()
         assert "Finished server process" in log
     finally:
-        _stop(own.proc)
+        stop_pid(own.proc.pid, 15, own.proc)
 
 
 # -- in-process: failure modes that are awkward to provoke in a separate process -----------------------------------
