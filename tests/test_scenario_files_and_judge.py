@@ -77,6 +77,28 @@ def test_a_scenario_file_whose_name_differs_from_the_file_is_refused(tmp_path: P
         load_scenario(path)
 
 
+def test_a_kill_is_planned_for_one_status_or_once_in_each_of_a_list() -> None:
+    one = parse_scenario(
+        {"name": "s", "chaos": {"kill": "controller", "when": "shadow"}, "expect": {"outcome": "promoted"}}
+    )
+    assert one.chaos is not None and one.chaos.when == ["shadow"]
+    assert load_scenario(Path("scenarios/controller-restart.yaml")).chaos.when == [
+        "shadow",
+        "canary",
+        "promoted_watching",
+    ]
+    with pytest.raises(ScenarioError, match=r"chaos\.when"):
+        parse_scenario(
+            {
+                "name": "s",
+                "chaos": {"kill": "controller", "when": ["shadow", "later"]},
+                "expect": {"outcome": "promoted"},
+            }
+        )
+    with pytest.raises(ScenarioError, match=r"chaos\.when"):
+        parse_scenario({"name": "s", "chaos": {"kill": "controller", "when": []}, "expect": {"outcome": "promoted"}})
+
+
 # --- verdicts ---------------------------------------------------------------------------------------
 
 

@@ -239,7 +239,8 @@ class ScenarioRunner:
         phases = view["plan"]["phases"]
         challenger_slot = view["plan"]["challenger_slot"]
         started = time.monotonic()
-        chaos_done = fault_done = False
+        killed_in: set[str] = set()  # the statuses whose kill is done: one kill in each of `chaos.when`
+        fault_done = False
         progress.stage = "rolling out"
         while True:
             view = self._read(f"/v1/rollouts/{rollout_id}")
@@ -258,11 +259,11 @@ class ScenarioRunner:
             self.show(progress)
             if status in TERMINAL:
                 break
-            if scenario.chaos and not chaos_done and status == scenario.chaos.when:
+            if scenario.chaos and status in scenario.chaos.when and status not in killed_in:
                 service = "controller" if scenario.chaos.kill == "controller" else f"slot-{challenger_slot}"
                 self.say(f"{scenario.name}: killing {service} (SIGKILL) during {status}")
                 self.target.kill(service)
-                chaos_done = True
+                killed_in.add(status)
             fault = scenario.challenger.fault
             if fault and not fault_done and status == fault.when:
                 self.say(f"{scenario.name}: the challenger's slot degrades now ({status}): {fault.defect}")

@@ -13,7 +13,7 @@ Example::
   switches one on in the challenger's slot at run time, once the rollout reaches status `when` (e.g. a
   model that degrades after its promotion).
 - `chaos.kill`: `challenger-slot` or `controller`, killed (SIGKILL, with every child) as soon as the rollout
-  reaches `chaos.when` (a status: `shadow`, `canary`, `promoted_watching`).
+  reaches `chaos.when`: a status (`shadow`, `canary`, `promoted_watching`) or a list of them, one kill in each.
 - `challenger.source: retrained`: no challenger is built; drifted traffic must make the drift monitor submit a
   retraining run whose model then goes through a guarded rollout (`expect.retrain: true`, outcome `decided`:
   any decision), or clean traffic must trigger nothing for `traffic.duration_s` (`outcome: none`).
@@ -95,9 +95,17 @@ class TrafficSpec(_Strict):
         )
 
 
+ChaosStatus = Literal["shadow", "canary", "promoted_watching"]
+
+
 class ChaosSpec(_Strict):
     kill: Literal["challenger-slot", "controller"]
-    when: Literal["shadow", "canary", "promoted_watching"] = "canary"
+    when: list[ChaosStatus] = Field(default_factory=lambda: ["canary"], min_length=1)
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _one_status_or_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 class Expectation(_Strict):
