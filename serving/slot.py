@@ -245,6 +245,7 @@ async def watch_assignment(settings: Settings, state: SlotState, load: Callable[
     """Follow this slot's assignment; load each new version off the event loop, then swap it in."""
     client = AsyncControlPlaneClient(settings.control_plane_url)
     backoff = 0.5
+    load_backoff = 1.0  # doubles per failed load of the same assignment, up to the long-poll's 30 s
     try:
         while True:
             try:
@@ -272,8 +273,13 @@ async def watch_assignment(settings: Settings, state: SlotState, load: Callable[
                     state.loads.labels("error").inc()
                     state.last_error = f"loading version {assignment.model_version}: {error}"
                     log.warning("slot %s: %s", state.slot, state.last_error)
-                    await asyncio.sleep(2.0)
-                    continue  # generation not advanced: the next poll returns the same assignment
+                    # Retry later, less and less often (a broken version would otherwise be downloaded every
+                    # few seconds for ever), but wait as a long-poll: a newer assignment ends the wait at once.
+                    load_backoff = min(load_backoff * 2, 30.0)
+                    with contextlib.suppress(ControlPlaneUnavailable, ControlPlaneError):
+                        await client.wait_assignment(state.slot, after=assignment.generation, wait=load_backoff)
+                    continue  # generation not advanced: the next poll returns the newest assignment
+                load_backoff = 1.0
             state.generation = assignment.generation
             state.generation_gauge.set(state.generation)
             state.last_error = None

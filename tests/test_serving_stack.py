@@ -252,7 +252,11 @@ def test_an_unknown_version_leaves_the_slot_serving_what_it_has(
     assert status["model_version"] == versions["v2"] and "999" in status["last_error"]
     row = json.dumps(traffic.rows[0], default=float)
     assert httpx.post(f"{stack.url('slot-b')}/v1/predict", content=row).json()["model_version"] == versions["v2"]
+    time.sleep(7)  # the slot now retries the broken assignment less and less often (2, 4, 8 s apart)...
+    control.assign("b", versions["v1"])  # ...yet a newer assignment is taken at once, not after the back-off
+    wait_for(lambda: httpx.get(f"{stack.url('slot-b')}/v1/status").json()["model_version"] == versions["v1"], 4)
     control.assign("b", versions["v2"])
+    wait_for(lambda: httpx.get(f"{stack.url('slot-b')}/v1/status").json()["model_version"] == versions["v2"])
 
 
 def test_slots_and_gateway_keep_serving_while_the_control_plane_is_down(
