@@ -19,6 +19,8 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
 WORKDIR /src
 # Dependencies change less often than code: resolve them from the metadata first (cached layer).
 COPY pyproject.toml README.md requirements.lock ./
+COPY core ./core
+COPY control_plane ./control_plane
 COPY mlops ./mlops
 COPY components ./components
 COPY pipelines ./pipelines

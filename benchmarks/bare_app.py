@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from mlops.model import FraudScorer
+from core.model import FraudScorer
 
 torch.set_num_threads(1)
 scorer = FraudScorer.load(os.environ["MLOPS_BENCH_MODEL_DIR"])

@@ -33,10 +33,10 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from monitoring.controller.driver import plan_for  # noqa: E402
-from monitoring.controller.state_machine import Analysis, Start, initial_state, step  # noqa: E402
-from monitoring.guardrails import evaluate_guardrails, online_recall, required_labelled_frauds  # noqa: E402
-from monitoring.rollout_spec import OnlineRecallGuardrail, RolloutSpec, fast_spec  # noqa: E402
+from monitoring.rollout.driver import plan_for  # noqa: E402
+from monitoring.rollout.guardrails import evaluate_guardrails, online_recall, required_labelled_frauds  # noqa: E402
+from monitoring.rollout.spec import OnlineRecallGuardrail, RolloutSpec, fast_spec  # noqa: E402
+from monitoring.rollout.state_machine import Analysis, Start, initial_state, step  # noqa: E402
 
 THRESHOLD = 0.2
 TARGETS = {"rollback_to_gateway_s": 2.0, "false_rollback_rate": 0.05}
@@ -57,7 +57,7 @@ def labelled_frauds_needed(trials: int, seed: int = 0) -> dict[str, Any]:
     caught = 0
     for _ in range(trials):
         frame = _labelled_frauds(rng, n, champion_recall, champion_recall * (1 - drop))
-        from monitoring.guardrails import observe
+        from monitoring.rollout.guardrails import observe
 
         caught += online_recall(config, observe("canary", frame[0], frame[1], THRESHOLD)).verdict == "fail"
     return {
@@ -151,9 +151,9 @@ def simulate_rollout(spec: RolloutSpec, rng: np.random.Generator, rps: int, labe
         feedback = labelled[["request_id", "label"]]
         predictions = window.drop(columns=["label", "failed"])
         results = evaluate_guardrails(spec, phase.kind, predictions, feedback, threshold=THRESHOLD)
-        from monitoring.analysis import _samples, to_analysis
+        from monitoring.rollout.analysis import phase_samples, to_analysis
 
-        analysis = to_analysis(results, index, now, _samples(phase.kind, predictions))
+        analysis = to_analysis(results, index, now, phase_samples(phase.kind, predictions))
         new_state, _ = step(plan, state, Analysis(result=analysis))
         if new_state.phase_index != state.phase_index:
             log = []  # a new phase analyses only its own window
@@ -186,11 +186,11 @@ def false_rollback_rate(rollouts: int, seed: int = 0) -> dict[str, Any]:
 def rollback_to_gateway(rounds: int) -> dict[str, Any]:
     import httpx
 
+    from core.processes import free_port
+    from core.settings import Settings
     from mlops.local_stack import stack_down, stack_up
-    from mlops.processes import free_port
-    from mlops.settings import Settings
-    from monitoring.scenarios import models
-    from monitoring.traffic import BackgroundTraffic, TrafficPlan
+    from mlops.scenarios import models
+    from mlops.traffic import BackgroundTraffic, TrafficPlan
 
     root = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     ports = {name: free_port() for name in ("cp", "ctl", "a", "b", "gw", "mlflow", "drift")}
@@ -212,8 +212,8 @@ def rollback_to_gateway(rounds: int) -> dict[str, Any]:
     try:
         stack_up(settings, on_progress=lambda line: print(line, file=sys.stderr))
         registry = Settings(mlflow_tracking_uri=f"http://127.0.0.1:{ports['mlflow']}", home=settings.home)
-        from serving.control_plane.client import ControlPlaneClient
-        from serving.control_plane.tokens import resolve_token
+        from control_plane.client import ControlPlaneClient
+        from control_plane.tokens import resolve_token
 
         token = resolve_token(settings)
         control = ControlPlaneClient(settings.control_plane_url, token=token)

@@ -25,10 +25,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from core.processes import ManagedProcess, free_port, start_process, stop_process, wait_until_ready  # noqa: E402
+from core.schema import FEATURES  # noqa: E402
+from core.synthetic import generate_transactions  # noqa: E402
 from mlops.local_stack import LocalStack  # noqa: E402
-from mlops.processes import ManagedProcess, free_port, start_process, stop_process, wait_until_ready  # noqa: E402
-from mlops.schema import FEATURES  # noqa: E402
-from mlops.synthetic import generate_transactions  # noqa: E402
 
 TARGETS = {"slot_vs_bare": 0.25, "gateway_vs_slot": 0.5, "gateway_added_p50_ms": 1.5, "shadow_p99_increase": 0.20}
 
@@ -97,7 +97,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     ensure_wrk()
-    from mlops.settings import Settings
+    from core.settings import Settings
     from tests.support import register_model
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from components.dataset import write_transactions  # noqa: E402
 from components.train import TrainParams, train_model  # noqa: E402
-from mlops.synthetic import generate_transactions  # noqa: E402
+from core.synthetic import generate_transactions  # noqa: E402
 
 PIPELINE_TARGET_S = 120.0
 RECOVERY_SLACK_S = 20.0

@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlops.schema import ENTITY_KEY
+from core.schema import ENTITY_KEY
 
 
 class DataFileError(ValueError):

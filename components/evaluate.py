@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, log_loss, precision_recall_curve, roc_auc_score
 
-from mlops.schema import LABEL, SLICE_COLUMNS
+from core.schema import LABEL, SLICE_COLUMNS
 
 
 def recall_at_precision(labels: np.ndarray, scores: np.ndarray, precision_target: float) -> float:

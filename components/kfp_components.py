@@ -11,7 +11,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
-from mlops.settings import get_settings
+from core.settings import get_settings
 
 IMAGE = get_settings().image
 
@@ -20,7 +20,7 @@ IMAGE = get_settings().image
 def ingest_op(run_id: str, data_path: str, rows: int, seed: int, data: Output[Dataset]) -> str:
     """Bring the data into the run (a given Parquet file, or `rows` generated transactions)."""
     from components.steps import ingest
-    from mlops.settings import get_settings
+    from core.settings import get_settings
 
     sha = ingest(get_settings(), run_id, data_path, rows, seed, data.path)
     data.metadata["sha256"] = sha
@@ -36,7 +36,7 @@ def validate_op(
     import os
 
     from components.steps import validate
-    from mlops.settings import get_settings
+    from core.settings import get_settings
 
     os.makedirs(summary.path, exist_ok=True)
     docs_dir = os.path.join(summary.path, "data_docs")
@@ -52,7 +52,7 @@ def drift_check_op(run_id: str, data: Input[Dataset], report: Output[HTML], metr
     import tempfile
 
     from components.steps import drift_check
-    from mlops.settings import get_settings
+    from core.settings import get_settings
 
     with tempfile.TemporaryDirectory() as workdir:
         result = drift_check(get_settings(), data.path, report.path, workdir, run_id)
@@ -83,7 +83,7 @@ def train_op(
 
     from components.steps import train
     from components.train import TrainParams
-    from mlops.settings import get_settings
+    from core.settings import get_settings
 
     settings = get_settings()
     params = TrainParams(
@@ -124,7 +124,7 @@ def evaluate_op(
 
     from components.evaluate import GateTolerances
     from components.steps import evaluate
-    from mlops.settings import get_settings
+    from core.settings import get_settings
 
     tolerances = GateTolerances(min_pr_auc=min_pr_auc, max_pr_auc_drop=max_pr_auc_drop, max_ece=max_ece)
     with tempfile.TemporaryDirectory() as workdir:
@@ -146,7 +146,7 @@ def register_op(
     from collections import namedtuple
 
     from components.steps import register
-    from mlops.settings import get_settings
+    from core.settings import get_settings
 
     version, aliases = register(get_settings(), run_id, model_uri, mlflow_run_id, data_sha, validation, checkpoint)
     outputs = namedtuple("RegisterOutputs", ["version", "aliases"])
@@ -160,7 +160,7 @@ def deploy_op(run_id: str, version: str, aliases: str, enabled: bool) -> str:
     import json
 
     from components.steps import deploy
-    from mlops.settings import get_settings
+    from core.settings import get_settings
 
     if not enabled:
         return json.dumps({"action": "disabled", "version": version, "reason": "deploy=False"})

@@ -19,10 +19,10 @@ import pandas as pd
 from components.dataset import file_sha256, read_transactions, split_by_account, write_transactions
 from components.evaluate import GateTolerances, compute_metrics, offline_gate, slice_gaps, slice_metrics
 from components.train import TrainOutcome, TrainParams, train_model
-from mlops.model import FraudScorer
-from mlops.schema import FEATURES, LABEL
-from mlops.settings import Settings
-from mlops.synthetic import generate_transactions
+from core.model import FraudScorer
+from core.schema import FEATURES, LABEL
+from core.settings import Settings
+from core.synthetic import generate_transactions
 
 REFERENCE_ROWS = 5_000
 
@@ -110,8 +110,8 @@ def drift_check(
     settings: Settings, data_path: str | Path, html_path: str | Path, workdir: str | Path, run_id: str | None = None
 ) -> dict[str, Any]:
     """Evidently drift of the new data against the champion's training reference (informational)."""
-    from components.drift import drift_report
-    from components.registry import CHAMPION, load_alias
+    from core.drift import drift_report
+    from core.registry import CHAMPION, load_alias
 
     champion = load_alias(settings, CHAMPION, workdir)
     if champion is None:
@@ -183,7 +183,7 @@ def train(
         "mlops.run_name": f"train-{run_id}",
         "mlops.checkpoint": outcome.checkpoint,
     }
-    from components.registry import log_training_run
+    from core.registry import log_training_run
 
     logged = log_training_run(settings, model_dir, reference, outcome.params, outcome.history, tags)
     metrics = {k: float(v) for k, v in outcome.metrics.items()}
@@ -217,7 +217,7 @@ def evaluate(
     workdir: str | Path,
 ) -> EvaluationResult:
     """Score the holdout with the new model and the champion; refuse to register a model that loses."""
-    from components.registry import CHAMPION, load_alias, log_evaluation
+    from core.registry import CHAMPION, load_alias, log_evaluation
 
     _, holdout = split_by_account(read_transactions(data_path))
     labels = holdout[LABEL].to_numpy()
@@ -246,7 +246,7 @@ def evaluate(
 def register(
     settings: Settings, run_id: str, model_uri: str, mlflow_run_id: str, data_sha: str, validation: str, checkpoint: str
 ) -> tuple[str, list[str]]:
-    from components.registry import git_sha, register_version
+    from core.registry import git_sha, register_version
 
     tags = {
         "mlops.pipeline_run_id": run_id,
@@ -270,14 +270,14 @@ def deploy(settings: Settings, run_id: str, version: str, aliases: list[str]) ->
     The outcome is recorded as the version's `mlops.deploy` tag, so `mlops run` can report it."""
     import httpx
 
-    from components.registry import connect
-    from serving.control_plane.tokens import resolve_token
+    from control_plane.tokens import resolve_token
+    from core.registry import connect
 
     token = resolve_token(settings)
     headers = {"Authorization": f"Bearer {token}"}
     try:
         if "champion" in aliases:
-            from serving.control_plane.client import ControlPlaneClient, ControlPlaneUnavailable
+            from control_plane.client import ControlPlaneClient, ControlPlaneUnavailable
 
             try:
                 with ControlPlaneClient(settings.control_plane_url, token=token) as control:

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from components.dataset import read_transactions, split_by_account
-from mlops.model import FraudScorer, NetworkConfig, Preprocessor, build_network
-from mlops.schema import LABEL
+from core.model import FraudScorer, NetworkConfig, Preprocessor, build_network
+from core.schema import LABEL
 
 CHECKPOINT_STATE = "state.pt"
 S3_SCHEME = "s3://"

@@ -1,6 +1,6 @@
 """The data validation gate: check a transaction frame against the data contract with Great Expectations.
 
-The suite is derived from `mlops.schema`, so the gate can never disagree with training or serving about
+The suite is derived from `core.schema`, so the gate can never disagree with training or serving about
 what a valid transaction is. Each call runs in its own in-memory GX context (nothing is written into the
 repository or the working directory) and writes a real Data Docs site under `docs_dir`, which a person
 can open when the gate fails. The result is reduced to a small `ValidationSummary` so that callers (the
@@ -26,7 +26,7 @@ from great_expectations.data_context.types.base import (
 )
 from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
-from mlops.schema import COLUMNS, LABEL, LABEL_RATE_BOUNDS, Column
+from core.schema import COLUMNS, LABEL, LABEL_RATE_BOUNDS, Column
 
 SUITE_NAME = "transactions_contract"
 DOCS_SITE = "validation_docs"
@@ -83,7 +83,7 @@ class ValidationSummary:
 
 
 def build_suite(min_rows: int = 1000) -> gx.ExpectationSuite:
-    """The contract of `mlops.schema` as a GX suite: table-level rules first, then each column's rules."""
+    """The contract of `core.schema` as a GX suite: table-level rules first, then each column's rules."""
     expectations: list[gxe.Expectation] = [
         gxe.ExpectTableColumnsToMatchSet(column_set=[c.name for c in COLUMNS], exact_match=True),
         gxe.ExpectTableRowCountToBeBetween(min_value=min_rows),

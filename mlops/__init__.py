@@ -1,7 +1,7 @@
-"""Shared core of the MLOps template: settings, the data schema, synthetic data and the `mlops` CLI.
+"""The operator's side, on top of everything: the `mlops` CLI, the local stack, the demo, the traffic simulator,
+the timeline and report, and the scenarios (spec, runner, judge, models).
 
-Domain logic lives in the role folders (components/, pipelines/, serving/, monitoring/);
-this package holds only what every one of them needs.
+Nothing imports this package except `tests/` and `benchmarks/`; shared code lives in `core/`.
 """
 
 __version__ = "0.1.0"

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mlops.settings import Settings, SettingsError, load_settings
+from core.settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(
     help="Card-fraud MLOps platform template.",
@@ -83,7 +83,7 @@ def data_generate(
 ) -> None:
     """Write synthetic card transactions (about 2 % fraud) to a Parquet file."""
     from components.dataset import write_transactions
-    from mlops.synthetic import CORRUPT_KINDS, DRIFT_KINDS, generate_transactions
+    from core.synthetic import CORRUPT_KINDS, DRIFT_KINDS, generate_transactions
 
     if drift is not None and drift not in DRIFT_KINDS:
         raise _fail(f"--drift {drift!r}: choose one of {', '.join(DRIFT_KINDS)}")
@@ -248,7 +248,7 @@ def train(
     """Train alone (no pipeline, no registry), for experiments and fault tests."""
     from components.dataset import write_transactions
     from components.train import TrainParams, train_model
-    from mlops.synthetic import generate_transactions
+    from core.synthetic import generate_transactions
 
     settings = _settings()
     settings.ensure_dirs()
@@ -293,7 +293,7 @@ def train(
 @app.command("models")
 def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List registered versions of the model with their aliases and lineage."""
-    from components.registry import connect
+    from core.registry import connect
 
     settings = _settings()
     client = connect(settings)
@@ -319,14 +319,14 @@ def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 
 def _control_plane(settings: Settings, write: bool = False) -> Any:
-    from serving.control_plane.client import ControlPlaneClient
-    from serving.control_plane.tokens import resolve_token
+    from control_plane.client import ControlPlaneClient
+    from control_plane.tokens import resolve_token
 
     return ControlPlaneClient(settings.control_plane_url, token=resolve_token(settings) if write else None)
 
 
 def _control_plane_call(call: Any) -> Any:
-    from serving.control_plane.client import ControlPlaneError, ControlPlaneUnavailable
+    from control_plane.client import ControlPlaneError, ControlPlaneUnavailable
 
     try:
         return call()
@@ -399,7 +399,7 @@ def _require_registered_version(settings: Settings, version: str) -> None:
     """Refuse to assign a version the registry does not have: the slot would only fail to load it."""
     from mlflow.exceptions import MlflowException
 
-    from components.registry import connect
+    from core.registry import connect
 
     try:
         connect(settings).get_model_version(settings.model_name, version)
@@ -415,7 +415,7 @@ def serve_control_plane(
     """The control-plane API (traffic policy, slot assignments)."""
     from urllib.parse import urlsplit
 
-    from serving.control_plane.app import serve
+    from control_plane.app import serve
 
     settings = _settings()
     settings.ensure_dirs()
@@ -456,8 +456,8 @@ def serve_gateway(
 @app.command("up")
 def up() -> None:
     """Start the local stack (MLflow, control plane, controller, two slots, gateway) in the background."""
+    from core.processes import ProcessFailed
     from mlops.local_stack import StackError, stack_up
-    from mlops.processes import ProcessFailed
 
     settings = _settings()
     try:
@@ -510,7 +510,7 @@ def serve_controller(
     """The rollout controller: its loop plus the API that `mlops rollout` and the pipeline use."""
     from urllib.parse import urlsplit
 
-    from monitoring.controller.process import serve
+    from monitoring.rollout.process import serve
 
     settings = _settings()
     settings.ensure_dirs()
@@ -525,7 +525,7 @@ def serve_drift_monitor(
     """The drift monitor: Evidently over prediction-log windows, metrics, reports, retraining runs."""
     from urllib.parse import urlsplit
 
-    from monitoring.drift_monitor import serve
+    from monitoring.drift.monitor import serve
 
     settings = _settings()
     serve(settings, host, port or urlsplit(settings.drift_monitor_url).port or 8740)
@@ -548,7 +548,7 @@ def serve_supervisor() -> None:
 def _controller_call(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     import httpx
 
-    from serving.control_plane.tokens import resolve_token
+    from control_plane.tokens import resolve_token
 
     settings = _settings()
     headers = {"Authorization": f"Bearer {resolve_token(settings)}"} if method == "POST" else {}
@@ -642,7 +642,7 @@ def traffic(
     """Send generated transactions through the gateway and post their labels later, with a live display."""
     import asyncio
 
-    from monitoring.traffic import TrafficPlan, run_traffic
+    from mlops.traffic import TrafficPlan, run_traffic
 
     settings = _settings()
     try:
@@ -727,7 +727,7 @@ def scenario(
     import logging
     import os
 
-    from monitoring.scenarios.spec import ScenarioError, resolve
+    from mlops.scenarios.spec import ScenarioError, resolve
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.ERROR)
@@ -751,7 +751,7 @@ def scenario(
         os.environ.setdefault(name, value)
     settings = _settings()
     settings.ensure_dirs()
-    from monitoring.scenarios.runner import KindTarget, LocalTarget, ScenarioRunner, run_scenarios
+    from mlops.scenarios.runner import KindTarget, LocalTarget, ScenarioRunner, run_scenarios
 
     if target not in ("local", "kind"):
         raise _fail(f"--target must be local or kind, got {target!r}")

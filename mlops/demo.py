@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from mlops.settings import Settings
+from core.settings import Settings
 
 DEMO_ENV = {
     "MLOPS_ROLLOUT_SPEC": "fast",
@@ -47,7 +47,7 @@ def run_pipeline(
     settings: Settings, data: Path, label: str, params: dict[str, Any], say: Callable[[str], None]
 ) -> dict:
     """`mlops run --data ... --json` as a user runs it (its live step display goes to the terminal)."""
-    from mlops.processes import mlops_command
+    from core.processes import mlops_command
 
     args = ["run", "--data", str(data), "--json"]
     for key, value in params.items():
@@ -70,7 +70,7 @@ def training_history(settings: Settings, version: str | None) -> list[dict[str, 
     """Per-epoch curves of the version's training run, from MLflow."""
     if version is None:
         return []
-    from components.registry import connect
+    from core.registry import connect
 
     client = connect(settings)
     run_id = client.get_model_version(settings.model_name, version).run_id
@@ -104,8 +104,8 @@ def follow_rollout(settings: Settings, rollout_id: str, timeout_s: float, on_sta
 
 
 def rollout_entry(label: str, story: str, followed: dict, timeline: list[dict], traffic: dict) -> dict[str, Any]:
-    from monitoring.scenarios.judge import deciding, decision_seconds, outcome_of
-    from monitoring.timeline import with_decisions
+    from mlops.scenarios.judge import deciding, decision_seconds, outcome_of
+    from mlops.timeline import with_decisions
 
     view, decisions = followed["view"], followed["decisions"]
     outcome = outcome_of(view["state"]["status"], decisions)
@@ -129,14 +129,14 @@ def run_demo(
 ) -> dict[str, Any]:
     """The whole demo; returns the record the report is rendered from (also written as `record.json`)."""
     from components.dataset import write_transactions
+    from core.synthetic import generate_transactions
     from mlops.local_stack import stack_down, stack_status, stack_up
-    from mlops.synthetic import generate_transactions
-    from monitoring.report import render_png, render_report
-    from monitoring.scenarios.models import cache_from_version
-    from monitoring.scenarios.runner import LocalTarget, ScenarioRunner
-    from monitoring.scenarios.spec import resolve
-    from monitoring.timeline import TimelineRecorder
-    from monitoring.traffic import BackgroundTraffic, TrafficPlan
+    from mlops.report import render_png, render_report
+    from mlops.scenarios.models import cache_from_version
+    from mlops.scenarios.runner import LocalTarget, ScenarioRunner
+    from mlops.scenarios.spec import resolve
+    from mlops.timeline import TimelineRecorder
+    from mlops.traffic import BackgroundTraffic, TrafficPlan
 
     started = time.time()
     record: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started))}

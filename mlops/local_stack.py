@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from mlops.processes import (
+from core.processes import (
     ManagedProcess,
     ProcessFailed,
     free_port,

@@ -27,7 +27,7 @@ from typing import Any
 
 from kfp import compiler, dsl
 
-from mlops.settings import Settings
+from core.settings import Settings
 from pipelines.runner import STEPS, RunResult, default_params, new_run_id, outcome
 from pipelines.training import PIPELINE_NAME, training_pipeline
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from kfp import compiler
 
-from mlops.settings import Settings
+from core.settings import Settings
 from pipelines.training import training_pipeline
 
 
@@ -171,8 +171,8 @@ def outcome(
     settings: Settings, run_id: str, error: Exception | None, seconds: float, log_path: Path | None = None
 ) -> RunResult:
     """Read back what a run did: the version it registered, or the step that stopped it and why."""
-    from components.registry import connect
     from components.steps import read_failure
+    from core.registry import connect
 
     result = RunResult(status="SUCCEEDED", run_id=run_id, model_name=settings.model_name, seconds=round(seconds, 1))
     failure = read_failure(settings, run_id)

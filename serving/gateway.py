@@ -37,11 +37,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from mlops.schema import CATEGORICAL_FEATURES, NUMERIC_FEATURES
-from mlops.settings import Settings
-from serving.control_plane.client import AsyncControlPlaneClient, ControlPlaneError, ControlPlaneUnavailable
-from serving.control_plane.models import TrafficPolicy
-from serving.prediction_log import BatchedParquetLog, RecentIds, flush_loop
+from control_plane.client import AsyncControlPlaneClient, ControlPlaneError, ControlPlaneUnavailable
+from control_plane.models import TrafficPolicy
+from core.prediction_log import BatchedParquetLog, RecentIds, flush_loop
+from core.schema import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+from core.settings import Settings
 from serving.requests import RequestError, Transaction, encode, features, parse_feedback, parse_transaction
 from serving.routing import other_slot, route
 

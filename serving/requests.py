@@ -2,7 +2,7 @@
 
 msgspec decodes straight into typed structs and names the offending field in its error (`at
 $.amount`), which is both the fastest decoder on the hot path and the precise 422 the API promises.
-Ranges come from the data contract in `mlops.schema`. Unknown categories are accepted on purpose: a new
+Ranges come from the data contract in `core.schema`. Unknown categories are accepted on purpose: a new
 merchant category is drift to report, not a reason to refuse a payment authorisation.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from mlops.schema import CATEGORICAL_FEATURES, COLUMNS_BY_NAME, NUMERIC_FEATURES
+from core.schema import CATEGORICAL_FEATURES, COLUMNS_BY_NAME, NUMERIC_FEATURES
 
 MAX_BODY_BYTES = 256 * 1024
 MAX_BATCH = 1_000

@@ -22,7 +22,7 @@ from pathlib import Path
 import bentoml
 from prometheus_client import generate_latest
 
-from mlops.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 from serving.gateway import create_gateway_app
 from serving.slot import create_slot_app
 

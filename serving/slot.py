@@ -34,10 +34,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from mlops.model import FraudScorer
-from mlops.settings import Settings
-from serving.control_plane.client import AsyncControlPlaneClient, ControlPlaneError, ControlPlaneUnavailable
-from serving.control_plane.tokens import resolve_token
+from control_plane.client import AsyncControlPlaneClient, ControlPlaneError, ControlPlaneUnavailable
+from control_plane.tokens import resolve_token
+from core.model import FraudScorer
+from core.settings import Settings
 from serving.requests import RequestError, encode, features, parse_batch, parse_transaction
 
 log = logging.getLogger("mlops.slot")
@@ -114,7 +114,7 @@ def mlflow_loader(settings: Settings) -> Callable[[str], LoadedModel]:
     """Download `models:/<name>/<version>` from MLflow and load it (runs in a worker thread)."""
 
     def load(version: str) -> LoadedModel:
-        from components.registry import connect, download_model
+        from core.registry import connect, download_model
 
         connect(settings)
         with tempfile.TemporaryDirectory(prefix=f"slot-v{version}-") as workdir:

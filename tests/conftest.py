@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from mlops.processes import free_port, start_process, stop_process, wait_until_ready
+from core.processes import free_port, start_process, stop_process, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from components.registry import log_training_run, register_version
-from mlops.model import STATE_FILE, FraudScorer, NetworkConfig, Preprocessor, build_network
-from mlops.settings import Settings
-from mlops.synthetic import generate_transactions
+from core.model import STATE_FILE, FraudScorer, NetworkConfig, Preprocessor, build_network
+from core.registry import log_training_run, register_version
+from core.settings import Settings
+from core.synthetic import generate_transactions
 
 
 def register_model(

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from monitoring.analysis import analyse, read_window
-from monitoring.rollout_spec import fast_spec
+from core.prediction_log import BatchedParquetLog
+from monitoring.rollout.analysis import analyse, read_window
+from monitoring.rollout.spec import fast_spec
 from serving.gateway import FEEDBACK_SCHEMA, PREDICTION_SCHEMA
-from serving.prediction_log import BatchedParquetLog
 
 
 def write_canary_log(log_dir: Path, n: int, challenger_error_rate: float, seed: int = 0) -> float:
@@ -86,7 +86,7 @@ def test_rows_another_version_answered_are_not_judged_as_the_challengers(tmp_pat
 def test_shadow_answers_of_another_version_are_left_out_and_fallbacks_stay() -> None:
     import pandas as pd
 
-    from monitoring.analysis import rows_of_versions
+    from monitoring.rollout.analysis import rows_of_versions
 
     frame = pd.DataFrame(
         {

@@ -43,7 +43,7 @@ from components.train import (
     storage_for,
     write_text,
 )
-from mlops.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 from pipelines import cluster
 from pipelines.cluster import (
     PLATFORM_SECRET,
@@ -217,7 +217,7 @@ def test_uri_helpers_work_locally_and_on_s3(tmp_path: Path, fake_s3: Path) -> No
 
 
 def test_training_frames_round_trip_through_s3(fake_s3: Path) -> None:
-    from mlops.synthetic import generate_transactions
+    from core.synthetic import generate_transactions
 
     frame = generate_transactions(200, seed=3)
     train_module._write_frame(frame, "s3://checkpoints/run-2/fit.parquet")

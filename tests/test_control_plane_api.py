@@ -26,17 +26,17 @@ import pytest
 from sqlalchemy import text
 from starlette.requests import Request
 
-from mlops.processes import free_port, stop_pid
-from serving.control_plane.app import MAX_WAIT_S, _long_poll_params, create_app
-from serving.control_plane.client import (
+from control_plane.app import MAX_WAIT_S, _long_poll_params, create_app
+from control_plane.client import (
     AsyncControlPlaneClient,
     ControlPlaneClient,
     ControlPlaneConflict,
     ControlPlaneError,
     ControlPlaneUnavailable,
 )
-from serving.control_plane.store import ControlPlaneStore
-from serving.control_plane.tokens import resolve_token
+from control_plane.store import ControlPlaneStore
+from control_plane.tokens import resolve_token
+from core.processes import free_port, stop_pid
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY: dict[str, Any] = {"weights": {"a": 0.9, "b": 0.1}, "shadow": False, "champion_slot": "a", "reason": "test"}
@@ -65,7 +65,7 @@ class Server:
 
 
 def _start_server(root: Path) -> Server:
-    """`python -m serving.control_plane` with a clean environment: no token configured, so it generates one."""
+    """`mlops serve control-plane` with a clean environment: no token configured, so it generates one."""
     home, log = root / "home", root / "server.log"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLOPS_")}
@@ -74,7 +74,7 @@ def _start_server(root: Path) -> Server:
     )
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.control_plane", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "mlops.cli", "serve", "control-plane", "--host", "127.0.0.1", "--port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from serving.control_plane.store import (
+from control_plane.store import (
     SLOTS,
     ControlPlaneStore,
     GenerationConflict,

@@ -18,15 +18,15 @@ import pytest
 from mlflow import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from control_plane.client import ControlPlaneClient
+from core.schema import FEATURES
+from core.settings import Settings
+from core.synthetic import generate_transactions
 from mlops.local_stack import LocalStack
-from mlops.schema import FEATURES
-from mlops.settings import Settings
-from mlops.synthetic import generate_transactions
-from monitoring.controller.driver import Controller
-from monitoring.controller.effects import LiveEffects
-from monitoring.controller.store import RolloutStore
-from monitoring.rollout_spec import load_spec
-from serving.control_plane.client import ControlPlaneClient
+from monitoring.rollout.driver import Controller
+from monitoring.rollout.effects import LiveEffects
+from monitoring.rollout.spec import load_spec
+from monitoring.rollout.store import RolloutStore
 from tests.support import register_model
 
 pytestmark = pytest.mark.slow
@@ -219,7 +219,7 @@ def test_the_controller_process_takes_commands_from_the_cli(world: dict, tmp_pat
 
     import yaml
 
-    from mlops.processes import free_port, mlops_command, start_process, stop_process, wait_until_ready
+    from core.processes import free_port, mlops_command, start_process, stop_process, wait_until_ready
 
     stack: LocalStack = world["stack"]
     spec_file = tmp_path / "spec.yaml"

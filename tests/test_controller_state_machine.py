@@ -9,7 +9,7 @@ from unittest.mock import ANY
 
 import pytest
 
-from monitoring.controller.state_machine import (
+from monitoring.rollout.state_machine import (
     STATUSES,
     TERMINAL_STATUSES,
     Analysis,

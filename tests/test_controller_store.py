@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from monitoring.controller.state_machine import (
+from monitoring.rollout.state_machine import (
     Analysis,
     AnalysisResult,
     ManualAbort,
@@ -20,7 +20,7 @@ from monitoring.controller.state_machine import (
     initial_state,
     step,
 )
-from monitoring.controller.store import (
+from monitoring.rollout.store import (
     ActiveRolloutExists,
     RolloutExists,
     RolloutStore,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from components.dataset import DataFileError, read_transactions, split_by_account, write_transactions
-from mlops.model import FraudScorer, NetworkConfig, Preprocessor, build_network
-from mlops.schema import FEATURES
-from mlops.synthetic import generate_transactions
+from core.model import FraudScorer, NetworkConfig, Preprocessor, build_network
+from core.schema import FEATURES
+from core.synthetic import generate_transactions
 
 
 def test_missing_file_directory_and_non_parquet_each_get_a_clear_error(tmp_path: Path) -> None:

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.drift import DriftSummary, drift_report
-from mlops.schema import FEATURES
-from mlops.synthetic import NEW_CATEGORY, generate_transactions
+from core.drift import DriftSummary, drift_report
+from core.schema import FEATURES
+from core.synthetic import NEW_CATEGORY, generate_transactions
 
 ROWS = 3_000
 

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 
 from components.validate import validate_transactions
-from mlops.schema import CATEGORICAL_FEATURES, NUMERIC_FEATURES
-from mlops.synthetic import generate_transactions
-from monitoring.drift_monitor import DriftCheck, RetrainState, retrain_decision, retraining_frame
+from core.schema import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+from core.synthetic import generate_transactions
+from monitoring.drift.monitor import DriftCheck, RetrainState, retrain_decision, retraining_frame
 
 
 def drifted(share: float = 0.8, drifted_flag: bool = True) -> DriftCheck:

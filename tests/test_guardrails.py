@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from monitoring.guardrails import (
+from monitoring.rollout.guardrails import (
     GUARDRAILS,
     GuardrailResult,
     evaluate_guardrails,
@@ -22,7 +22,7 @@ from monitoring.guardrails import (
     required_labelled_frauds,
     two_proportion_margin_test,
 )
-from monitoring.rollout_spec import default_spec, load_spec
+from monitoring.rollout.spec import default_spec, load_spec
 
 SPEC = default_spec()
 RELATIVE = ("error-rate", "latency-p99", "score-shift", "online-recall", "online-log-loss")

@@ -33,7 +33,7 @@ from components.rayjob import (
 )
 from components.train import TrainParams
 from components.train_entry import parse_args
-from mlops.settings import Settings
+from core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "infra" / "helm" / "mlops-platform"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from monitoring.report import render_png, render_report
-from monitoring.timeline import sample, weight_of, with_decisions
+from mlops.report import render_png, render_report
+from mlops.timeline import sample, weight_of, with_decisions
 
 PLAN = {"phases": [{"name": "shadow", "weight": 0.0}, {"name": "canary-10", "weight": 0.1}]}
 

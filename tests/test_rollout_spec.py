@@ -10,7 +10,7 @@ import pydantic
 import pytest
 import yaml
 
-from monitoring.rollout_spec import (
+from monitoring.rollout.spec import (
     GUARDRAIL_KINDS,
     SPECS_DIR,
     RolloutSpec,

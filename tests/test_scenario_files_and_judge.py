@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from monitoring.scenarios.judge import Observed, judge, max_challenger_weight, outcome_of
-from monitoring.scenarios.spec import ScenarioError, available, load_scenario, parse_scenario, resolve
-from monitoring.traffic import REQUEST_FIELDS, TrafficPlan, transactions
+from mlops.scenarios.judge import Observed, judge, max_challenger_weight, outcome_of
+from mlops.scenarios.spec import ScenarioError, available, load_scenario, parse_scenario, resolve
+from mlops.traffic import REQUEST_FIELDS, TrafficPlan, transactions
 from serving.slot import Defect, SlotState, _degrade
 
 PHASES = [

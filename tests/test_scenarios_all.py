@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mlops.processes import port_is_free
-from monitoring.scenarios.spec import available
+from core.processes import port_is_free
+from mlops.scenarios.spec import available
 from tests.conftest import run_cli
 from tests.test_stack_commands import stack_env
 

@@ -19,12 +19,12 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
+from control_plane.client import ControlPlaneClient, ControlPlaneConflict
+from core.processes import kill_hard
+from core.schema import FEATURES
+from core.settings import Settings
+from core.synthetic import generate_transactions
 from mlops.local_stack import LocalStack
-from mlops.processes import kill_hard
-from mlops.schema import FEATURES
-from mlops.settings import Settings
-from mlops.synthetic import generate_transactions
-from serving.control_plane.client import ControlPlaneClient, ControlPlaneConflict
 from serving.routing import route
 from tests.support import register_model
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mlops.settings import SettingsError, load_settings
+from core.settings import SettingsError, load_settings
 
 
 def test_defaults_put_all_state_under_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

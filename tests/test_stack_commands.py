@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mlops.processes import free_port, kill_tree
+from core.processes import free_port, kill_tree
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlops.schema import CATEGORICAL_FEATURES, COLUMNS, COLUMNS_BY_NAME, NUMERIC_FEATURES
-from mlops.synthetic import CORRUPT_KINDS, NEW_CATEGORY, generate_transactions
+from core.schema import CATEGORICAL_FEATURES, COLUMNS, COLUMNS_BY_NAME, NUMERIC_FEATURES
+from core.synthetic import CORRUPT_KINDS, NEW_CATEGORY, generate_transactions
 
 
 def test_same_seed_gives_identical_data_and_other_seeds_differ() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from mlops.synthetic import CORRUPT_KINDS, generate_transactions
+from core.synthetic import CORRUPT_KINDS, generate_transactions
 from tests.conftest import CliResult, run_cli
 
 pytestmark = pytest.mark.slow

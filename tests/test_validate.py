@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from components.validate import FailedExpectation, ValidationSummary, build_suite, validate_transactions
-from mlops.schema import COLUMNS, LABEL_RATE_BOUNDS
-from mlops.synthetic import CORRUPT_KINDS, NEW_CATEGORY, generate_transactions
+from core.schema import COLUMNS, LABEL_RATE_BOUNDS
+from core.synthetic import CORRUPT_KINDS, NEW_CATEGORY, generate_transactions
 
 ROWS = 2_000
 

@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving.control_plane.store import (
+from control_plane.store import (
     SLOTS,
     ControlPlaneStore,
     GenerationConflict,
@@ -42,7 +42,7 @@ from serving.control_plane.store import (
     TrafficPolicy,
     UnknownSlot,
 )
-from serving.control_plane.tokens import resolve_token
+from control_plane.tokens import resolve_token
 
 __all__ = ["create_app", "resolve_token", "serve"]
 
@@ -529,7 +529,7 @@ def _log_config(log_file: Path) -> dict[str, Any]:
         },
         "loggers": {
             name: {"handlers": handlers, "level": "INFO", "propagate": False}
-            for name in ("uvicorn", "uvicorn.access", "serving.control_plane")
+            for name in ("uvicorn", "uvicorn.access", "control_plane")
         },
     }
 

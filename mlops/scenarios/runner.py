@@ -18,13 +18,13 @@ from typing import Any, Protocol
 
 import httpx
 
-from mlops.settings import Settings
-from monitoring.scenarios import models
-from monitoring.scenarios.judge import Observed, ScenarioResult, judge
-from monitoring.scenarios.spec import Scenario
-from monitoring.traffic import BackgroundTraffic
-from serving.control_plane.client import ControlPlaneClient
-from serving.control_plane.tokens import resolve_token
+from control_plane.client import ControlPlaneClient
+from control_plane.tokens import resolve_token
+from core.settings import Settings
+from mlops.scenarios import models
+from mlops.scenarios.judge import Observed, ScenarioResult, judge
+from mlops.scenarios.spec import Scenario
+from mlops.traffic import BackgroundTraffic
 
 TERMINAL = ("succeeded", "rolled_back", "aborted")
 POLL_S = 0.25
@@ -60,8 +60,8 @@ class LocalTarget:
         self.started = True
 
     def kill(self, service: str) -> None:
+        from core.processes import kill_tree
         from mlops.local_stack import read_state
-        from mlops.processes import kill_tree
 
         entry = read_state(self.settings).get(service)
         if entry is None:

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import httpx
 
-from serving.control_plane.models import SlotAssignment, TrafficPolicy
+from control_plane.models import SlotAssignment, TrafficPolicy
 
 # The server caps long-polls at 30 s; asking for more only makes the client's own timeout misleading.
 MAX_WAIT_S = 30.0

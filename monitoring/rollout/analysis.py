@@ -15,9 +15,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from monitoring.controller.state_machine import AnalysisResult, Verdict
-from monitoring.guardrails import GuardrailResult, evaluate_guardrails
-from monitoring.rollout_spec import RolloutSpec
+from monitoring.rollout.guardrails import GuardrailResult, evaluate_guardrails
+from monitoring.rollout.spec import RolloutSpec
+from monitoring.rollout.state_machine import AnalysisResult, Verdict
 
 
 def read_window(
@@ -90,10 +90,10 @@ def analyse(
     if predictions.empty:
         return AnalysisResult(at=at, phase_index=phase_index, samples=0, verdicts={}, values={})
     results = evaluate_guardrails(spec, phase_kind, predictions, feedback, threshold=threshold)
-    return to_analysis(results, phase_index, at, samples=_samples(phase_kind, predictions))
+    return to_analysis(results, phase_index, at, samples=phase_samples(phase_kind, predictions))
 
 
-def _samples(phase_kind: str, predictions: pd.DataFrame) -> int:
+def phase_samples(phase_kind: str, predictions: pd.DataFrame) -> int:
     """What the phase's `min_samples` counts: challenger-served requests, or shadow-scored ones."""
     if phase_kind == "shadow":
         return int((predictions.get("shadow_status") == "ok").sum()) if "shadow_status" in predictions else 0

@@ -9,8 +9,8 @@ import httpx
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from monitoring.controller.state_machine import SetTraffic
-from serving.control_plane.client import ControlPlaneClient
+from control_plane.client import ControlPlaneClient
+from monitoring.rollout.state_machine import SetTraffic
 
 
 class LiveEffects:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from mlops.schema import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+from core.schema import CATEGORICAL_FEATURES, NUMERIC_FEATURES
 
 if TYPE_CHECKING:
     from evidently.core.report import Snapshot

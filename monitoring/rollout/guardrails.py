@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from monitoring.rollout_spec import (
+from monitoring.rollout.spec import (
     ErrorRateGuardrail,
     GuardrailConfig,
     LatencyP99Guardrail,

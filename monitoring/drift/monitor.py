@@ -29,9 +29,9 @@ from typing import Any
 
 import pandas as pd
 
-from mlops.schema import CATEGORICAL_FEATURES, COLUMNS, FEATURES, LABEL, NUMERIC_FEATURES
-from mlops.settings import Settings
-from monitoring.analysis import read_feedback, read_window
+from core.schema import CATEGORICAL_FEATURES, COLUMNS, FEATURES, LABEL, NUMERIC_FEATURES
+from core.settings import Settings
+from monitoring.rollout.analysis import read_feedback, read_window
 
 log = logging.getLogger("mlops.drift")
 HTML_EVERY_S = 300.0  # an Evidently HTML report is a few MB: one per window only when it drifted, else this often
@@ -110,13 +110,13 @@ class DriftMonitor:
     # --- the outside world ---------------------------------------------------------------------------
 
     def champion_reference(self) -> tuple[str, pd.DataFrame] | None:
-        from components.registry import CHAMPION, alias_version, connect, download_model
+        from core.registry import CHAMPION, alias_version, connect, download_model
 
         version = alias_version(connect(self.settings), self.settings.model_name, CHAMPION)
         if version is None:
             return None
         if self._reference is None or self._reference[0] != version:
-            from mlops.model import FraudScorer
+            from core.model import FraudScorer
 
             with tempfile.TemporaryDirectory(prefix="drift-reference-") as workdir:
                 model_dir, path = download_model(f"models:/{self.settings.model_name}/{version}", workdir)
@@ -128,7 +128,7 @@ class DriftMonitor:
 
     def check(self, now: float | None = None) -> DriftCheck:
         """One window: compare, report, maybe retrain."""
-        from components.drift import drift_report
+        from core.drift import drift_report
 
         now = time.time() if now is None else now
         self._poll_retrain(now)
@@ -177,7 +177,7 @@ class DriftMonitor:
         return check
 
     def _submit_retrain(self, now: float, reason: str, check: DriftCheck) -> dict[str, Any]:
-        from mlops.processes import mlops_command
+        from core.processes import mlops_command
 
         settings = self.settings
         log_dir = settings.prediction_log_dir
@@ -232,7 +232,7 @@ class DriftMonitor:
     def stop(self) -> None:
         """A retraining run outlives the monitor only if it is already registering; stop it otherwise."""
         if self._process is not None and self._process.poll() is None:
-            from mlops.processes import stop_pid
+            from core.processes import stop_pid
 
             stop_pid(self._process.pid, process=self._process)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from monitoring.scenarios.spec import DECIDED, Scenario
+from mlops.scenarios.spec import DECIDED, Scenario
 
 PROMOTED = "promoted_watching"
 ROLLED_BACK = ("rolled_back", "aborted")

@@ -1,6 +1,6 @@
 """The rollout spec: how a challenger is brought to all traffic, and what stops it.
 
-A spec is a YAML file (see `monitoring/specs/`) validated into a frozen pydantic model:
+A spec is a YAML file (see `monitoring/rollout/specs/`) validated into a frozen pydantic model:
 
 - `phases`: an optional shadow phase first (the challenger scores a copy of the traffic, clients
   never see its answers), then canary phases with strictly increasing traffic weights in (0, 1].
@@ -9,7 +9,7 @@ A spec is a YAML file (see `monitoring/specs/`) validated into a frozen pydantic
 - `analysis_interval_s`: how often the controller evaluates the guardrails.
 - `failure_limit`: consecutive failed analyses that trigger a rollback (Argo Rollouts' failureLimit).
 - `post_promotion_watch_s`: how long a promoted champion is watched against absolute bounds.
-- `guardrails`: the checks of `monitoring.guardrails`, each with the phase kinds it applies to
+- `guardrails`: the checks of `monitoring.rollout.guardrails`, each with the phase kinds it applies to
   (`shadow`, `canary`, `watch`), a minimum sample count, a confidence and kind-specific limits.
 
 `load_spec` reports every problem at once, each with its location, e.g.

@@ -3,7 +3,7 @@
 Open loop at a fixed rate (request `i` is due at `start + i / rps`), because real payment traffic does not
 slow down when the service does; a bounded number of requests are in flight at once. Every answered request's
 true label is posted to `/v1/feedback` `label_delay_s` later, which is how confirmed fraud arrives in
-production: late. Transactions come from `mlops.synthetic` (optionally drifted), so the features and the
+production: late. Transactions come from `core.synthetic` (optionally drifted), so the features and the
 fraud rule are those the models were trained on.
 
 Used by `mlops traffic` (with a live display) and by the scenario runner (in a background thread).
@@ -23,8 +23,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from mlops.schema import FEATURES, LABEL
-from mlops.synthetic import DRIFT_KINDS, generate_transactions
+from core.schema import FEATURES, LABEL
+from core.synthetic import DRIFT_KINDS, generate_transactions
 
 REQUEST_FIELDS = ("account_id", *FEATURES)
 CHUNK_SECONDS = 10  # transactions are generated this many seconds ahead, not all at once...

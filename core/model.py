@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mlops.schema import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+from core.schema import CATEGORICAL_FEATURES, NUMERIC_FEATURES
 
 _LOG_FEATURES = {
     "amount",

@@ -14,7 +14,7 @@ from typing import Literal, get_args
 import numpy as np
 import pandas as pd
 
-from mlops.schema import COLUMNS, COUNTRIES, DEVICES, MERCHANT_CATEGORIES
+from core.schema import COLUMNS, COUNTRIES, DEVICES, MERCHANT_CATEGORIES
 
 DriftKind = Literal["covariate", "new-category", "concept"]
 CorruptKind = Literal["missing-column", "wrong-type", "out-of-range", "null-burst", "label-rate", "empty"]
@@ -41,7 +41,7 @@ def generate_transactions(
     fraud_rate: float = 0.02,
     start: str = "2026-01-01",
 ) -> pd.DataFrame:
-    """Return `rows` transactions with the columns of `mlops.schema.COLUMNS` (unless corrupted)."""
+    """Return `rows` transactions with the columns of `core.schema.COLUMNS` (unless corrupted)."""
     if rows < 0:
         raise ValueError(f"rows must be >= 0, got {rows}")
     if drift is not None and drift not in DRIFT_KINDS:

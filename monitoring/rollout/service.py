@@ -25,8 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from monitoring.controller.driver import Controller
-from monitoring.controller.state_machine import ManualAbort, ManualPromote, describe
+from monitoring.rollout.driver import Controller
+from monitoring.rollout.state_machine import ManualAbort, ManualPromote, describe
 
 
 def _authorised(request: Request, token: str) -> JSONResponse | None:

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from components.dataset import write_transactions
-from components.registry import alias_version, connect, log_training_run, register_version
 from components.train import TrainParams, train_model
-from mlops.settings import Settings
-from mlops.synthetic import generate_transactions
+from core.registry import alias_version, connect, log_training_run, register_version
+from core.settings import Settings
+from core.synthetic import generate_transactions
 
 TRAIN_ROWS = 40_000
 TRAIN_EPOCHS = 4
@@ -50,7 +50,7 @@ def trained_model(settings: Settings, seed: int, on_progress: Any = print) -> tu
 def cache_from_version(settings: Settings, seed: int, version: str) -> None:
     """Use a version the training pipeline already registered as the seed's trained model (the demo does this
     so that its rollback scenario wraps the model it just trained instead of training another)."""
-    from components.registry import download_model
+    from core.registry import download_model
 
     root = settings.home / "scenarios" / "models" / f"seed-{seed}"
     shutil.rmtree(root, ignore_errors=True)

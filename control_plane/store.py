@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -24,22 +23,19 @@ from sqlalchemy import (
     Column,
     Connection,
     Double,
-    Engine,
     Integer,
     MetaData,
     String,
     Table,
     Text,
-    create_engine,
-    event,
     func,
     insert,
     select,
 )
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-from serving.control_plane.models import DEFAULT_POLICY, SLOTS, Generations, SlotAssignment, TrafficPolicy
+from control_plane.models import DEFAULT_POLICY, SLOTS, Generations, SlotAssignment, TrafficPolicy
+from core.db import WRITE_OPTION, make_engine
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -57,10 +53,8 @@ __all__ = [
 WEIGHT_TOLERANCE = 1e-9
 MAX_REASON_CHARS = 2_000
 MAX_VERSION_CHARS = 256
-SQLITE_BUSY_TIMEOUT_MS = 10_000
 # Racing writers lose on the primary key and retry; more than a handful of losses means something is wrong.
 _WRITE_ATTEMPTS = 8
-_WRITE_OPTION = "control_plane_write"
 
 metadata = MetaData()
 
@@ -207,50 +201,12 @@ def _assignment_from_row(row: Mapping[str, Any]) -> SlotAssignment:
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Engine setup.
-
-
-def _configure_sqlite(engine: Engine) -> None:
-    """Let several processes share the file: WAL (readers never block the writer), a busy timeout, and
-    BEGIN IMMEDIATE for writes so a writer takes the lock before reading the current generation instead of
-    failing at COMMIT with a stale snapshot."""
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (see _on_begin)
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-            cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; durable across process crashes
-        finally:
-            cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        immediate = conn.get_execution_options().get(_WRITE_OPTION, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-
-def _make_engine(url: str) -> Engine:
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)  # a restarted Postgres must not poison the pool
-    database = parsed.database or ""
-    if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-    _configure_sqlite(engine)
-    return engine
-
-
 class ControlPlaneStore:
     """Thread-safe (one pooled connection per call); share one instance per process."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._engine = _make_engine(url)
+        self._engine = make_engine(url)
         self._create_tables()
 
     def _create_tables(self) -> None:
@@ -269,7 +225,7 @@ class ControlPlaneStore:
     @contextmanager
     def _write(self) -> Iterator[Connection]:
         with self._engine.connect() as conn:
-            conn.execution_options(**{_WRITE_OPTION: True})
+            conn.execution_options(**{WRITE_OPTION: True})
             with conn.begin():
                 yield conn
 

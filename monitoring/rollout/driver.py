@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from monitoring.analysis import analyse
-from monitoring.controller.state_machine import (
+from monitoring.rollout.analysis import analyse
+from monitoring.rollout.spec import RolloutSpec
+from monitoring.rollout.state_machine import (
     Action,
     Analysis,
     AssignSlot,
@@ -38,7 +39,6 @@ from monitoring.controller.state_machine import (
     initial_state,
     step,
 )
-from monitoring.rollout_spec import RolloutSpec
 
 log = logging.getLogger("mlops.controller")
 LEASE = "rollout-controller"
@@ -93,7 +93,7 @@ def plan_for(
 @dataclass
 class Controller:
     spec: RolloutSpec
-    store: Any  # monitoring.controller.store.RolloutStore
+    store: Any  # monitoring.rollout.store.RolloutStore
     effects: Effects
     log_dir: Path
     model_name: str

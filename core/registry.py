@@ -20,8 +20,8 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mlops.model import FraudScorer
-from mlops.settings import Settings
+from core.model import FraudScorer
+from core.settings import Settings
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 MODEL_ARTIFACT = "fraud_model"

@@ -51,7 +51,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-from monitoring.controller.state_machine import (
+from core.db import WRITE_OPTION, make_engine
+from monitoring.rollout.state_machine import (
     Action,
     RecordDecision,
     RolloutPlan,
@@ -59,7 +60,6 @@ from monitoring.controller.state_machine import (
     action_from_dict,
     action_to_dict,
 )
-from serving.control_plane.store import _WRITE_OPTION, _make_engine
 
 __all__ = [
     "ActiveRolloutExists",
@@ -202,7 +202,7 @@ class RolloutStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._engine = _make_engine(url)
+        self._engine = make_engine(url)
         try:
             metadata.create_all(self._engine)
         except (OperationalError, ProgrammingError, IntegrityError):
@@ -219,7 +219,7 @@ class RolloutStore:
     @contextmanager
     def _write(self) -> Iterator[Connection]:
         with self._engine.connect() as conn:
-            conn.execution_options(**{_WRITE_OPTION: True})
+            conn.execution_options(**{WRITE_OPTION: True})
             with conn.begin():
                 yield conn
 

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from monitoring.traffic import TrafficPlan
+from mlops.traffic import TrafficPlan
 
 REPO_SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
 Outcome = Literal["promoted", "rolled_back", "rolled_back_after_promotion", "decided", "none"]

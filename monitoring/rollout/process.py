@@ -7,14 +7,14 @@ import logging
 import uvicorn
 from mlflow import MlflowClient
 
-from mlops.settings import Settings
-from monitoring.controller.driver import Controller
-from monitoring.controller.effects import LiveEffects
-from monitoring.controller.service import create_controller_app
-from monitoring.controller.store import RolloutStore
-from monitoring.rollout_spec import spec_from_setting
-from serving.control_plane.client import ControlPlaneClient
-from serving.control_plane.tokens import resolve_token
+from control_plane.client import ControlPlaneClient
+from control_plane.tokens import resolve_token
+from core.settings import Settings
+from monitoring.rollout.driver import Controller
+from monitoring.rollout.effects import LiveEffects
+from monitoring.rollout.service import create_controller_app
+from monitoring.rollout.spec import spec_from_setting
+from monitoring.rollout.store import RolloutStore
 
 
 def build_controller(settings: Settings) -> Controller:
