@@ -33,12 +33,13 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from core.settings import DEFAULT_DECISION_THRESHOLD  # noqa: E402
 from monitoring.rollout.driver import plan_for  # noqa: E402
 from monitoring.rollout.guardrails import evaluate_guardrails, online_recall, required_labelled_frauds  # noqa: E402
 from monitoring.rollout.spec import OnlineRecallGuardrail, RolloutSpec, fast_spec  # noqa: E402
 from monitoring.rollout.state_machine import Analysis, Start, initial_state, step  # noqa: E402
 
-THRESHOLD = 0.2
+THRESHOLD = DEFAULT_DECISION_THRESHOLD
 TARGETS = {"rollback_to_gateway_s": 2.0, "false_rollback_rate": 0.05}
 
 
@@ -59,7 +60,7 @@ def labelled_frauds_needed(trials: int, seed: int = 0) -> dict[str, Any]:
         frame = _labelled_frauds(rng, n, champion_recall, champion_recall * (1 - drop))
         from monitoring.rollout.guardrails import observe
 
-        caught += online_recall(config, observe("canary", frame[0], frame[1], THRESHOLD)).verdict == "fail"
+        caught += online_recall(config, observe("canary", frame[0], frame[1], threshold=THRESHOLD)).verdict == "fail"
     return {
         "champion_recall": champion_recall,
         "challenger_recall": round(champion_recall * (1 - drop), 3),

@@ -15,6 +15,8 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+# The score at or above which a payment is declined: the one threshold, used by the gateway and every guardrail.
+DEFAULT_DECISION_THRESHOLD = 0.2
 
 
 def default_home() -> Path:
@@ -51,7 +53,9 @@ class Settings(BaseSettings):
     recall_at_precision: float = Field(0.5, gt=0, lt=1, description="precision for the recall metric")
     # 0.2: the calibrated reference model catches ~57 % of fraud while declining ~2.5 % of payments; at 0.5
     # it would catch ~20 %, a steep, unstable point of the recall curve to judge online recall at.
-    decision_threshold: float = Field(0.2, gt=0, lt=1, description="score at or above which we decline")
+    decision_threshold: float = Field(
+        DEFAULT_DECISION_THRESHOLD, gt=0, lt=1, description="score at or above which we decline"
+    )
 
     # Serving and control plane (embedded default: processes on loopback).
     control_plane_url: str = Field("http://127.0.0.1:8700", description="control-plane API base URL")

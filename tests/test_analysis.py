@@ -12,6 +12,9 @@ from monitoring.rollout.analysis import analyse, read_window
 from monitoring.rollout.spec import fast_spec
 from serving.gateway import FEEDBACK_SCHEMA, PREDICTION_SCHEMA
 
+# These tests were written for a threshold of 0.5; the live one comes from Settings (MLOPS_DECISION_THRESHOLD).
+THRESHOLD = 0.5
+
 
 def write_canary_log(log_dir: Path, n: int, challenger_error_rate: float, seed: int = 0) -> float:
     """n requests, 50/50 champion/challenger, same score distribution; returns the window start."""
@@ -45,7 +48,7 @@ def write_canary_log(log_dir: Path, n: int, challenger_error_rate: float, seed: 
 
 def test_an_identical_challenger_is_not_failed(tmp_path: Path) -> None:
     since = write_canary_log(tmp_path, 2_000, challenger_error_rate=0.0)
-    result = analyse(fast_spec(), "canary", 1, tmp_path, since, at=time.time() + 1)
+    result = analyse(fast_spec(), "canary", 1, tmp_path, since, at=time.time() + 1, threshold=THRESHOLD)
     assert result.samples == 1_000
     assert "fail" not in result.verdicts.values()
     assert result.verdicts["error-rate"] == "pass"
@@ -54,7 +57,7 @@ def test_an_identical_challenger_is_not_failed(tmp_path: Path) -> None:
 
 def test_a_challenger_that_errors_fails_the_error_rate_guardrail(tmp_path: Path) -> None:
     since = write_canary_log(tmp_path, 2_000, challenger_error_rate=0.2)
-    result = analyse(fast_spec(), "canary", 1, tmp_path, since, at=time.time() + 1)
+    result = analyse(fast_spec(), "canary", 1, tmp_path, since, at=time.time() + 1, threshold=THRESHOLD)
     assert result.verdicts["error-rate"] == "fail"
     assert result.values["error-rate"]["value"] > 0.1
 
@@ -63,22 +66,36 @@ def test_rows_outside_the_window_are_not_analysed(tmp_path: Path) -> None:
     since = write_canary_log(tmp_path, 500, challenger_error_rate=0.0)
     assert len(read_window(tmp_path / "predictions", since)) == 500
     assert read_window(tmp_path / "predictions", time.time() + 60).empty
-    empty = analyse(fast_spec(), "canary", 1, tmp_path, time.time() + 60, at=time.time() + 61)
+    empty = analyse(fast_spec(), "canary", 1, tmp_path, time.time() + 60, at=time.time() + 61, threshold=THRESHOLD)
     assert empty.samples == 0 and empty.verdicts == {}
 
 
 def test_rows_another_version_answered_are_not_judged_as_the_challengers(tmp_path: Path) -> None:
     # The challenger's slot never loaded version 3 and kept serving version 2: its rows are not version 3's.
     since = write_canary_log(tmp_path, 2_000, challenger_error_rate=0.0)
-    unfiltered = analyse(fast_spec(), "canary", 1, tmp_path, since, at=time.time() + 1)
+    unfiltered = analyse(fast_spec(), "canary", 1, tmp_path, since, at=time.time() + 1, threshold=THRESHOLD)
     assert unfiltered.samples == 1_000
     judged = analyse(
-        fast_spec(), "canary", 1, tmp_path, since, at=time.time() + 1, versions={"champion": "1", "challenger": "3"}
+        fast_spec(),
+        "canary",
+        1,
+        tmp_path,
+        since,
+        at=time.time() + 1,
+        threshold=THRESHOLD,
+        versions={"champion": "1", "challenger": "3"},
     )
     assert judged.samples == 0
     assert "pass" not in judged.verdicts.values() and "fail" not in judged.verdicts.values()
     own = analyse(
-        fast_spec(), "canary", 1, tmp_path, since, at=time.time() + 1, versions={"champion": "1", "challenger": "2"}
+        fast_spec(),
+        "canary",
+        1,
+        tmp_path,
+        since,
+        at=time.time() + 1,
+        threshold=THRESHOLD,
+        versions={"champion": "1", "challenger": "2"},
     )
     assert own.samples == 1_000 and own.verdicts == unfiltered.verdicts
 

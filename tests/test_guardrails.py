@@ -25,6 +25,9 @@ from monitoring.rollout.guardrails import (
 from monitoring.rollout.spec import default_spec, load_spec
 
 SPEC = default_spec()
+
+# These tests were written for a threshold of 0.5; the live one comes from Settings (MLOPS_DECISION_THRESHOLD).
+THRESHOLD = 0.5
 RELATIVE = ("error-rate", "latency-p99", "score-shift", "online-recall", "online-log-loss")
 
 
@@ -99,7 +102,7 @@ def by_name(results: list[GuardrailResult]) -> dict[str, GuardrailResult]:
 
 
 def canary(predictions: pd.DataFrame, feedback: pd.DataFrame | None) -> dict[str, GuardrailResult]:
-    return by_name(evaluate_guardrails(SPEC, "canary", predictions, feedback))
+    return by_name(evaluate_guardrails(SPEC, "canary", predictions, feedback, threshold=THRESHOLD))
 
 
 def labelled_recall_log(n_frauds: int, champion_recall: float, challenger_recall: float) -> tuple[pd.DataFrame, ...]:
@@ -136,7 +139,7 @@ def test_challenger_with_ten_percent_errors_fails_error_rate() -> None:
 def test_fallback_rows_count_as_challenger_errors_without_their_champion_score() -> None:
     predictions, feedback = canary_log(np.random.default_rng(3), challenger_errors=0.10)
     fallbacks = int((predictions["status"] == "fallback").sum())
-    obs = observe("canary", predictions, feedback)
+    obs = observe("canary", predictions, feedback, threshold=THRESHOLD)
     assert obs.candidate.requests == 1500 and int(obs.candidate.error.sum()) == fallbacks
     assert np.isnan(obs.candidate.score[obs.candidate.error]).all()
     assert obs.baseline is not None and obs.baseline.requests + obs.candidate.requests == len(predictions)
@@ -227,7 +230,9 @@ def test_a_healthy_challenger_can_pass_the_full_weight_step() -> None:
 
 
 def test_identical_shadow_challenger_passes_and_dropped_shadow_calls_are_not_its_errors() -> None:
-    results = by_name(evaluate_guardrails(SPEC, "shadow", *shadow_log(np.random.default_rng(11), dropped=0.2)))
+    results = by_name(
+        evaluate_guardrails(SPEC, "shadow", *shadow_log(np.random.default_rng(11), dropped=0.2), threshold=THRESHOLD)
+    )
     assert set(results) == {"error-rate", "score-shift", "shadow-agreement", "online-recall", "online-log-loss"}
     assert {r.verdict for r in results.values()} == {"pass"}
     assert results["shadow-agreement"].value == 1.0
@@ -235,20 +240,29 @@ def test_identical_shadow_challenger_passes_and_dropped_shadow_calls_are_not_its
 
 
 def test_seventy_percent_agreement_fails_shadow_agreement() -> None:
-    results = by_name(evaluate_guardrails(SPEC, "shadow", *shadow_log(np.random.default_rng(12), flipped=0.3)))
+    results = by_name(
+        evaluate_guardrails(SPEC, "shadow", *shadow_log(np.random.default_rng(12), flipped=0.3), threshold=THRESHOLD)
+    )
     result = results["shadow-agreement"]
     assert result.verdict == "fail" and result.value == pytest.approx(0.70, abs=0.03)
     assert result.p_value is not None and result.p_value < 1e-10
 
 
 def test_shadow_agreement_is_inconclusive_below_min_samples() -> None:
-    results = by_name(evaluate_guardrails(SPEC, "shadow", *shadow_log(np.random.default_rng(13), 400, flipped=0.3)))
+    results = by_name(
+        evaluate_guardrails(
+            SPEC, "shadow", *shadow_log(np.random.default_rng(13), 400, flipped=0.3), threshold=THRESHOLD
+        )
+    )
     assert results["shadow-agreement"].verdict == "inconclusive" and results["shadow-agreement"].samples == 400
 
 
 def test_shadow_errors_fail_error_rate() -> None:
     predictions, feedback = shadow_log(np.random.default_rng(14), shadow_errors=0.10)
-    assert by_name(evaluate_guardrails(SPEC, "shadow", predictions, feedback))["error-rate"].verdict == "fail"
+    assert (
+        by_name(evaluate_guardrails(SPEC, "shadow", predictions, feedback, threshold=THRESHOLD))["error-rate"].verdict
+        == "fail"
+    )
 
 
 # -------------------------------------------------------------------------------------------- watch
@@ -257,14 +271,14 @@ def test_shadow_errors_fail_error_rate() -> None:
 def test_watch_holds_the_promoted_champion_to_absolute_bounds() -> None:
     rng = np.random.default_rng(15)
     healthy, feedback = canary_log(rng, 12_000, 0, champion_errors=0.0, fraud_rate=0.02)  # ~240 labelled frauds
-    results = by_name(evaluate_guardrails(SPEC, "watch", healthy, feedback))
+    results = by_name(evaluate_guardrails(SPEC, "watch", healthy, feedback, threshold=THRESHOLD))
     assert set(results) == {"error-rate", "latency-p99", "online-recall", "online-log-loss"}
     assert {r.verdict for r in results.values()} == {"pass"}, results
     assert all(r.baseline is None for r in results.values())
     assert results["latency-p99"].limit == 250 and "exact binomial" in results["latency-p99"].test
     broken, _ = canary_log(rng, 3000, 0, champion_errors=0.10)
     broken = broken.assign(latency_ms=broken["latency_ms"] * 20)
-    results = by_name(evaluate_guardrails(SPEC, "watch", broken, None))
+    results = by_name(evaluate_guardrails(SPEC, "watch", broken, None, threshold=THRESHOLD))
     assert results["error-rate"].verdict == results["latency-p99"].verdict == "fail"
     assert results["online-recall"].verdict == "inconclusive"  # no labels yet
 
@@ -290,7 +304,7 @@ def test_results_serialise_to_plain_dicts() -> None:
 
 def test_unknown_phase_kind_is_refused() -> None:
     with pytest.raises(ValueError, match="phase_kind"):
-        evaluate_guardrails(SPEC, "blue-green", *canary_log(np.random.default_rng(18), 10, 10))
+        evaluate_guardrails(SPEC, "blue-green", *canary_log(np.random.default_rng(18), 10, 10), threshold=THRESHOLD)
 
 
 def test_registry_covers_every_guardrail_kind() -> None:
@@ -361,5 +375,5 @@ def test_a_custom_spec_evaluates_only_the_guardrails_for_the_phase() -> None:
         }
     )
     predictions, feedback = canary_log(np.random.default_rng(20), 500, 500)
-    assert [r.name for r in evaluate_guardrails(spec, "canary", predictions, feedback)] == ["e"]
-    assert evaluate_guardrails(spec, "shadow", predictions, feedback) == []
+    assert [r.name for r in evaluate_guardrails(spec, "canary", predictions, feedback, threshold=THRESHOLD)] == ["e"]
+    assert evaluate_guardrails(spec, "shadow", predictions, feedback, threshold=THRESHOLD) == []

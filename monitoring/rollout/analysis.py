@@ -77,7 +77,8 @@ def analyse(
     log_dir: str | Path,
     since: float,
     at: float,
-    threshold: float = 0.5,
+    *,
+    threshold: float,
     versions: dict[str, str] | None = None,
 ) -> AnalysisResult:
     """Guardrails over the prediction log written since the phase started (the window under analysis);

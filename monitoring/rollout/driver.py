@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from core.settings import DEFAULT_DECISION_THRESHOLD
 from monitoring.rollout.analysis import analyse
 from monitoring.rollout.spec import RolloutSpec
 from monitoring.rollout.state_machine import (
@@ -100,7 +101,7 @@ class Controller:
     holder: str = field(default_factory=lambda: f"controller-{uuid.uuid4().hex[:8]}")
     clock: Callable[[], float] = time.time
     slot_ready_timeout_s: float = 60.0
-    decision_threshold: float = 0.5
+    decision_threshold: float = DEFAULT_DECISION_THRESHOLD  # the process passes settings.decision_threshold
     _slot_down: set[str] = field(default_factory=set)
     last_analysis: Any = None  # the latest AnalysisResult, exported as metrics (`/metrics`)
 
@@ -167,7 +168,14 @@ class Controller:
             else {"champion": plan.champion_version, "challenger": plan.challenger_version}
         )
         result = analyse(
-            self.spec, kind, state.phase_index, self.log_dir, since, now, self.decision_threshold, versions
+            self.spec,
+            kind,
+            state.phase_index,
+            self.log_dir,
+            since,
+            now,
+            threshold=self.decision_threshold,
+            versions=versions,
         )
         self.last_analysis = result
         return Analysis(result=result)

@@ -51,7 +51,6 @@ from monitoring.rollout.spec import (
     ShadowAgreementGuardrail,
 )
 
-DECISION_THRESHOLD = 0.5
 PHASE_KINDS = ("shadow", "canary", "watch")
 LOG_LOSS_CLIP = 1e-6  # scores of exactly 0 or 1 cost at most -log(1e-6) = 13.8 nats
 Verdict = Literal["pass", "fail", "inconclusive"]
@@ -152,7 +151,8 @@ def observe(
     phase_kind: str,
     predictions: pd.DataFrame,
     feedback: pd.DataFrame | None,
-    threshold: float = DECISION_THRESHOLD,
+    *,
+    threshold: float,
 ) -> Observations:
     """Split the prediction log into the arms a phase compares (see the module docstring)."""
     if phase_kind not in PHASE_KINDS:
@@ -555,12 +555,13 @@ def evaluate_guardrails(
     phase_kind: str,
     predictions: pd.DataFrame,
     feedback: pd.DataFrame | None,
-    threshold: float = DECISION_THRESHOLD,
+    *,
+    threshold: float,
 ) -> list[GuardrailResult]:
     """Every guardrail of `spec` that applies to `phase_kind` ("shadow", "canary" or "watch"), in spec order,
     on the given window of the prediction log (the caller picks the window, e.g. the current policy
     generation) and the feedback received so far."""
-    obs = observe(phase_kind, predictions, feedback, threshold)
+    obs = observe(phase_kind, predictions, feedback, threshold=threshold)
     return [GUARDRAILS[cfg.kind](cfg, obs) for cfg in spec.guardrails if _applies(cfg, obs)]
 
 
