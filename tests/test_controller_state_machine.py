@@ -944,3 +944,14 @@ def test_a_phase_that_passes_before_its_deadline_advances_and_the_watch_has_no_d
 def test_a_deadline_shorter_than_the_minimum_duration_is_refused() -> None:
     with pytest.raises(ValueError, match="max_duration_s must be >= min_duration_s"):
         PhaseSpec("shadow", "shadow", 0.0, 60.0, 100, max_duration_s=30.0)
+
+
+def test_guardrails_and_state_machine_combine_verdicts_by_the_same_rule() -> None:
+    from monitoring.rollout import guardrails, state_machine
+    from monitoring.rollout.verdicts import combine_verdicts
+
+    assert guardrails.Verdict is state_machine.Verdict
+    assert combine_verdicts([]) == "inconclusive"
+    assert combine_verdicts(["pass", "pass"]) == "pass"
+    assert combine_verdicts(["pass", "inconclusive"]) == "inconclusive"
+    assert combine_verdicts(["inconclusive", "fail", "pass"]) == "fail"

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 
 from monitoring.rollout.guardrails import GuardrailResult, evaluate_guardrails
 from monitoring.rollout.spec import RolloutSpec
-from monitoring.rollout.state_machine import AnalysisResult, Verdict
+from monitoring.rollout.state_machine import AnalysisResult
+from monitoring.rollout.verdicts import Verdict
 
 
 def read_window(

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -50,10 +50,10 @@ from monitoring.rollout.spec import (
     ScoreShiftGuardrail,
     ShadowAgreementGuardrail,
 )
+from monitoring.rollout.verdicts import Verdict, combine_verdicts
 
 PHASE_KINDS = ("shadow", "canary", "watch")
 LOG_LOSS_CLIP = 1e-6  # scores of exactly 0 or 1 cost at most -log(1e-6) = 13.8 nats
-Verdict = Literal["pass", "fail", "inconclusive"]
 
 
 @dataclass(frozen=True)
@@ -579,6 +579,4 @@ def _applies(cfg: GuardrailConfig, obs: Observations) -> bool:
 
 def overall_verdict(results: list[GuardrailResult]) -> Verdict:
     """fail if any guardrail failed, pass if all passed (and there is at least one), else inconclusive."""
-    if any(result.verdict == "fail" for result in results):
-        return "fail"
-    return "pass" if results and all(result.verdict == "pass" for result in results) else "inconclusive"
+    return combine_verdicts(result.verdict for result in results)

@@ -61,11 +61,11 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal, TypeAlias
 
-Verdict = Literal["pass", "fail", "inconclusive"]
+from monitoring.rollout.verdicts import VERDICTS, Verdict, combine_verdicts
+
 PhaseKind = Literal["shadow", "canary"]
 Status = Literal["pending", "shadow", "canary", "promoted_watching", "succeeded", "rolled_back", "aborted"]
 
-VERDICTS: frozenset[str] = frozenset({"pass", "fail", "inconclusive"})
 SLOT_NAMES: tuple[str, ...] = ("a", "b")
 STATUSES: tuple[str, ...] = (
     "pending",
@@ -711,12 +711,12 @@ def _on_analysis(plan: RolloutPlan, state: RolloutState, result: AnalysisResult)
         "verdicts": dict(result.verdicts),
         "values": result.values,
     }
-    verdicts = list(result.verdicts.values())
-    if "fail" in verdicts:
+    combined = combine_verdicts(result.verdicts.values())
+    if combined == "fail":
         failed = sorted(k for k, v in result.verdicts.items() if v == "fail")
         where = "after promotion" if watching else f"in phase {plan.phases[state.phase_index].name}"
         return _count_failure(plan, state, result.at, f"guardrails failed {where}: {', '.join(failed)}", metrics)
-    if not verdicts or any(v != "pass" for v in verdicts):
+    if combined == "inconclusive":
         pending = sorted(k for k, v in result.verdicts.items() if v != "pass") or ["no guardrail evaluated"]
         if _past_deadline(plan, state, result.at):
             return _deadline_roll_back(plan, state, result.at, f"inconclusive: {', '.join(pending)}", metrics)
