@@ -271,12 +271,13 @@ def deploy(settings: Settings, run_id: str, version: str, aliases: list[str]) ->
     import httpx
 
     from control_plane.tokens import resolve_token
+    from core.aliases import CHAMPION
     from core.registry import connect
 
     token = resolve_token(settings)
     headers = {"Authorization": f"Bearer {token}"}
     try:
-        if "champion" in aliases:
+        if CHAMPION in aliases:
             from control_plane.client import ControlPlaneClient, ControlPlaneUnavailable
 
             try:

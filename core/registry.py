@@ -20,10 +20,10 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from core.aliases import CHALLENGER, CHAMPION, PREVIOUS  # noqa: F401  (re-exported: the adapter names them)
 from core.model import FraudScorer
 from core.settings import Settings
 
-CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 MODEL_ARTIFACT = "fraud_model"
 REFERENCE_ARTIFACT = "reference"
 
@@ -102,6 +102,20 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None  # no registered model, or no such alias yet
+
+
+def set_alias(client: MlflowClient, name: str, alias: str, version: str | None) -> None:
+    """Point `alias` at `version`, or remove it (None). Idempotent: removing an absent alias is not an error."""
+    if version is None:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model_alias(name, alias)
+        return
+    client.set_registered_model_alias(name, alias, version)
+
+
+def tag_version(client: MlflowClient, name: str, version: str, key: str, value: str) -> None:
+    """Set one tag on a model version (MLflow caps tag values at 5,000 characters; we keep 4,000)."""
+    client.set_model_version_tag(name, version, key, value[:4000])
 
 
 def aliases_of(client: MlflowClient, name: str, version: str) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from components.dataset import write_transactions
 from components.train import TrainParams, train_model
+from core.aliases import CHAMPION
 from core.registry import alias_version, connect, log_training_run, register_version
 from core.settings import Settings
 from core.synthetic import generate_transactions
@@ -82,7 +83,7 @@ def register(
 def ensure_champion(settings: Settings, on_progress: Any = print) -> str:
     """The champion's version, registering the trained seed-1 model as champion when there is none."""
     client = connect(settings)
-    champion = alias_version(client, settings.model_name, "champion")
+    champion = alias_version(client, settings.model_name, CHAMPION)
     if champion is not None:
         return champion
     version = register(settings, CHAMPION_SEED, "champion", on_progress=on_progress)  # the first is champion

@@ -3,13 +3,12 @@ status endpoints, and MLflow aliases. Monitoring talks to serving only over HTTP
 
 from __future__ import annotations
 
-import contextlib
-
 import httpx
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from control_plane.client import ControlPlaneClient
+from core.aliases import CHAMPION, PREVIOUS
+from core.registry import alias_version, set_alias, tag_version
 from monitoring.rollout.state_machine import SetTraffic
 
 
@@ -28,14 +27,10 @@ class LiveEffects:
         self.control.assign(slot, version)
 
     def set_alias(self, alias: str, version: str | None) -> None:
-        if version is None:
-            with contextlib.suppress(MlflowException):  # already absent: the action is idempotent
-                self.mlflow.delete_registered_model_alias(self.model_name, alias)
-            return
-        self.mlflow.set_registered_model_alias(self.model_name, alias, version)
+        set_alias(self.mlflow, self.model_name, alias, version)
 
     def mark_rejected(self, version: str, reason: str) -> None:
-        self.mlflow.set_model_version_tag(self.model_name, version, "mlops.rollout", f"rejected: {reason}"[:4000])
+        tag_version(self.mlflow, self.model_name, version, "mlops.rollout", f"rejected: {reason}")
 
     def slot_version(self, slot: str) -> str | None:
         try:
@@ -46,13 +41,7 @@ class LiveEffects:
 
     def champion(self) -> tuple[str, str, str | None]:
         policy = self.control.get_policy()
-        champion = self._alias("champion")
+        champion = alias_version(self.mlflow, self.model_name, CHAMPION)
         if champion is None:
             raise ValueError(f"model {self.model_name!r} has no champion yet: register one before a rollout")
-        return champion, policy.champion_slot, self._alias("previous")
-
-    def _alias(self, alias: str) -> str | None:
-        try:
-            return str(self.mlflow.get_model_version_by_alias(self.model_name, alias).version)
-        except MlflowException:
-            return None
+        return champion, policy.champion_slot, alias_version(self.mlflow, self.model_name, PREVIOUS)

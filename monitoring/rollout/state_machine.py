@@ -61,6 +61,7 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal, TypeAlias
 
+from core.aliases import CHALLENGER, CHAMPION, PREVIOUS
 from monitoring.rollout.verdicts import VERDICTS, Verdict, combine_verdicts
 
 PhaseKind = Literal["shadow", "canary"]
@@ -586,7 +587,7 @@ def _enter_phase(plan: RolloutPlan, state: RolloutState, index: int, at: float, 
     if state.status == "pending":
         effects += [
             AssignSlot(plan.challenger_slot, plan.challenger_version),
-            SetAlias("challenger", plan.challenger_version),
+            SetAlias(CHALLENGER, plan.challenger_version),
         ]
     effects.append(_phase_traffic(plan, index, f"{plan.rollout_id}: phase {phase.name}"))
     what = "shadow" if phase.kind == "shadow" else f"canary at {phase.weight:.0%}"
@@ -608,9 +609,9 @@ def _promote(plan: RolloutPlan, state: RolloutState, at: float, reason: str, met
     if state.decided or state.status not in PHASE_STATUSES:  # defence in depth: never promote twice
         return _ignore(state)
     effects: list[Action] = [
-        SetAlias("previous", plan.champion_version),
-        SetAlias("champion", plan.challenger_version),
-        SetAlias("challenger", None),
+        SetAlias(PREVIOUS, plan.champion_version),
+        SetAlias(CHAMPION, plan.challenger_version),
+        SetAlias(CHALLENGER, None),
         SetTraffic(0.0, False, plan.challenger_slot, f"{plan.rollout_id}: promoted v{plan.challenger_version}"),
     ]
     return _transition(
@@ -635,8 +636,8 @@ def _roll_back(
     if state.status == "promoted_watching":
         effects: list[Action] = [
             SetTraffic(0.0, False, plan.champion_slot, f"{plan.rollout_id}: back to v{plan.champion_version}"),
-            SetAlias("champion", plan.champion_version),
-            SetAlias("previous", plan.previous_version),
+            SetAlias(CHAMPION, plan.champion_version),
+            SetAlias(PREVIOUS, plan.previous_version),
             MarkRejected(plan.challenger_version, reason),
         ]
         what = f"ROLLED BACK to previous champion v{plan.champion_version} after promotion"
@@ -644,7 +645,7 @@ def _roll_back(
         effects = [
             SetTraffic(0.0, False, plan.champion_slot, f"{plan.rollout_id}: rolled back"),
             MarkRejected(plan.challenger_version, reason),
-            SetAlias("challenger", None),
+            SetAlias(CHALLENGER, None),
         ]
         what = f"ROLLED BACK v{plan.challenger_version}; champion v{plan.champion_version} keeps all traffic"
     if to_status == "aborted":
