@@ -1,4 +1,4 @@
-"""The BentoML services: a model slot and the gateway, each a Starlette app mounted into BentoML.
+"""Launching the BentoML services: a model slot and the gateway, each a Starlette app mounted into BentoML.
 
 BentoML manages the process (supervisor, socket, graceful SIGTERM, /livez, /readyz, /metrics), while
 the request path is our Starlette route. Measured here (see README, benchmarks/serving.py): a default
@@ -8,7 +8,9 @@ hot paths are excluded from tracing, BentoML's own access log and request metric
 per-variant metrics ourselves through `__metrics__`), the timeout is short, and the heap left by the
 imports is frozen at start so full GC passes stay short (they drove p99 above 100 ms).
 
-Run with `mlops serve slot --slot a` / `mlops serve gateway` (which exec `bentoml serve`).
+This module builds no app: `mlops serve slot --slot a` / `mlops serve gateway` import it and exec
+`bentoml serve`, which then imports `serving.slot_service` or `serving.gateway_service`; each of those builds
+only its own app.
 """
 
 from __future__ import annotations
@@ -19,76 +21,34 @@ import os
 import sys
 from pathlib import Path
 
-import bentoml
-from prometheus_client import generate_latest
+from core.settings import Settings
 
-from core.settings import Settings, get_settings
-from serving.gateway import create_gateway_app
-from serving.slot import create_slot_app
-
-_SETTINGS = get_settings()
-_SLOT = os.environ.get("MLOPS_SLOT", "a")
-_LEAN = {
+LEAN_SERVICE_CONFIG = {
     "workers": 1,  # one process per slot / gateway; scale with replicas on Kubernetes
     "traffic": {"timeout": 5.0},
     "metrics": {"enabled": False},
     "logging": {"access": {"enabled": False}},
     "tracing": {"excluded_urls": ["/v1/"]},
 }
-
-slot_app = create_slot_app(_SETTINGS, _SLOT)
-gateway_app = create_gateway_app(_SETTINGS)
+SERVICES = {"slot": "serving.slot_service:ModelSlot", "gateway": "serving.gateway_service:Gateway"}
 
 
-def _log_to_home(name: str) -> None:
+def log_to_home(settings: Settings, name: str) -> None:
     """Our own loggers go to MLOPS_HOME/logs/<name>.log as well as to stdout."""
-    _SETTINGS.logs_dir.mkdir(parents=True, exist_ok=True)
+    settings.logs_dir.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger("mlops")
     logger.setLevel(logging.INFO)
-    handler = logging.FileHandler(_SETTINGS.logs_dir / f"{name}.log")
+    handler = logging.FileHandler(settings.logs_dir / f"{name}.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logger.addHandler(handler)
 
 
-def _lean_process() -> None:
+def lean_process() -> None:
     import torch
 
     torch.set_num_threads(1)  # one core per process; intra-op threads only fight over it
     gc.collect()
     gc.freeze()
-
-
-@bentoml.asgi_app(slot_app, path="/")
-@bentoml.service(name="model-slot", **_LEAN)
-class ModelSlot:
-    @bentoml.on_startup
-    def _startup(self) -> None:
-        _log_to_home(f"slot-{_SLOT}")
-        _lean_process()
-
-    def __is_ready__(self) -> bool:
-        return slot_app.state.slot.model is not None
-
-    async def __metrics__(self, content: str) -> str:
-        return content + generate_latest(slot_app.state.slot.registry).decode()
-
-
-@bentoml.asgi_app(gateway_app, path="/")
-@bentoml.service(name="gateway", **_LEAN)
-class Gateway:
-    @bentoml.on_startup
-    def _startup(self) -> None:
-        _log_to_home("gateway")
-        _lean_process()
-
-    def __is_ready__(self) -> bool:
-        return bool(gateway_app.state.gateway.policy_loaded)
-
-    async def __metrics__(self, content: str) -> str:
-        return content + generate_latest(gateway_app.state.gateway.metrics.registry).decode()
-
-
-SERVICES = {"slot": "serving.services:ModelSlot", "gateway": "serving.services:Gateway"}
 
 
 def serve_service(kind: str, settings: Settings, host: str, port: int, slot: str | None = None) -> None:

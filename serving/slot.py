@@ -6,7 +6,7 @@ hot swap never fails a request. If MLflow or the control plane is unreachable, t
 what it has and tries again.
 
 The hot path is a plain Starlette route (msgspec decode, one torch forward, msgspec encode); the
-BentoML service in `serving/services.py` mounts this app, so BentoML manages the process while its
+BentoML service in `serving/slot_service.py` mounts this app, so BentoML manages the process while its
 per-request machinery stays off the hot path.
 """
 

@@ -123,3 +123,19 @@ def test_a_private_name_from_another_package_is_caught_but_not_from_its_own(tmp_
 def test_benchmarks_may_import_mlops_but_not_private_names(tmp_path: Path) -> None:
     _plant(tmp_path, "benchmarks/rollout.py", "from mlops.local_stack import stack_up\nfrom monitoring.x import _s\n")
     assert [v.line for v in violations(tmp_path)] == [2]
+
+
+def test_importing_the_service_launcher_builds_no_app() -> None:
+    # `mlops serve slot` imports serving.services before it execs BentoML: building a Gateway there (as it once
+    # did) starts a prediction log and a policy poller in a process that only wants to exec.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, serving.services\n"
+        "loaded = [m for m in ('serving.gateway', 'serving.slot', 'bentoml') if m in sys.modules]\n"
+        "print(','.join(loaded))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
