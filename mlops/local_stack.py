@@ -26,6 +26,7 @@ from core.processes import (
     ManagedProcess,
     ProcessFailed,
     free_port,
+    group_members,
     mlops_command,
     pid_running,
     port_is_free,
@@ -281,7 +282,7 @@ def stack_up(settings: Any, on_progress: Any = print) -> list[dict[str, Any]]:
                 )
             managed = start_process(spec.name, spec.command, env, settings.logs_dir, cwd=REPO)
             # Recorded at once, so that `down` can stop a half-started stack.
-            _update_state(settings, spec.name, {"pid": managed.pid, "port": spec.port})
+            _update_state(settings, spec.name, {"pid": managed.pid, "port": spec.port, "mark": managed.mark})
             starting.append((spec, managed, url))
         for spec, managed, url in starting:
             wait_until_ready(managed, url + spec.health_path, timeout=180)
@@ -295,7 +296,7 @@ def stack_up(settings: Any, on_progress: Any = print) -> list[dict[str, Any]]:
         managed = start_process(
             "supervisor", mlops_command("serve", "supervisor"), own_env, settings.logs_dir, cwd=REPO
         )
-        _update_state(settings, "supervisor", {"pid": managed.pid})
+        _update_state(settings, "supervisor", {"pid": managed.pid, "mark": managed.mark})
         on_progress(f"supervisor: started (pid {managed.pid}); it restarts services that die")
     return stack_status(settings)
 
@@ -319,6 +320,8 @@ def supervise(settings: Any, stop: Callable[[], bool], poll_s: float = 1.0) -> N
             now = time.time()
             recent = [t for t in entry.get("restart_times", []) if now - t < RESTART_WINDOW_S]
             backoff = min(30.0, 2.0 ** len(recent) / 2)
+            if name not in dead_since:  # at once, not after the back-off: a dead leader's workers keep its port
+                end_orphans(name, entry, spec.port)
             if now - dead_since.setdefault(name, now) < backoff:
                 continue
             if len(recent) >= MAX_RESTARTS:
@@ -326,7 +329,12 @@ def supervise(settings: Any, stop: Callable[[], bool], poll_s: float = 1.0) -> N
                 log.error("%s: giving up: %s", name, entry["gave_up"])
             else:
                 managed = start_process(name, spec.command, env, settings.logs_dir, cwd=REPO)
-                entry.update(pid=managed.pid, restarts=entry.get("restarts", 0) + 1, restart_times=[*recent, now])
+                entry.update(
+                    pid=managed.pid,
+                    mark=managed.mark,
+                    restarts=entry.get("restarts", 0) + 1,
+                    restart_times=[*recent, now],
+                )
                 log.warning("%s died; restarted as pid %s (restart %s)", name, managed.pid, entry["restarts"])
             dead_since.pop(name, None)
             with _state_lock(settings):
@@ -336,19 +344,38 @@ def supervise(settings: Any, stop: Callable[[], bool], poll_s: float = 1.0) -> N
                     _write_state(settings, latest)
             if "supervisor" not in latest:
                 if not entry.get("gave_up"):
-                    stop_pid(entry["pid"])
+                    stop_pid(entry["pid"], mark=entry.get("mark", ""))
                 return
         time.sleep(poll_s)
 
 
+def end_orphans(name: str, entry: dict[str, Any], port: int | None, timeout: float = 10.0) -> list[int]:
+    """End what is left of a service whose leader died (its group, its marked workers) and wait, up to
+    `timeout`, for its port to be free, so that the restarted service owns it. Returns the pids ended."""
+    orphans = [p.pid for p in group_members(entry["pid"], entry.get("mark", ""))]
+    if orphans:
+        log.warning("%s: leader %s gone; ending its orphans %s", name, entry["pid"], orphans)
+        stop_pid(entry["pid"], timeout=5.0, mark=entry.get("mark", ""))
+    deadline = time.monotonic() + timeout
+    while port and not port_is_free(port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return orphans
+
+
 def stack_down(settings: Any, on_progress: Any = print) -> list[str]:
-    """Stop exactly the processes `up` started (recorded in MLOPS_HOME/stack/state.json)."""
+    """Stop exactly the processes `up` started (recorded in MLOPS_HOME/stack/state.json): each service's whole
+    group, and the orphans of a leader that died already."""
     stopped = []
     for name in reversed(STACK_ORDER):  # the supervisor first: nothing is restarted behind our back
         entry = read_state(settings).get(name)
         _update_state(settings, name, None)
-        if entry and pid_running(entry["pid"]):
-            stop_pid(entry["pid"])
+        if not entry:
+            continue
+        leader_alive = pid_running(entry["pid"])
+        orphans = [p.pid for p in group_members(entry["pid"], entry.get("mark", "")) if p.pid != entry["pid"]]
+        if leader_alive or orphans:
+            stop_pid(entry["pid"], mark=entry.get("mark", ""))
             stopped.append(name)
-            on_progress(f"{name}: stopped (pid {entry['pid']})")
+            what = f"pid {entry['pid']}" if leader_alive else f"leader {entry['pid']} gone; {len(orphans)} orphan(s)"
+            on_progress(f"{name}: stopped ({what})")
     return stopped

@@ -66,7 +66,7 @@ class LocalTarget:
         entry = read_state(self.settings).get(service)
         if entry is None:
             raise RuntimeError(f"{service} is not part of the running local stack")
-        kill_tree(entry["pid"])
+        kill_tree(entry["pid"], entry.get("mark", ""))
 
     def wait_healthy(self, timeout: float) -> None:
         from mlops.local_stack import stack_status
