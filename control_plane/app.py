@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import math
@@ -42,7 +41,7 @@ from control_plane.store import (
     TrafficPolicy,
     UnknownSlot,
 )
-from control_plane.tokens import resolve_token
+from control_plane.tokens import check_bearer, resolve_token
 
 __all__ = ["create_app", "resolve_token", "serve"]
 
@@ -338,23 +337,16 @@ class _ControlPlaneApi:
         if not token:
             raise ValueError("control-plane token must not be empty")
         self.store = store
-        self._token = token.encode("utf-8")
+        self._token = token
         self.watcher = _Watcher(store)
         self.metrics = _Metrics()
 
     # -- helpers ------------------------------------------------------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
-        challenge = {"WWW-Authenticate": "Bearer"}
-        header = request.headers.get("authorization")
-        if not header:
-            raise ApiError(401, "missing Authorization: Bearer <token>", "authorization", challenge)
-        scheme, _, credentials = header.strip().partition(" ")
-        credentials = credentials.strip()
-        if scheme.lower() != "bearer" or not credentials:
-            raise ApiError(401, "Authorization must be 'Bearer <token>'", "authorization", challenge)
-        if not hmac.compare_digest(credentials.encode("utf-8"), self._token):
-            raise ApiError(403, "token not accepted", "authorization")
+        rejected = check_bearer(request.headers.get("authorization"), self._token)
+        if rejected is not None:
+            raise ApiError(rejected.status, rejected.message, "authorization", rejected.headers or None)
 
     async def _long_poll(
         self, request: Request, key: str, read: Callable[[], T], generation_of: Callable[[T], int]

@@ -1,15 +1,42 @@
-"""The bearer token for control-plane writes, shared by every local process through one private file."""
+"""The bearer token for control-plane writes, shared by every local process through one private file, and the
+one check of a bearer token that every service (control plane, controller, slot, gateway) uses."""
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import os
 import secrets
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 TOKEN_FILE_NAME = "control-plane.token"
+
+
+@dataclass(frozen=True)
+class TokenRejected:
+    """Why a request's credential was refused: 401 (none, or not a bearer token: the client should
+    authenticate, hence the challenge header) or 403 (a bearer token, but not the right one)."""
+
+    status: int
+    message: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def check_bearer(authorization: str | None, expected: str) -> TokenRejected | None:
+    """None when `authorization` is `Bearer <expected>`; else what to answer. Constant-time comparison."""
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if not authorization or not authorization.strip():
+        return TokenRejected(401, "missing Authorization: Bearer <token>", challenge)
+    scheme, _, credentials = authorization.strip().partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() != "bearer" or not credentials:
+        return TokenRejected(401, "Authorization must be 'Bearer <token>'", challenge)
+    if not hmac.compare_digest(credentials.encode("utf-8"), expected.encode("utf-8")):
+        return TokenRejected(403, "token not accepted")
+    return None
 
 
 class _TokenSettings(Protocol):

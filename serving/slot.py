@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import hmac
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from control_plane.client import AsyncControlPlaneClient, ControlPlaneError, ControlPlaneUnavailable
-from control_plane.tokens import resolve_token
+from control_plane.tokens import check_bearer, resolve_token
 from core.model import FraudScorer
 from core.settings import Settings
 from serving.requests import RequestError, encode, features, parse_batch, parse_transaction
@@ -196,9 +195,10 @@ def create_slot_app(
 
     async def fault(request: Request) -> Response:
         """Chaos hook for scenarios: switch a `Defect` on (a JSON object of its fields) or off (`{}`)."""
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("bearer ") or not hmac.compare_digest(header[7:].strip(), token):
-            return Response(encode({"error": "a valid bearer token is required", "field": None}), 401)
+        rejected = check_bearer(request.headers.get("authorization"), token)
+        if rejected is not None:
+            body = encode({"error": rejected.message, "field": "authorization"})
+            return Response(body, rejected.status, rejected.headers, media_type="application/json")
         try:
             body = json.loads(await request.body() or b"{}")
             if not isinstance(body, dict):

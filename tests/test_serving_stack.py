@@ -379,3 +379,12 @@ def test_serving_logs_live_under_mlops_home(stack: LocalStack) -> None:
     assert {"gateway.log", "slot-a.log", "slot-b.log", "control-plane.log"} <= logs
     assert "now serves version" in (stack.home / "logs" / "slot-a.log").read_text()
     assert Path(stack.home / "prediction-log" / "feedback").is_dir()
+
+
+@pytest.mark.parametrize(("headers", "status"), [({}, 401), ({"Authorization": "Bearer not-the-token"}, 403)])
+def test_the_slot_answers_a_missing_token_401_and_a_wrong_one_403_like_the_other_services(
+    stack: LocalStack, headers: dict[str, str], status: int
+) -> None:
+    response = httpx.post(f"{stack.url('slot-a')}/v1/fault", content=b"{}", headers=headers)
+    assert response.status_code == status
+    assert response.json()["field"] == "authorization"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import threading
 from collections.abc import AsyncIterator
@@ -25,19 +24,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from control_plane.tokens import check_bearer
 from monitoring.rollout.driver import Controller
 from monitoring.rollout.state_machine import ManualAbort, ManualPromote, describe
 
 
 def _authorised(request: Request, token: str) -> JSONResponse | None:
-    header = request.headers.get("authorization", "")
-    if not header.lower().startswith("bearer "):
-        return JSONResponse(
-            {"error": "missing bearer token", "field": None}, 401, headers={"WWW-Authenticate": "Bearer"}
-        )
-    if not hmac.compare_digest(header[7:].strip().encode(), token.encode()):
-        return JSONResponse({"error": "wrong token", "field": None}, 403)
-    return None
+    rejected = check_bearer(request.headers.get("authorization"), token)
+    if rejected is None:
+        return None
+    return JSONResponse({"error": rejected.message, "field": "authorization"}, rejected.status, rejected.headers)
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
