@@ -709,12 +709,30 @@ def test_mlflow_server_uses_postgres_minio_and_known_hosts(default_docs: list[di
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
 
 
-def test_minio_buckets_are_created(default_docs: list[dict[str, Any]]) -> None:
+def test_object_store_buckets_are_created_by_a_hook_job_from_the_project_image(
+    default_docs: list[dict[str, Any]],
+) -> None:
     job = find(default_docs, "Job", "minio-buckets")
     assert "post-install" in job["metadata"]["annotations"]["helm.sh/hook"]
-    script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
-    for bucket in ("mlflow", "checkpoints", "prediction-log"):
-        assert f"mc mb --ignore-existing platform/{bucket}" in script
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "mlops-template:0.1.0"  # python + boto3: no separate client image to pull
+    command = container["command"]
+    assert command[:2] == ["python", "-c"] and "create_bucket" in command[2]
+    assert command[3:] == ["mlflow", "checkpoints", "prediction-log"]
+    assert env_of(container)["S3_ENDPOINT_URL"] == "http://minio:9000"
+
+
+def test_object_store_is_seaweedfs_with_its_s3_identity_from_the_secret(default_docs: list[dict[str, Any]]) -> None:
+    spec = find(default_docs, "Deployment", "minio")["spec"]["template"]["spec"]
+    (server,) = spec["containers"]
+    assert server["image"].startswith("ghcr.io/chrislusf/seaweedfs:")
+    assert {"server", "-s3", "-s3.port=9000", "-s3.config=/config/s3.json", "-filer"} <= set(server["args"])
+    assert server["ports"][0]["containerPort"] == 9000
+    assert server["readinessProbe"]["httpGet"]["path"] == "/status"
+    (init,) = spec["initContainers"]
+    assert init["image"] == server["image"]
+    keys = {item["name"]: item["valueFrom"]["secretKeyRef"]["key"] for item in init["env"]}
+    assert keys == {"S3_ACCESS_KEY": "minio-root-user", "S3_SECRET_KEY": "minio-root-password"}
 
 
 def test_prediction_log_is_one_volume_and_its_readers_follow_the_gateway(

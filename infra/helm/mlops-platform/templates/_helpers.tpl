@@ -143,6 +143,58 @@ seccompProfile:
   value: {{ printf "postgresql+psycopg://%s:$(POSTGRES_PASSWORD)@postgres:5432/%s" .Values.postgres.user .Values.postgres.databases.controlPlane | quote }}
 {{- end }}
 
+{{/*
+The wait-for-Postgres loop. `-U` (and PGUSER, PGDATABASE) name the role: without them libpq asks the
+passwd database for the current uid's name, and the postgres image has no entry for uid 10001, so every
+pg_isready would fail before connecting ("local user with ID 10001 does not exist", exit 3), forever.
+tests/test_pod_snippets.py runs this line under a uid with no passwd entry against a real PostgreSQL.
+*/}}
+{{- define "mlops.waitForPostgresScript" -}}
+{{- printf "export PGUSER=%s PGDATABASE=%s; until pg_isready -h \"${PGHOST:-postgres}\" -p \"${PGPORT:-5432}\" -U %s -d %s -q; do echo \"waiting for postgres\"; sleep 2; done" .Values.postgres.user .Values.postgres.databases.controlPlane .Values.postgres.user .Values.postgres.databases.controlPlane -}}
+{{- end }}
+
+{{/*
+SeaweedFS's S3 identity file, written by the object store's init container from the platform Secret
+(one admin identity: the platform's S3 user). Run as the pod runs it by tests/test_pod_snippets.py.
+*/}}
+{{- define "mlops.s3ConfigScript" -}}
+umask 077
+: "${S3_ACCESS_KEY:?S3_ACCESS_KEY is not set}" "${S3_SECRET_KEY:?S3_SECRET_KEY is not set}"
+case "$S3_ACCESS_KEY$S3_SECRET_KEY" in *[!A-Za-z0-9._~-]*) echo "the S3 credentials must be URL-safe characters" >&2; exit 1 ;; esac
+printf '{"identities": [{"name": "platform", "credentials": [{"accessKey": "%s", "secretKey": "%s"}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}\n' "$S3_ACCESS_KEY" "$S3_SECRET_KEY" > "${S3_CONFIG_DIR:-/config}/s3.json"
+echo "wrote ${S3_CONFIG_DIR:-/config}/s3.json"
+{{- end }}
+
+{{/*
+The bucket Job's script (python -c SCRIPT BUCKET...): waits for the S3 API (5 minutes at most), then creates
+each missing bucket. Path-style addressing, as SeaweedFS (and MinIO) answer at one host name.
+*/}}
+{{- define "mlops.createBucketsScript" -}}
+import os, sys, time
+import boto3
+from botocore.config import Config
+s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"], config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}, connect_timeout=5, read_timeout=10))
+deadline = time.monotonic() + float(os.environ.get("S3_WAIT_SECONDS", "300"))
+while True:
+    try:
+        existing = {bucket["Name"] for bucket in s3.list_buckets().get("Buckets", [])}
+        break
+    except Exception as error:
+        if time.monotonic() > deadline:
+            sys.exit(f"the S3 API at {os.environ['S3_ENDPOINT_URL']} did not answer in time: {error}")
+        print(f"waiting for the S3 API ({type(error).__name__})", flush=True)
+        time.sleep(2)
+for name in sys.argv[1:]:
+    if name not in existing:
+        s3.create_bucket(Bucket=name)
+        print(f"created bucket {name}", flush=True)
+names = sorted(bucket["Name"] for bucket in s3.list_buckets().get("Buckets", []))
+missing = sorted(set(sys.argv[1:]) - set(names))
+if missing:
+    sys.exit(f"buckets missing after creation: {missing}")
+print(f"buckets: {names}", flush=True)
+{{- end }}
+
 {{/* An init container that waits until Postgres accepts connections. */}}
 {{- define "mlops.waitForPostgres" -}}
 - name: wait-for-postgres
@@ -151,7 +203,7 @@ seccompProfile:
   command:
     - sh
     - -c
-    - until pg_isready -h postgres -p 5432 -q; do echo "waiting for postgres"; sleep 2; done
+    - {{ include "mlops.waitForPostgresScript" . | quote }}
   resources:
     {{- toYaml .Values.waitForPostgres.resources | nindent 4 }}
   securityContext:
