@@ -187,6 +187,7 @@ def false_rollback_rate(rollouts: int, seed: int = 0) -> dict[str, Any]:
 def rollback_to_gateway(rounds: int) -> dict[str, Any]:
     import httpx
 
+    from control_plane.labels_token import resolve_labels_token
     from core.processes import free_port
     from core.settings import Settings
     from mlops.local_stack import stack_down, stack_up
@@ -214,6 +215,7 @@ def rollback_to_gateway(rounds: int) -> dict[str, Any]:
         stack_up(settings, on_progress=lambda line: print(line, file=sys.stderr))
         registry = Settings(mlflow_tracking_uri=f"http://127.0.0.1:{ports['mlflow']}", home=settings.home)
         from control_plane.client import ControlPlaneClient
+        from control_plane.rollouts_client import RolloutsClient
         from control_plane.tokens import resolve_token
 
         token = resolve_token(settings)
@@ -225,30 +227,31 @@ def rollback_to_gateway(rounds: int) -> dict[str, Any]:
         control.set_policy({"a": 1.0, "b": 0.0}, False, "a", "bench start")
         http = httpx.Client(timeout=10)
         headers = {"Authorization": f"Bearer {token}"}
+        controller = RolloutsClient(settings.controller_url, token=token, timeout=10)
         for round_index in range(rounds):
             _wait(lambda: http.get(f"{settings.slot_urls['a']}/v1/status").json().get("model_version") == champion)
             challenger = models.register(registry, 2, f"bench-{round_index}")
             policy = http.get(f"{settings.gateway_base_url}/v1/policy").json()
             champion_slot = policy["champion_slot"]
-            traffic = BackgroundTraffic(settings.gateway_base_url, TrafficPlan(200, 300, 1.0, seed=round_index)).start()
+            plan = TrafficPlan(200, 300, 1.0, seed=round_index)
+            token = resolve_labels_token(settings)
+            traffic = BackgroundTraffic(settings.gateway_base_url, plan, labels_token=token).start()
             seen: list[tuple[float, dict[str, Any]]] = []
             stop = threading.Event()
             poller = threading.Thread(target=_poll_policy, args=(settings.gateway_base_url, seen, stop), daemon=True)
             poller.start()
             try:
-                view = http.post(
-                    f"{settings.controller_url}/v1/rollouts", json={"challenger_version": challenger}, headers=headers
-                ).json()
+                view = controller.start(challenger)
                 rollout_id, other = view["rollout_id"], view["plan"]["challenger_slot"]
-                _wait_status(http, settings, rollout_id, ("canary",))
+                _wait_status(controller, rollout_id, ("canary",))
                 http.post(f"{settings.slot_urls[other]}/v1/fault", json={"error_rate": 0.5}, headers=headers)
-                _wait_status(http, settings, rollout_id, ("rolled_back", "succeeded"))
+                _wait_status(controller, rollout_id, ("rolled_back", "succeeded"))
                 time.sleep(2.5)
             finally:
                 stop.set()
                 poller.join()
                 traffic.stop()
-            decisions = http.get(f"{settings.controller_url}/v1/rollouts/{rollout_id}/decisions").json()["decisions"]
+            decisions = controller.decisions(rollout_id)
             decided_at = next(d["at"] for d in decisions if d["to_status"] == "rolled_back")
             applied = next(
                 (t for t, p in seen if t >= decided_at - 0.05 and p["weights"].get(other, 0) == 0 and not p["shadow"]),
@@ -265,9 +268,8 @@ def rollback_to_gateway(rounds: int) -> dict[str, Any]:
     return {"rounds": rounds, "seconds": samples, "max_s": max(samples), "median_s": float(np.median(samples))}
 
 
-def _wait_status(http: Any, settings: Any, rollout_id: str, statuses: tuple[str, ...]) -> None:
-    url = f"{settings.controller_url}/v1/rollouts/{rollout_id}"
-    _wait(lambda: http.get(url).json()["state"]["status"] in statuses, 120)
+def _wait_status(controller: Any, rollout_id: str, statuses: tuple[str, ...]) -> None:
+    _wait(lambda: controller.rollout(rollout_id)["state"]["status"] in statuses, 120)
 
 
 def _poll_policy(url: str, seen: list[tuple[float, dict[str, Any]]], stop: threading.Event) -> None:

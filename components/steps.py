@@ -270,12 +270,12 @@ def deploy(settings: Settings, run_id: str, version: str, aliases: list[str]) ->
     The outcome is recorded as the version's `mlops.deploy` tag, so `mlops run` can report it."""
     import httpx
 
+    from control_plane.rollouts_client import ControllerUnavailable
     from control_plane.tokens import resolve_token
     from core.aliases import CHAMPION
     from core.registry import connect
 
     token = resolve_token(settings)
-    headers = {"Authorization": f"Bearer {token}"}
     try:
         if CHAMPION in aliases:
             from control_plane.client import ControlPlaneClient, ControlPlaneUnavailable
@@ -288,18 +288,19 @@ def deploy(settings: Settings, run_id: str, version: str, aliases: list[str]) ->
             except ControlPlaneUnavailable as error:
                 raise httpx.ConnectError(str(error)) from None
         else:
-            body = {"challenger_version": version}
-            response = httpx.post(f"{settings.controller_url}/v1/rollouts", json=body, headers=headers, timeout=60)
-            payload = response.json()
-            if response.status_code >= 400:
-                result = {"action": "refused", "reason": f"controller refused the rollout: {payload.get('error')}"}
-            else:
+            from control_plane.rollouts_client import ControllerError, RolloutsClient
+
+            try:
+                with RolloutsClient(settings.controller_url, token=token, timeout=60) as controller:
+                    payload = controller.start(version)
                 result = {
                     "action": "rollout_started",
                     "rollout_id": payload["rollout_id"],
                     "reason": payload.get("description", ""),
                 }
-    except httpx.HTTPError as error:
+            except ControllerError as error:
+                result = {"action": "refused", "reason": f"controller refused the rollout: {error.error}"}
+    except (httpx.HTTPError, ControllerUnavailable) as error:
         result = {
             "action": "skipped",
             "reason": f"no platform answering ({error}); run `mlops up`, then `mlops rollout start {version}`",

@@ -11,14 +11,18 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from control_plane.rollouts_client import RolloutsClient
 from core.settings import Settings, SettingsError, load_settings
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="Card-fraud MLOps platform template.",
@@ -545,23 +549,26 @@ def serve_supervisor() -> None:
     supervise(_settings(), stopping.is_set)
 
 
-def _controller_call(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    import httpx
-
+def _controller(call: Callable[[RolloutsClient], T]) -> T:
+    """One call to the controller's API, its failures as one line for a person (exit 1)."""
+    from control_plane.rollouts_client import ControllerError, ControllerUnavailable
     from control_plane.tokens import resolve_token
 
     settings = _settings()
-    headers = {"Authorization": f"Bearer {resolve_token(settings)}"} if method == "POST" else {}
     try:
-        response = httpx.request(method, f"{settings.controller_url}{path}", json=body, headers=headers, timeout=120)
-    except httpx.HTTPError as error:
-        raise _fail(
-            f"controller unreachable at {settings.controller_url}: {error} (is `mlops serve controller` running?)", 1
-        ) from None
-    payload = response.json()
-    if response.status_code >= 400:
-        raise _fail(f"controller refused ({response.status_code}): {payload.get('error')}", 1)
-    return payload
+        with RolloutsClient(settings.controller_url, token=resolve_token(settings), timeout=120) as client:
+            return call(client)
+    except ControllerUnavailable as error:
+        raise _fail(f"{error} (is `mlops serve controller` running?)", 1) from None
+    except ControllerError as error:
+        raise _fail(f"controller refused ({error.status}): {error.error}", 1) from None
+
+
+def _latest_rollout_id(client: RolloutsClient) -> str:
+    rollouts = client.rollouts()
+    if not rollouts:
+        raise _fail("no rollout yet", 1)
+    return rollouts[0]["rollout_id"]
 
 
 @rollout_app.command("start")
@@ -570,7 +577,7 @@ def rollout_start(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Start a guarded rollout of VERSION against the current champion."""
-    view = _controller_call("POST", "/v1/rollouts", {"challenger_version": version})
+    view = _controller(lambda client: client.start(version))
     err.print(view["description"])
     if as_json:
         _emit_json(view)
@@ -579,10 +586,7 @@ def rollout_start(
 @rollout_app.command("status")
 def rollout_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """The active rollout, or the most recent one."""
-    rollouts = _controller_call("GET", "/v1/rollouts")["rollouts"]
-    if not rollouts:
-        raise _fail("no rollout yet", 1)
-    view = _controller_call("GET", f"/v1/rollouts/{rollouts[0]['rollout_id']}")
+    view = _controller(lambda client: client.rollout(_latest_rollout_id(client)))
     err.print(view["description"])
     if as_json:
         _emit_json(view)
@@ -594,11 +598,8 @@ def rollout_history(
 ) -> None:
     """Every decision of a rollout (default: the latest) with the metric values behind it."""
     if rollout_id is None:
-        rollouts = _controller_call("GET", "/v1/rollouts")["rollouts"]
-        if not rollouts:
-            raise _fail("no rollout yet", 1)
-        rollout_id = rollouts[0]["rollout_id"]
-    decisions = _controller_call("GET", f"/v1/rollouts/{rollout_id}/decisions")["decisions"]
+        rollout_id = _controller(_latest_rollout_id)
+    decisions = _controller(lambda client: client.decisions(rollout_id))
     if as_json:
         _emit_json({"rollout_id": rollout_id, "decisions": decisions})
         return
@@ -609,11 +610,12 @@ def rollout_history(
 
 
 def _manual(kind: str, reason: str) -> None:
-    rollouts = _controller_call("GET", "/v1/rollouts")["rollouts"]
-    active = [r for r in rollouts if r["active"]]
+    active = [r for r in _controller(lambda client: client.rollouts()) if r["active"]]
     if not active:
         raise _fail("no active rollout", 1)
-    view = _controller_call("POST", f"/v1/rollouts/{active[0]['rollout_id']}/{kind}", {"reason": reason})
+    rollout_id = active[0]["rollout_id"]
+    action = {"promote": RolloutsClient.promote, "abort": RolloutsClient.abort}[kind]
+    view = _controller(lambda client: action(client, rollout_id, reason))
     err.print(view["description"])
 
 
@@ -642,6 +644,7 @@ def traffic(
     """Send generated transactions through the gateway and post their labels later, with a live display."""
     import asyncio
 
+    from control_plane.labels_token import resolve_labels_token
     from mlops.traffic import TrafficPlan, run_traffic
 
     settings = _settings()
@@ -657,7 +660,7 @@ def traffic(
         def show(stats: Any, elapsed: float) -> None:
             live.update(_traffic_view(stats, elapsed, plan, url))
 
-        stats = asyncio.run(run_traffic(url, plan, on_progress=show))
+        stats = asyncio.run(run_traffic(url, plan, on_progress=show, labels_token=resolve_labels_token(settings)))
     summary = stats.summary()
     if stats.sent and stats.failed == stats.sent:
         raise _fail(f"every request failed (is the gateway up at {url}?): {summary['errors'][:1]}", 1)

@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from control_plane.rollouts_client import RolloutsClient
 from core.settings import Settings
 
 DEMO_ENV = {
@@ -92,14 +93,14 @@ def step_summaries(settings: Settings, run_id: str | None) -> dict[str, Any]:
 def follow_rollout(settings: Settings, rollout_id: str, timeout_s: float, on_status: Callable[[str], None]) -> dict:
     """Wait for the rollout's terminal status; return its view and decisions."""
     deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=10.0) as http:
+    with RolloutsClient(settings.controller_url, timeout=10.0) as controller:
         while True:
-            view = http.get(f"{settings.controller_url}/v1/rollouts/{rollout_id}").json()
+            view = controller.rollout(rollout_id)
             on_status(view["description"])
             if view["state"]["status"] in ("succeeded", "rolled_back", "aborted") or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        decisions = http.get(f"{settings.controller_url}/v1/rollouts/{rollout_id}/decisions").json()["decisions"]
+        decisions = controller.decisions(rollout_id)
     return {"view": view, "decisions": decisions}
 
 
@@ -129,6 +130,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """The whole demo; returns the record the report is rendered from (also written as `record.json`)."""
     from components.dataset import write_transactions
+    from control_plane.labels_token import resolve_labels_token
     from core.synthetic import generate_transactions
     from mlops.local_stack import stack_down, stack_status, stack_up
     from mlops.report import render_png, render_report
@@ -178,7 +180,9 @@ def run_demo(
         # pipeline ends: the rollout's first phase waits for its samples, and training keeps both cores)
         since = time.time()
         second = run_pipeline(registry, challenger_data, "challenger", {"epochs": 4}, say)
-        traffic = BackgroundTraffic(settings.gateway_base_url, TrafficPlan(150, 3_600, 2.0, seed=7)).start()
+        traffic = BackgroundTraffic(
+            settings.gateway_base_url, TrafficPlan(150, 3_600, 2.0, seed=7), labels_token=resolve_labels_token(settings)
+        ).start()
         record["runs"].append(second)
         step(
             "train challenger",

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-import httpx
+from control_plane.rollouts_client import ControllerError, ControllerUnavailable, RolloutsClient
 
 
 def weight_of(view: dict[str, Any]) -> float:
@@ -80,24 +80,23 @@ class TimelineRecorder:
         return [p for p in self.points if p["rollout_id"] == rollout_id]
 
     def _run(self) -> None:
-        with httpx.Client(timeout=5.0) as http:
+        with RolloutsClient(self.url, timeout=5.0) as controller:
             while not self._stop.wait(self.interval_s):
                 try:
-                    self._sample(http)
-                except (httpx.HTTPError, ValueError, KeyError):
+                    self._sample(controller)
+                except (ControllerError, ControllerUnavailable, KeyError):
                     continue  # the controller restarting: the timeline simply has a gap
 
-    def _sample(self, http: httpx.Client) -> None:
-        active = http.get(f"{self.url}/v1/rollouts/active")
-        if active.status_code == 200:
-            view = active.json()
+    def _sample(self, controller: RolloutsClient) -> None:
+        active = controller.active()
+        if active is not None:
+            view = active
         elif self._last_id is not None:  # the rollout just ended: one last point with its final status
-            view = http.get(f"{self.url}/v1/rollouts/{self._last_id}").json()
+            view = controller.rollout(self._last_id)
             self._last_id = None
         else:
             return
-        response = http.get(f"{self.url}/v1/analysis")
-        analysis = response.json() if response.status_code == 200 else None
+        analysis = controller.latest_analysis()
         self.points.append(sample(view, analysis, time.time()))
-        if active.status_code == 200:
+        if active is not None:
             self._last_id = view["rollout_id"]

@@ -88,3 +88,49 @@ def test_policy_commands_say_when_the_control_plane_is_down(cli_env: dict[str, s
     env = {**cli_env, "MLOPS_CONTROL_PLANE_URL": "http://127.0.0.1:9"}
     result = run_cli(["policy", "show"], env)
     assert result.code == 1 and "control plane unreachable" in result.stderr
+
+
+def test_rollout_commands_name_an_unreachable_controller_without_a_traceback(cli_env: dict[str, str]) -> None:
+    from core.processes import free_port
+
+    env = {**cli_env, "MLOPS_CONTROLLER_URL": f"http://127.0.0.1:{free_port()}"}
+    result = run_cli(["rollout", "status"], env)
+    assert result.code == 1
+    assert "controller unreachable at http://127.0.0.1:" in result.stderr
+    assert "is `mlops serve controller` running?" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_rollouts_client_tells_an_absent_controller_from_a_refusal() -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from control_plane.rollouts_client import ControllerError, ControllerUnavailable, RolloutsClient
+    from core.processes import free_port
+
+    with pytest.raises(ControllerUnavailable), RolloutsClient(f"http://127.0.0.1:{free_port()}", timeout=2) as c:
+        c.rollouts()
+
+    class Refusing(BaseHTTPRequestHandler):  # a real HTTP server that answers like the controller refuses
+        def do_POST(self) -> None:
+            body = b'{"error": "version 7 is already the champion", "field": "challenger_version"}'
+            self.send_response(409)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        with RolloutsClient(url, token="t") as client, pytest.raises(ControllerError) as refused:
+            client.start("7")
+        assert refused.value.status == 409 and refused.value.error == "version 7 is already the champion"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import httpx
 
 from control_plane.client import ControlPlaneClient
+from control_plane.labels_token import resolve_labels_token
+from control_plane.rollouts_client import ControllerUnavailable, RolloutsClient
 from control_plane.tokens import resolve_token
 from core.settings import Settings
 from mlops.scenarios import models
@@ -150,16 +152,9 @@ class ScenarioRunner:
         self.token = resolve_token(settings)
         self.control = ControlPlaneClient(settings.control_plane_url, token=self.token)
         self.http = httpx.Client(timeout=30.0)
+        self.controller = RolloutsClient(settings.controller_url, token=self.token, timeout=30.0)
 
     # --- the platform's APIs ---------------------------------------------------------------------
-
-    def _controller(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {self.token}"} if method == "POST" else {}
-        response = self.http.request(method, f"{self.settings.controller_url}{path}", json=body, headers=headers)
-        payload = response.json()
-        if response.status_code >= 400:
-            raise RuntimeError(f"controller refused {method} {path} ({response.status_code}): {payload.get('error')}")
-        return payload
 
     def _slot_version(self, slot: str) -> str | None:
         try:
@@ -178,11 +173,11 @@ class ScenarioRunner:
         """Stack up, no rollout in flight, the champion registered and live on its slot with all traffic."""
         self.target.ensure_up(self.say)
         self.target.wait_healthy(180)
-        active = self.http.get(f"{self.settings.controller_url}/v1/rollouts/active")
-        if active.status_code == 200:
-            rollout_id = active.json()["rollout_id"]
+        active = self.controller.active()
+        if active is not None:
+            rollout_id = active["rollout_id"]
             self.say(f"aborting rollout {rollout_id} left over from an earlier run")
-            self._controller("POST", f"/v1/rollouts/{rollout_id}/abort", {"reason": "scenario runner: stale rollout"})
+            self.controller.abort(rollout_id, "scenario runner: stale rollout")
         champion = models.ensure_champion(self.settings, self.say)
         policy = self.control.get_policy()
         slot = policy.champion_slot
@@ -220,10 +215,12 @@ class ScenarioRunner:
         self.say(f"{scenario.name}: challenger v{version} (seed {challenger.seed}, defect {challenger.defect})")
         budget = scenario.expect.within_s + GRACE_S
         traffic = BackgroundTraffic(
-            self.settings.gateway_base_url, scenario.traffic.plan(budget + 120, seed_offset=index)
+            self.settings.gateway_base_url,
+            scenario.traffic.plan(budget + 120, seed_offset=index),
+            labels_token=resolve_labels_token(self.settings),
         ).start()
         try:
-            view = self._controller("POST", "/v1/rollouts", {"challenger_version": version})
+            view = self.controller.start(version)
             status, decisions = self._follow(scenario, view, traffic, progress, budget)
         finally:
             stats = traffic.stop()
@@ -243,7 +240,7 @@ class ScenarioRunner:
         fault_done = False
         progress.stage = "rolling out"
         while True:
-            view = self._read(f"/v1/rollouts/{rollout_id}")
+            view = self._read(rollout_id)
             if view is None:  # the controller is down (killed, restarting): the rollout carries on without it
                 if time.monotonic() - started > budget + GRACE_S:
                     raise RuntimeError(f"controller unreachable at {self.settings.controller_url} for too long")
@@ -271,10 +268,10 @@ class ScenarioRunner:
                 fault_done = True
             if time.monotonic() - started > budget:
                 self.say(f"{scenario.name}: no decision after {budget:.0f}s; aborting the rollout")
-                self._controller("POST", f"/v1/rollouts/{rollout_id}/abort", {"reason": "scenario timed out"})
+                self.controller.abort(rollout_id, "scenario timed out")
                 break
             time.sleep(POLL_S)
-        decisions = self._controller("GET", f"/v1/rollouts/{rollout_id}/decisions")["decisions"]
+        decisions = self.controller.decisions(rollout_id)
         return status, decisions
 
     def _run_drift(self, scenario: Scenario, index: int, progress: Progress) -> ScenarioResult:
@@ -284,7 +281,9 @@ class ScenarioRunner:
         watch_s = scenario.traffic.duration_s or expect.within_s
         budget = expect.within_s + GRACE_S
         traffic = BackgroundTraffic(
-            self.settings.gateway_base_url, scenario.traffic.plan(budget + 120, seed_offset=index)
+            self.settings.gateway_base_url,
+            scenario.traffic.plan(budget + 120, seed_offset=index),
+            labels_token=resolve_labels_token(self.settings),
         ).start()
         status, decisions, phases, retrains, rollout_id = "none", [], [], [], None
         try:
@@ -296,9 +295,8 @@ class ScenarioRunner:
                 progress.rollout_status = f"{len(retrains)} retraining run(s)"
                 progress.phase = retrains[-1]["status"] if retrains else "-"
                 self.show(progress)
-                active = self.http.get(f"{self.settings.controller_url}/v1/rollouts/active")
-                if active.status_code == 200:
-                    view = active.json()
+                view = self._active()
+                if view is not None:
                     rollout_id = view["rollout_id"]
                     self.say(f"{scenario.name}: the retrained model is in rollout {rollout_id}")
                     status, decisions = self._follow(scenario, view, traffic, progress, budget)
@@ -323,10 +321,17 @@ class ScenarioRunner:
         except (httpx.HTTPError, ValueError):
             return []  # the monitor restarting: ask again on the next poll
 
-    def _read(self, path: str) -> dict[str, Any] | None:
+    def _read(self, rollout_id: str) -> dict[str, Any] | None:
+        """The rollout's view, or None while the controller does not answer (killed, restarting)."""
         try:
-            return self._controller("GET", path)
-        except httpx.HTTPError:
+            return self.controller.rollout(rollout_id)
+        except ControllerUnavailable:
+            return None
+
+    def _active(self) -> dict[str, Any] | None:
+        try:
+            return self.controller.active()
+        except ControllerUnavailable:
             return None
 
 
