@@ -94,14 +94,6 @@ async def flush_loop(logs: Iterable[BatchedParquetLog], interval: float = 0.1) -
                 await asyncio.to_thread(log.write, log.take())
 
 
-def read_log(directory: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """All rows written so far (for guardrails, drift monitoring and tests)."""
-    files = sorted(Path(directory).glob("*.parquet"))
-    if not files:
-        return pa.table({})
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files], promote_options="default")
-
-
 class RecentIds:
     """Bounded set of recent request ids, so `/feedback` can reject ids it never served.
 

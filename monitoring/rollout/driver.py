@@ -144,14 +144,6 @@ class Controller:
             return state
         return self.apply(rollout_id, self._observe(plan, state, now))
 
-    def run(self, stop: Callable[[], bool]) -> None:
-        while not stop():
-            try:
-                self.tick()
-            except Exception:  # a failed tick (store busy, MLflow down) is retried on the next one
-                log.exception("controller tick failed")
-            time.sleep(self.spec.analysis_interval_s)
-
     def _observe(self, plan: RolloutPlan, state: RolloutState, now: float) -> Any:
         phase = current_phase(plan, state)
         kind = phase.kind if phase is not None else WATCH
