@@ -45,6 +45,7 @@ SERVICES = ("control-plane", "slot-a", "slot-b", "gateway")
 class LocalStack:
     home: Path
     token: str = "local-stack-token"
+    labels_token: str = "local-stack-labels-token"
     extra_env: dict[str, str] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
@@ -61,6 +62,7 @@ class LocalStack:
             "MLOPS_HOME": str(self.home),
             "MLOPS_CONTROL_PLANE_URL": self.url("control-plane"),
             "MLOPS_CONTROL_PLANE_TOKEN": self.token,
+            "MLOPS_LABELS_TOKEN": self.labels_token,
             "MLOPS_SLOT_A_PORT": str(self.ports["slot-a"]),
             "MLOPS_SLOT_B_PORT": str(self.ports["slot-b"]),
             "MLOPS_GATEWAY_PORT": str(self.ports["gateway"]),

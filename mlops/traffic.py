@@ -2,9 +2,10 @@
 
 Open loop at a fixed rate (request `i` is due at `start + i / rps`), because real payment traffic does not
 slow down when the service does; a bounded number of requests are in flight at once. Every answered request's
-true label is posted to `/v1/feedback` `label_delay_s` later, which is how confirmed fraud arrives in
-production: late. Transactions come from `core.synthetic` (optionally drifted), so the features and the
-fraud rule are those the models were trained on.
+true label is posted to `/v1/feedback` `label_delay_s` later, with the labels token (a label writer's
+credential, `control_plane.labels_token`), which is how confirmed fraud arrives in production: late.
+Transactions come from `core.synthetic` (optionally drifted), so the features and the fraud rule are those
+the models were trained on.
 
 Used by `mlops traffic` (with a live display) and by the scenario runner (in a background thread).
 """
@@ -77,6 +78,7 @@ class TrafficStats:
     labels_failed: int = 0
     frauds_labelled: int = 0
     errors: list[str] = field(default_factory=list)  # the first few failures, verbatim
+    label_errors: list[str] = field(default_factory=list)  # the first few refused labels, verbatim
     latencies_ms: list[float] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
 
@@ -98,6 +100,7 @@ class TrafficStats:
             "labels_sent": self.labels_sent,
             "labels_failed": self.labels_failed,
             "frauds_labelled": self.frauds_labelled,
+            "label_errors": list(self.label_errors),
             "latency_p50_ms": round(float(np.nanpercentile(latencies, 50)), 2),
             "latency_p99_ms": round(float(np.nanpercentile(latencies, 99)), 2),
             "errors": list(self.errors),
@@ -126,10 +129,12 @@ async def run_traffic(
     stop: threading.Event | None = None,
     on_progress: Callable[[TrafficStats, float], None] | None = None,
     stats: TrafficStats | None = None,
+    *,
+    labels_token: str,
 ) -> TrafficStats:
-    """Send `plan.rps` requests a second for `plan.duration_s` (or until `stop` is set), post the labels late,
-    and return what the client saw. Labels still due when the traffic ends are posted before returning,
-    unless `stop` was set (then the caller no longer wants them)."""
+    """Send `plan.rps` requests a second for `plan.duration_s` (or until `stop` is set), post the labels late
+    (with `labels_token`), and return what the client saw. Labels still due when the traffic ends are posted
+    before returning, unless `stop` was set (then the caller no longer wants them)."""
     stats = stats or TrafficStats()
     stats.started_at = time.time()
     due_labels: collections.deque[tuple[float, str, int]] = collections.deque()
@@ -138,6 +143,7 @@ async def run_traffic(
     connector = aiohttp.TCPConnector(limit=plan.concurrency * 2)
     timeout = aiohttp.ClientTimeout(total=10)
     stopped = stop or threading.Event()
+    label_headers = {"Authorization": f"Bearer {labels_token}"}
     async with aiohttp.ClientSession(gateway_url, connector=connector, timeout=timeout) as session:
 
         async def score(body: dict[str, Any], label: int) -> None:
@@ -162,11 +168,15 @@ async def run_traffic(
 
         async def post_label(request_id: str, label: int) -> None:
             try:
-                async with session.post("/v1/feedback", json={"request_id": request_id, "label": label}) as response:
-                    await response.read()
+                body = {"request_id": request_id, "label": label}
+                async with session.post("/v1/feedback", json=body, headers=label_headers) as response:
+                    answer = await response.read()
                     ok = response.status < 300
-            except (aiohttp.ClientError, TimeoutError):
-                ok = False
+                    refusal = f"HTTP {response.status}: {answer[:200].decode(errors='replace')}"
+            except (aiohttp.ClientError, TimeoutError) as error:
+                ok, refusal = False, f"{type(error).__name__}: {error}"
+            if not ok and len(stats.label_errors) < 5:
+                stats.label_errors.append(refusal)
             stats.labels_sent += ok
             stats.labels_failed += not ok
             stats.frauds_labelled += ok and label == 1
@@ -220,15 +230,16 @@ async def run_traffic(
 class BackgroundTraffic:
     """`run_traffic` in a thread, for callers that do other things meanwhile (the scenario runner)."""
 
-    def __init__(self, gateway_url: str, plan: TrafficPlan) -> None:
+    def __init__(self, gateway_url: str, plan: TrafficPlan, *, labels_token: str) -> None:
         self.stats = TrafficStats()
+        self._labels_token = labels_token
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(gateway_url, plan), name="traffic", daemon=True)
 
     def _run(self, gateway_url: str, plan: TrafficPlan) -> None:
         try:
-            asyncio.run(run_traffic(gateway_url, plan, self._stop, stats=self.stats))
+            asyncio.run(run_traffic(gateway_url, plan, self._stop, stats=self.stats, labels_token=self._labels_token))
         except BaseException as error:  # surfaced by stop(): a broken simulator must not look like a quiet run
             self._error = error
 

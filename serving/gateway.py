@@ -38,10 +38,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from control_plane.client import AsyncControlPlaneClient, ControlPlaneError, ControlPlaneUnavailable
+from control_plane.labels_token import resolve_labels_token
 from control_plane.models import TrafficPolicy
+from control_plane.tokens import check_bearer
 from core.prediction_log import BatchedParquetLog, RecentIds, flush_loop
 from core.schema import CATEGORICAL_FEATURES, NUMERIC_FEATURES
 from core.settings import Settings
+from serving.labels import LabelBook, LabelOutcome
 from serving.requests import RequestError, Transaction, encode, features, parse_feedback, parse_transaction
 from serving.routing import other_slot, route
 
@@ -123,6 +126,8 @@ class GatewayMetrics:
         self.invalid = Counter("gateway_invalid_requests_total", "Requests refused (4xx)", ["status"], registry=r)
         self.shadow = Counter("gateway_shadow_requests_total", "Shadow calls", ["status"], registry=r)
         self.shadow_dropped = Counter("gateway_shadow_dropped_total", "Shadow work dropped (queue full)", registry=r)
+        # outcome: accepted, duplicate (same label again), conflict (a different label for a labelled id: 409),
+        # unknown_id (404), unauthenticated (401), forbidden (403)
         self.feedback = Counter("gateway_feedback_total", "Labels received", ["outcome"], registry=r)
         self.generation = Gauge("gateway_policy_generation", "Traffic policy generation in force", registry=r)
         self.weight = Gauge("gateway_variant_weight", "Traffic weight in force", ["variant"], registry=r)
@@ -150,6 +155,8 @@ class Gateway:
             log_dir / "feedback", settings.log_flush_rows, settings.log_flush_seconds, schema=FEEDBACK_SCHEMA
         )
         self.known_ids = RecentIds()
+        self.labels = LabelBook(self.known_ids.capacity)
+        self.labels_token = resolve_labels_token(settings)
         self.shadow_queue: asyncio.Queue[tuple[dict[str, Any], bytes]] = asyncio.Queue(settings.shadow_queue_size)
         self.session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -164,6 +171,7 @@ class Gateway:
     async def start(self) -> None:
         # Labels for requests served before a restart are still accepted: reload their ids.
         await asyncio.to_thread(self.known_ids.load, self.predictions.directory)
+        await asyncio.to_thread(self.labels.load, self.feedback.directory)  # labelled ids stay labelled
         connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=30)
         self.session = aiohttp.ClientSession(connector=connector)
         self._tasks = [
@@ -380,13 +388,30 @@ class Gateway:
         for row, _ in batch:
             self.predictions.append(row)
 
-    def record_feedback(self, body: bytes) -> tuple[int, dict[str, Any]]:
+    def record_feedback(self, body: bytes, authorization: str | None = None) -> tuple[int, dict[str, Any]]:
+        """One label per served request id, from a holder of the labels token: 202 accepted, 200 the same label
+        again, 409 a different label for a labelled id, 404 an id never served, 401/403 no or a wrong token."""
+        rejected = check_bearer(authorization, self.labels_token)
+        if rejected is not None:
+            self.metrics.feedback.labels("unauthenticated" if rejected.status == 401 else "forbidden").inc()
+            message = f"labels token required (MLOPS_LABELS_TOKEN): {rejected.message}"
+            return rejected.status, {"error": message, "field": "authorization"}
         feedback = parse_feedback(body)
         if feedback.request_id not in self.known_ids:
             self.metrics.feedback.labels("unknown_id").inc()
             return 404, {"error": f"unknown request_id {feedback.request_id!r}", "field": "request_id"}
+        outcome = self.labels.offer(feedback.request_id, feedback.label)
+        self.metrics.feedback.labels(outcome.value).inc()
+        if outcome is LabelOutcome.conflict:
+            existing = self.labels.get(feedback.request_id)
+            message = (
+                f"request_id {feedback.request_id!r} is labelled {existing} already; a label is accepted once, "
+                f"{feedback.label} refused"
+            )
+            return 409, {"error": message, "field": "label"}
+        if outcome is LabelOutcome.duplicate:
+            return 200, {"request_id": feedback.request_id, "accepted": True, "duplicate": True}
         self.feedback.append({"request_id": feedback.request_id, "label": feedback.label, "received_at": time.time()})
-        self.metrics.feedback.labels("accepted").inc()
         return 202, {"request_id": feedback.request_id, "accepted": True}
 
 
@@ -403,11 +428,12 @@ def create_gateway_app(settings: Settings) -> Starlette:
 
     async def feedback(request: Request) -> Response:
         try:
-            status, body = gateway.record_feedback(await request.body())
+            status, body = gateway.record_feedback(await request.body(), request.headers.get("authorization"))
         except RequestError as error:
             gateway.metrics.invalid.labels(str(error.status)).inc()
             return Response(encode(error.body()), error.status, media_type=JSON)
-        return Response(encode(body), status, media_type=JSON)
+        challenge = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return Response(encode(body), status, challenge, media_type=JSON)
 
     async def policy(_: Request) -> Response:
         return Response(encode({**gateway.policy.to_json(), "loaded": gateway.policy_loaded}), media_type=JSON)

@@ -299,11 +299,18 @@ def test_out_of_range_values_name_the_field(stack: LocalStack, traffic: Traffic)
 
 def test_feedback_accepts_served_ids_and_rejects_unknown_ones(stack: LocalStack, traffic: Traffic) -> None:
     request_id = traffic.score(1).json()["request_id"]
-    accepted = httpx.post(f"{stack.url('gateway')}/v1/feedback", json={"request_id": request_id, "label": 1})
+    labels = {"Authorization": f"Bearer {stack.labels_token}"}
+    accepted = httpx.post(
+        f"{stack.url('gateway')}/v1/feedback", json={"request_id": request_id, "label": 1}, headers=labels
+    )
     assert accepted.status_code == 202
-    unknown = httpx.post(f"{stack.url('gateway')}/v1/feedback", json={"request_id": "never-served", "label": 0})
+    unknown = httpx.post(
+        f"{stack.url('gateway')}/v1/feedback", json={"request_id": "never-served", "label": 0}, headers=labels
+    )
     assert unknown.status_code == 404 and unknown.json()["field"] == "request_id"
-    bad_label = httpx.post(f"{stack.url('gateway')}/v1/feedback", json={"request_id": request_id, "label": 7})
+    bad_label = httpx.post(
+        f"{stack.url('gateway')}/v1/feedback", json={"request_id": request_id, "label": 7}, headers=labels
+    )
     assert bad_label.status_code == 422 and bad_label.json()["field"] == "label"
     metrics = httpx.get(f"{stack.url('gateway')}/metrics").text
     assert 'gateway_feedback_total{outcome="unknown_id"} 1.0' in metrics
@@ -357,7 +364,10 @@ def test_a_clean_gateway_restart_logs_every_answered_request(stack: LocalStack, 
     wait_for(lambda: httpx.get(f"{stack.url('gateway')}/readyz").status_code == 200)
     # Labels for requests served before the restart are still accepted.
     old_id = rows["request_id"].iloc[0]
-    response = httpx.post(f"{stack.url('gateway')}/v1/feedback", json={"request_id": old_id, "label": 0})
+    labels = {"Authorization": f"Bearer {stack.labels_token}"}
+    response = httpx.post(
+        f"{stack.url('gateway')}/v1/feedback", json={"request_id": old_id, "label": 0}, headers=labels
+    )
     assert response.status_code == 202
 
 

@@ -36,14 +36,29 @@ def read_window(
     return frame[keep].reset_index(drop=True)
 
 
-def read_feedback(directory: str | Path, request_ids: pd.Series) -> pd.DataFrame:
-    """Labels for the given requests, whenever they arrived (labels come late: no time filter)."""
+def read_feedback(directory: str | Path, request_ids: pd.Series, served_at: pd.Series | None = None) -> pd.DataFrame:
+    """The first label for each of the given requests, whenever it arrived (labels come late: no time filter):
+    a label is accepted once, here as at the gateway, so a later different one never overrides it.
+
+    With `served_at` (request_id -> `ts` of the answer), a label that arrived before its request was served
+    is dropped: it cannot be evidence about that answer (a guessed id, a clock gone back, a poisoned log)."""
+    columns = ["request_id", "label", "received_at"]
     files = sorted(Path(directory).glob("*.parquet"))
     if not files or request_ids.empty:
-        return pd.DataFrame(columns=["request_id", "label"])
-    frame = pa.concat_tables([pq.read_table(p, columns=["request_id", "label"]) for p in files]).to_pandas()
+        return pd.DataFrame(columns=columns)
+    frame = pa.concat_tables([pq.read_table(p, columns=columns) for p in files]).to_pandas()
     frame = frame[frame["request_id"].isin(set(request_ids))]
-    return frame.drop_duplicates("request_id", keep="last").reset_index(drop=True)
+    if served_at is not None:
+        frame = frame[frame["received_at"] >= frame["request_id"].map(served_at)]
+    frame = frame.sort_values("received_at", kind="stable")
+    return frame.drop_duplicates("request_id", keep="first").reset_index(drop=True)
+
+
+def served_times(predictions: pd.DataFrame) -> pd.Series:
+    """request_id -> when it was answered (its first row: a shadow row shares the id and the time)."""
+    if predictions.empty:
+        return pd.Series(dtype=float)
+    return predictions.drop_duplicates("request_id").set_index("request_id")["ts"]
 
 
 def rows_of_versions(predictions: pd.DataFrame, versions: dict[str, str]) -> pd.DataFrame:
@@ -88,7 +103,9 @@ def analyse(
     predictions = read_window(log_dir / "predictions", since, at)
     if versions is not None:
         predictions = rows_of_versions(predictions, versions)
-    feedback = read_feedback(log_dir / "feedback", predictions.get("request_id", pd.Series(dtype=str)))
+    feedback = read_feedback(
+        log_dir / "feedback", predictions.get("request_id", pd.Series(dtype=str)), served_times(predictions)
+    )
     if predictions.empty:
         return AnalysisResult(at=at, phase_index=phase_index, samples=0, verdicts={}, values={})
     results = evaluate_guardrails(spec, phase_kind, predictions, feedback, threshold=threshold)
