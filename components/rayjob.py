@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from components.train import TrainOutcome, TrainParams, copy_tree, read_text
+from core.settings import Settings
 
 RAYJOB_GROUP, RAYJOB_VERSION, RAYJOB_PLURAL = "ray.io", "v1", "rayjobs"
 ENTRY_MODULE = "components.train_entry"
@@ -494,12 +495,6 @@ def _api_reason(error: Any) -> str:
 # --- the kind target's training backend -------------------------------------------------------------------
 
 
-def _setting(settings: Any, name: str, default: str) -> str:
-    import os
-
-    return str(getattr(settings, name, None) or os.environ.get(f"MLOPS_{name.upper()}") or default)
-
-
 @dataclass
 class RayJobTraining:
     """`.train(...)` as a RayJob: data up to MinIO, the RayJob run and followed, the model directory back.
@@ -507,7 +502,7 @@ class RayJobTraining:
     Everything of one run lives under `s3://checkpoints/<run_name>/`: `input/data.parquet`, Ray Train's
     checkpoints, `model/` and `outcome.json`."""
 
-    settings: Any
+    settings: Settings
     runner: RayJobRunner | None = None
     storage_uri: str = "s3://checkpoints"
     secret_name: str = PLATFORM_SECRET
@@ -517,11 +512,11 @@ class RayJobTraining:
 
     @property
     def namespace(self) -> str:
-        return _setting(self.settings, "namespace", "mlops")
+        return self.settings.namespace
 
     def manifest(self, run_name: str, params: TrainParams) -> dict[str, Any]:
         base = f"{self.storage_uri.rstrip('/')}/{run_name}"
-        domain = _setting(self.settings, "cluster_service_domain", f"{self.namespace}.svc.cluster.local")
+        domain = self.settings.service_domain
         outcome_uri = f"{base}/outcome.json"
         args = train_entry_args(
             data_uri=f"{base}/input/data.parquet",
@@ -549,7 +544,7 @@ class RayJobTraining:
         name = manifest["metadata"]["name"]
         base = f"{self.storage_uri.rstrip('/')}/{run_name}"
         copy_tree(data_path, f"{base}/input/data.parquet")
-        runner = self.runner or RayJobRunner(self.namespace, kube_context=_setting(self.settings, "kube_context", ""))
+        runner = self.runner or RayJobRunner(self.namespace, kube_context=self.settings.kube_context or None)
         how = runner.submit(manifest)
         self.on_progress(f"rayjob {self.namespace}/{name} {how}: {params.workers} Ray Train workers, run {run_name}")
         # Long enough for every attempt KubeRay may make, each bounded by activeDeadlineSeconds.

@@ -96,7 +96,9 @@ class Settings(BaseSettings):
     kfp_host: str = Field("http://localhost:8888", description="KFP API endpoint")
     namespace: str = Field("mlops", description="the platform's Kubernetes namespace")
     kube_context: str = Field("kind-mlops", description="kubectl context of the kind cluster")
-    cluster_service_domain: str = Field("mlops.svc.cluster.local", description="DNS suffix of platform services")
+    cluster_service_domain: str = Field(
+        "", description="DNS suffix of platform services; empty = <namespace>.svc.cluster.local"
+    )
     image: str = Field("mlops-template:0.1.0", description="project image for cluster components")
 
     @field_validator("home")
@@ -119,6 +121,11 @@ class Settings(BaseSettings):
     @property
     def control_plane_db(self) -> str:
         return self.control_plane_db_url or f"sqlite:///{self.home / 'control-plane.db'}"
+
+    @property
+    def service_domain(self) -> str:
+        """The platform services' DNS suffix on the cluster: set, or derived from the namespace."""
+        return self.cluster_service_domain or f"{self.namespace}.svc.cluster.local"
 
     @property
     def gateway_base_url(self) -> str:

@@ -18,7 +18,6 @@ version tagged with our `run_id` in MLflow; a failed run names the failed task f
 from __future__ import annotations
 
 import functools
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -48,14 +47,9 @@ class ClusterRunError(RuntimeError):
     """A run that cannot be submitted as asked (e.g. a host file as its data)."""
 
 
-def _setting(settings: Any, name: str, default: str) -> str:
-    """A setting the settings object may not have yet (`namespace`, `cluster_service_domain`, ...)."""
-    return str(getattr(settings, name, None) or os.environ.get(f"MLOPS_{name.upper()}") or default)
-
-
 def service_domain(settings: Settings) -> str:
-    namespace = _setting(settings, "namespace", "mlops")
-    return _setting(settings, "cluster_service_domain", f"{namespace}.svc.cluster.local")
+    """`settings.cluster_service_domain`, else `<settings.namespace>.svc.cluster.local`."""
+    return settings.service_domain
 
 
 def cluster_env(settings: Settings) -> dict[str, str]:
@@ -63,7 +57,7 @@ def cluster_env(settings: Settings) -> dict[str, str]:
     domain = service_domain(settings)
     return {
         "MLOPS_TARGET": "kind",
-        "MLOPS_NAMESPACE": _setting(settings, "namespace", "mlops"),
+        "MLOPS_NAMESPACE": settings.namespace,
         "MLOPS_CLUSTER_SERVICE_DOMAIN": domain,
         "MLOPS_IMAGE": settings.image,
         "MLOPS_MLFLOW_TRACKING_URI": f"http://mlflow.{domain}:5000",

@@ -107,6 +107,31 @@ def test_every_task_gets_the_cluster_addresses_and_target(cluster_ir: list[dict[
         assert env["MLOPS_NAMESPACE"] == "mlops" and env["MLOPS_IMAGE"] == IMAGE
 
 
+def test_a_non_default_namespace_moves_every_address_into_it(tmp_path: Path) -> None:
+    """The service domain is derived from the namespace: a platform in `team-a` is reached in `team-a`
+    (before, the domain defaulted to `mlops.svc.cluster.local` whatever the namespace)."""
+    settings = Settings(target="kind", home=tmp_path / "home", image=IMAGE, namespace="team-a")
+    env = cluster.cluster_env(settings)
+    assert env["MLOPS_NAMESPACE"] == "team-a"
+    assert env["MLOPS_CLUSTER_SERVICE_DOMAIN"] == "team-a.svc.cluster.local"
+    for key in (
+        "MLOPS_MLFLOW_TRACKING_URI",
+        "MLOPS_CONTROL_PLANE_URL",
+        "MLOPS_CONTROLLER_URL",
+        "MLFLOW_S3_ENDPOINT_URL",
+    ):
+        assert ".team-a.svc.cluster.local:" in env[key], (key, env[key])
+    explicit = Settings(target="kind", home=tmp_path / "home", namespace="team-a", cluster_service_domain="x.example")
+    assert cluster.cluster_env(explicit)["MLOPS_MLFLOW_TRACKING_URI"] == "http://mlflow.x.example:5000"
+
+
+def test_the_namespace_and_domain_come_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLOPS_NAMESPACE", "team-b")
+    settings = Settings(target="kind", home=tmp_path / "home")
+    assert settings.namespace == "team-b" and settings.service_domain == "team-b.svc.cluster.local"
+    assert cluster.cluster_env(settings)["MLOPS_CONTROLLER_URL"] == "http://controller.team-b.svc.cluster.local:8730"
+
+
 def test_every_task_reads_minio_and_token_credentials_from_the_platform_secret(
     cluster_ir: list[dict[str, Any]],
 ) -> None:

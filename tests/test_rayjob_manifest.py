@@ -293,3 +293,17 @@ def test_every_pod_template_is_a_valid_kubernetes_pod_template(manifest: dict[st
     for index, template in enumerate(_pods(manifest)):
         document = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"t{index}"}, "template": template}
         kubernetes_validate.validate(document, "1.31", strict=True)
+
+
+def test_the_rayjob_lives_in_and_reaches_the_settings_namespace(tmp_path: Path) -> None:
+    """A non-default namespace: the RayJob is created there and its pods reach that namespace's S3 service
+    (the service domain is derived from `settings.namespace`, not a fixed `mlops.svc.cluster.local`)."""
+    settings = Settings(target="kind", home=tmp_path / "home", image="mlops-template:0.1.0", namespace="team-a")
+    params = TrainParams(workers=2, epochs=1, batch_size=64, learning_rate=0.01, seed=1)
+    manifest = RayJobTraining(settings).manifest(RUN_NAME, params)
+    assert manifest["metadata"]["namespace"] == "team-a"
+    for name, container in _containers(manifest).items():
+        env = {item["name"]: item.get("value") for item in container.get("env", [])}
+        if "MLFLOW_S3_ENDPOINT_URL" in env:
+            assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio.team-a.svc.cluster.local:9000", name
+            assert env["AWS_ENDPOINT_URL_S3"] == env["MLFLOW_S3_ENDPOINT_URL"], name
