@@ -41,16 +41,18 @@ RUN_AS_USER = 10001  # the project image's user (Dockerfile)
 OBJECT_STORE_BYTES = 128 * 1024**2  # fits the /dev/shm volume below
 SHM_SIZE = "256Mi"
 
+# Requests: what the scheduler counts on kind's one worker (see the CPU budget in infra/README.md); the
+# limits let training use whole cores when they are free.
 HEAD_RESOURCES: dict[str, dict[str, str]] = {
-    "requests": {"cpu": "500m", "memory": "1Gi"},
+    "requests": {"cpu": "300m", "memory": "1Gi"},
     "limits": {"cpu": "2", "memory": "2Gi"},
 }
 WORKER_RESOURCES: dict[str, dict[str, str]] = {
-    "requests": {"cpu": "500m", "memory": "512Mi"},
+    "requests": {"cpu": "300m", "memory": "512Mi"},
     "limits": {"cpu": "1", "memory": "1536Mi"},
 }
 SUBMITTER_RESOURCES: dict[str, dict[str, str]] = {
-    "requests": {"cpu": "100m", "memory": "256Mi"},
+    "requests": {"cpu": "50m", "memory": "256Mi"},
     "limits": {"cpu": "500m", "memory": "1Gi"},
 }
 

@@ -9,9 +9,13 @@ that DRY_RUN=1 ran nothing but read-only checks.
 from __future__ import annotations
 
 import os
+import pwd
 import re
+import shutil
 import subprocess
+import tempfile
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +31,7 @@ echo "$(basename "$0") $*" >> "{log}"
 case "$(basename "$0") $*" in
   "kind get clusters") [ -n "$FAKE_CLUSTERS" ] && echo "$FAKE_CLUSTERS" ;;
   "docker info") [ -z "$FAKE_DOCKER_DOWN" ] || exit 1 ;;
+  "kind version") echo "kind ${{FAKE_KIND_VERSION:-v0.31.0}} go1.25.5 linux/amd64" ;;
 esac
 exit 0
 """
@@ -106,7 +111,7 @@ def test_up_script_dry_run_with_faked_prerequisites(fake_tools: dict[str, str]) 
     assert result.returncode == 0, result.stderr
     lines = commands(result.stdout)
     create = index_of(lines, "kind create cluster --name mlops --config infra/kind/cluster.yaml")
-    build = index_of(lines, "docker build -t mlops-template:0.1.0 .")
+    build = index_of(lines, "docker build --provenance=false --sbom=false -t mlops-template:0.1.0 .")
     load = index_of(lines, "kind load docker-image mlops-template:0.1.0 --name mlops")
     kuberay = index_of(
         lines,
@@ -133,7 +138,7 @@ def test_up_script_dry_run_with_faked_prerequisites(fake_tools: dict[str, str]) 
     assert "nodePort: 30888" in result.stdout  # the KFP UI NodePort
     assert "platform.rolloutSpec=fast" in lines[chart]  # a laptop cluster decides in seconds (ROLLOUT_SPEC)
     # Under DRY_RUN only read-only checks reached the (fake) tools.
-    assert set(fake_calls(fake_tools)) == {"docker info", "kind get clusters"}
+    assert set(fake_calls(fake_tools)) == {"docker info", "kind version", "kind get clusters"}
 
 
 def test_up_script_dry_run_reuses_an_existing_cluster_with_faked_prerequisites(fake_tools: dict[str, str]) -> None:
@@ -189,11 +194,99 @@ def test_up_script_refuses_too_little_memory_with_faked_prerequisites(fake_tools
     assert not any("kind create cluster" in line for line in commands(result.stdout))
 
 
-def test_up_script_sets_or_explains_the_inotify_limits() -> None:
-    text = (KIND_DIR / "up.sh").read_text()
-    assert "fs.inotify.max_user_watches=524288" in text
-    assert "fs.inotify.max_user_instances=512" in text
-    assert "run sysctl -w" in text and "sudo sysctl -w" in text
+def test_up_script_builds_without_attestations_so_kind_load_works_with_faked_prerequisites(
+    fake_tools: dict[str, str],
+) -> None:
+    """Docker 29's containerd store: a provenance attestation is missing from `docker save`, and `kind load
+    docker-image` fails (kind#3795). Every `docker build` must turn attestations off."""
+    result = run_script("up.sh", fake_tools)
+    builds = [line for line in commands(result.stdout) if " build " in f" {line} " and line.startswith("docker")]
+    assert builds and all("--provenance=false" in b and "--sbom=false" in b for b in builds), builds
+
+
+@pytest.mark.parametrize("version", ["v0.26.0", "v0.20.1", "v0.9.0"])
+def test_up_script_refuses_a_too_old_kind_with_faked_prerequisites(fake_tools: dict[str, str], version: str) -> None:
+    result = run_script("up.sh", {**fake_tools, "FAKE_KIND_VERSION": version})
+    assert result.returncode != 0
+    assert f"kind {version} is too old: v0.27.0 or newer is needed" in result.stderr
+    assert commands(result.stdout) == [], "nothing may be done with a too old kind"
+
+
+@pytest.mark.parametrize("version", ["v0.27.0", "v0.31.0", "v1.0.0-alpha"])
+def test_up_script_accepts_kind_0_27_and_newer_with_faked_prerequisites(
+    fake_tools: dict[str, str], version: str
+) -> None:
+    result = run_script("up.sh", {**fake_tools, "FAKE_KIND_VERSION": version})
+    assert result.returncode == 0, result.stderr
+
+
+def test_up_script_names_a_missing_git(fake_tools: dict[str, str]) -> None:
+    """kubectl apply -k github.com/... clones with git: without it KFP's manifests cannot be fetched."""
+    result = run_script("up.sh", {**fake_tools, "GIT_BIN": "/nonexistent/git"})
+    assert result.returncode != 0
+    assert "git not found" in result.stderr and "KFP manifests" in result.stderr
+    assert commands(result.stdout) == []
+
+
+def _low_inotify(root: Path) -> Path:
+    sysctl = root / "sysctl"
+    (sysctl / "fs" / "inotify").mkdir(parents=True)
+    (sysctl / "fs" / "inotify" / "max_user_watches").write_text("8192\n")
+    (sysctl / "fs" / "inotify" / "max_user_instances").write_text("128\n")
+    return sysctl
+
+
+def test_up_script_as_root_raises_low_inotify_limits_with_faked_prerequisites(
+    fake_tools: dict[str, str], tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the root path: runs as root (CI does)")
+    result = run_script("up.sh", {**fake_tools, "INOTIFY_SYSCTL_DIR": str(_low_inotify(tmp_path))})
+    assert result.returncode == 0, result.stderr
+    lines = commands(result.stdout)
+    sysctl = index_of(lines, "sysctl -w fs.inotify.max_user_watches=524288")
+    assert index_of(lines, "sysctl -w fs.inotify.max_user_instances=512") < index_of(lines, "kind create cluster")
+    assert sysctl < index_of(lines, "kind create cluster")
+
+
+@pytest.fixture
+def reachable_fake_tools(fake_tools: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The fakes copied to a temp dir another uid can reach (pytest's tmp_path is root's, mode 0700)."""
+    root = Path(tempfile.mkdtemp(prefix="mlops-test-kind-"))
+    root.chmod(0o755)
+    try:
+        shutil.copytree(Path(fake_tools["FAKE_LOG"]).parent / "bin", root / "bin")
+        log = root / "calls.log"
+        log.touch()
+        log.chmod(0o666)
+        for tool in (root / "bin").iterdir():
+            tool.write_text(tool.read_text().replace(fake_tools["FAKE_LOG"], str(log)))
+        env = {**fake_tools, "FAKE_LOG": str(log), "INOTIFY_SYSCTL_DIR": str(_low_inotify(root))}
+        env["PATH"] = env["PATH"].replace(str(Path(fake_tools["FAKE_LOG"]).parent / "bin"), str(root / "bin"))
+        env["HOME"] = str(root)
+        yield env
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_up_script_as_a_user_stops_before_the_cluster_with_the_exact_sysctl_command(
+    reachable_fake_tools: dict[str, str],
+) -> None:
+    """Non-root with low inotify limits: stop (no cluster is created) and say exactly what to run. Run as
+    `nobody` through setpriv (real uid change, faked docker/kind/kubectl/helm)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the script as another user")
+    nobody = pwd.getpwnam("nobody")
+    result = subprocess.run(
+        ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+         "bash", str(KIND_DIR / "up.sh")],
+        env={**reachable_fake_tools, "DRY_RUN": "0"}, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "sudo sysctl -w fs.inotify.max_user_watches=524288 fs.inotify.max_user_instances=512" in result.stderr
+    assert "/etc/sysctl.d/" in result.stderr
+    calls = fake_calls(reachable_fake_tools)
+    assert not any(call.startswith(("kind create", "docker build", "helm ", "kubectl ")) for call in calls), calls
 
 
 # --- the other scripts ---------------------------------------------------------------------------------
@@ -283,7 +376,7 @@ def test_make_cluster_dry_run_with_faked_prerequisites(fake_tools: dict[str, str
     index_of(lines, "kind create cluster --name mlops --config infra/kind/cluster.yaml")
     index_of(lines, "helm --kube-context kind-mlops upgrade --install mlops infra/helm/mlops-platform")
     index_of(lines, "mlops scenario worse-quality --target kind")
-    assert set(fake_calls(fake_tools)) <= {"docker info", "kind get clusters"}
+    assert set(fake_calls(fake_tools)) <= {"docker info", "kind version", "kind get clusters"}
 
 
 def test_make_scenario_requires_name() -> None:
@@ -398,3 +491,95 @@ def test_e2e_workflow() -> None:
     assert upload["if"] == "failure()"
     down = steps[-1]
     assert down["run"] == "make down" and down["if"] == "always()"
+
+
+# --- port-forwards are re-opened -------------------------------------------------------------------------
+
+FAKE_PORT_FORWARD = """#!{python}
+# A fake `kubectl port-forward`: listens on the local port and answers "forward N" (N: which start this is),
+# until the test asks it to end (the file `restart`), as a real one ends when the pod behind it restarts.
+import os, socket, sys
+from pathlib import Path
+state = Path({state!r})
+local_port = int([a for a in sys.argv if ":" in a and a.split(":")[0].isdigit()][0].split(":")[0])
+starts = state / "starts"
+count = len(starts.read_text().split()) + 1 if starts.exists() else 1
+with starts.open("a") as out:
+    out.write(f"{{os.getpid()}}\\n")
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", local_port))
+server.listen()
+server.settimeout(0.1)
+while not (state / "restart").exists():
+    try:
+        conn, _ = server.accept()
+    except socket.timeout:
+        continue
+    with conn:
+        conn.sendall(f"forward {{count}}\\n".encode())
+(state / "restart").unlink()
+"""
+
+
+def _read_from(port: int) -> str:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+        return conn.recv(64).decode().strip()
+
+
+def test_a_port_forward_that_drops_is_reopened_and_stopped_at_exit_with_a_faked_kubectl(tmp_path: Path) -> None:
+    """`make run`'s KFP API port-forward: kubectl exits when the ml-pipeline pod restarts; the supervisor in
+    lib.sh starts it again, and on exit stops both itself and its kubectl (faked: no cluster here)."""
+    import signal
+    import sys
+    import time
+
+    from core.processes import free_port, pid_running
+
+    state = tmp_path / "state"
+    state.mkdir()
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text(FAKE_PORT_FORWARD.format(python=sys.executable, state=str(state)))
+    kubectl.chmod(0o755)
+    port = free_port()
+    script = f"""
+source {KIND_DIR / "lib.sh"}
+trap stop_port_forwards EXIT
+port_forward kubeflow svc/ml-pipeline {port} 8888
+echo READY
+read -r _
+"""
+    env = {**os.environ, "KUBECTL_BIN": str(kubectl), "DRY_RUN": "0", "PORT_FORWARD_RETRY_S": "0.2"}
+    process = subprocess.Popen(
+        ["bash", "-c", script], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == "READY"
+        assert _read_from(port) == "forward 1"
+        (state / "restart").touch()  # the pod restarts: this kubectl port-forward ends
+        deadline = time.monotonic() + 15
+        answer = ""
+        while answer != "forward 2" and time.monotonic() < deadline:
+            try:
+                answer = _read_from(port)
+            except OSError:
+                time.sleep(0.1)
+        assert answer == "forward 2", "the port-forward was not re-opened"
+        assert process.stdin is not None
+        process.stdin.write("\n")
+        process.stdin.close()
+        assert process.wait(timeout=15) == 0
+        assert "re-opening" in process.stderr.read() if process.stderr else False
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    pids = [int(pid) for pid in (state / "starts").read_text().split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 5
+    while any(pid_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(pid_running(pid) for pid in pids), "a kubectl port-forward outlived the script"

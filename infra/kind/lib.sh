@@ -45,6 +45,15 @@ DOCKER="${DOCKER_BIN:-docker}"
 KIND="${KIND_BIN:-kind}"
 KUBECTL="${KUBECTL_BIN:-kubectl}"
 HELM="${HELM_BIN:-helm}"
+GIT="${GIT_BIN:-git}" # kubectl apply -k github.com/... clones with git
+
+# The oldest kind that runs the pinned node image: it reads containerd's config version 3 from kind v0.27 on
+# (and enforces NetworkPolicies from v0.24).
+MIN_KIND_VERSION="0.27.0"
+
+# inotify limits KFP's pods need ("too many open files" below them). INOTIFY_SYSCTL_DIR: where they are read.
+INOTIFY_LIMITS="fs.inotify.max_user_watches=524288 fs.inotify.max_user_instances=512"
+INOTIFY_SYSCTL_DIR="${INOTIFY_SYSCTL_DIR:-/proc/sys}"
 
 log() { printf '==> %s\n' "$*" >&2; }
 warn() { printf 'warning: %s\n' "$*" >&2; }
@@ -101,10 +110,67 @@ require_tools() {
 		kind) var=KIND hint="install kind v0.31+: https://kind.sigs.k8s.io/docs/user/quick-start/#installation" ;;
 		kubectl) var=KUBECTL hint="install kubectl 1.30-1.32: https://kubernetes.io/docs/tasks/tools/" ;;
 		helm) var=HELM hint="install helm v3.14+ or v4: https://helm.sh/docs/intro/install/" ;;
+		git) var=GIT hint="install git: kubectl fetches the KFP manifests from github.com with it (apt-get install git, brew install git)" ;;
 		*) die "internal: unknown tool $tool" ;;
 		esac
 		command -v "${!var}" >/dev/null 2>&1 || die "$tool not found (looked for '${!var}' on PATH): $hint"
 	done
+}
+
+# "0.31.0" from `kind version` ("kind v0.31.0 go1.25.5 linux/amd64"); empty when it cannot be read.
+kind_version() {
+	"$KIND" version 2>/dev/null | sed -n 's/^kind v\([0-9][0-9]*\.[0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | head -n 1
+}
+
+# version_at_least HAVE WANT: true when HAVE >= WANT (dotted numbers).
+version_at_least() {
+	local have=$1 want=$2 h w i
+	for i in 1 2 3; do
+		h="$(echo "$have" | cut -d. -f"$i")"
+		w="$(echo "$want" | cut -d. -f"$i")"
+		h=${h:-0} w=${w:-0}
+		((10#$h > 10#$w)) && return 0
+		((10#$h < 10#$w)) && return 1
+	done
+	return 0
+}
+
+require_kind_version() {
+	local have
+	have="$(kind_version)"
+	[[ -n "$have" ]] || die "cannot read the kind version ('$KIND version' printed: $("$KIND" version 2>&1 | head -n 1)); kind v$MIN_KIND_VERSION or newer is needed"
+	version_at_least "$have" "$MIN_KIND_VERSION" ||
+		die "kind v$have is too old: v$MIN_KIND_VERSION or newer is needed (the pinned node image needs containerd config v3 support; NetworkPolicies need v0.24+)." \
+			"Upgrade: https://kind.sigs.k8s.io/docs/user/quick-start/#installation"
+	log "kind v$have (need v$MIN_KIND_VERSION+)"
+}
+
+# The inotify limits: set them when root, else stop (before any cluster is made) with the exact command.
+require_inotify_limits() {
+	local setting key want have missing=()
+	if [[ "$(uname -s)" != "Linux" ]]; then
+		log "not Linux: the limits live in Docker's VM (Docker Desktop's defaults are high enough)"
+		return 0
+	fi
+	for setting in $INOTIFY_LIMITS; do
+		key="${setting%%=*}"
+		want="${setting#*=}"
+		have="$(cat "$INOTIFY_SYSCTL_DIR/${key//.//}" 2>/dev/null || echo 0)"
+		if ((have >= want)); then
+			continue
+		elif [[ "$(id -u)" == "0" ]]; then
+			run sysctl -w "$key=$want"
+		else
+			missing+=("$key=$want")
+			warn "$key is $have, KFP needs $want"
+		fi
+	done
+	if ((${#missing[@]} > 0)); then
+		die "the inotify limits are too low for KFP (its pods fail with \"too many open files\"). Run:" \
+			"sudo sysctl -w ${missing[*]}" \
+			"and, to keep them after a reboot: printf '%s\\n' ${missing[*]} | sudo tee /etc/sysctl.d/99-kind-inotify.conf;" \
+			"then run \`make up\` again"
+	fi
 }
 
 require_docker_daemon() {
@@ -169,7 +235,10 @@ stop_port_forwards() {
 	local pid
 	# (the ${a[@]+...} form: bash 3.2, macOS's, treats an empty array as unset under `set -u`)
 	for pid in ${PORT_FORWARD_PIDS[@]+"${PORT_FORWARD_PIDS[@]}"}; do
-		kill "$pid" 2>/dev/null || true
+		kill "$pid" 2>/dev/null || true # the supervisor stops its kubectl on TERM
+	done
+	for pid in ${PORT_FORWARD_PIDS[@]+"${PORT_FORWARD_PIDS[@]}"}; do
+		wait "$pid" 2>/dev/null || true
 	done
 	if ((${#PORT_FORWARD_LOGS[@]} > 0)); then
 		rm -f "${PORT_FORWARD_LOGS[@]}"
@@ -178,9 +247,13 @@ stop_port_forwards() {
 	PORT_FORWARD_LOGS=()
 }
 
-# port_forward NAMESPACE TARGET LOCAL_PORT REMOTE_PORT: in the background until the script exits.
+# port_forward NAMESPACE TARGET LOCAL_PORT REMOTE_PORT: in the background until the script exits, and
+# re-opened whenever it ends: `kubectl port-forward` exits when the pod behind it restarts or goes away
+# (a KFP API server restart during `make run` would otherwise cut the run off its API).
 # (Port-forwarded traffic enters the pod from its own network namespace: NetworkPolicies do not apply,
 # which is why the CLI on the host reaches the control plane and the controller this way.)
+PORT_FORWARD_RETRY_S="${PORT_FORWARD_RETRY_S:-1}"
+
 port_forward() {
 	local namespace=$1 target=$2 local_port=$3 remote_port=$4 logfile
 	if dry_run; then
@@ -189,13 +262,26 @@ port_forward() {
 	fi
 	port_open "$local_port" && die "port $local_port is taken on this machine: free it or choose another (see infra/README.md)"
 	logfile="$(mktemp "${TMPDIR:-/tmp}/port-forward-$local_port.XXXXXX")"
-	"$KUBECTL" --context "$KUBE_CONTEXT" -n "$namespace" port-forward "$target" "$local_port:$remote_port" >"$logfile" 2>&1 &
+	# The supervisor: runs kubectl, and when it exits, runs it again. On TERM it stops its kubectl first.
+	(
+		child=""
+		trap '[[ -n "$child" ]] && kill "$child" 2>/dev/null; exit 0' TERM INT
+		while :; do
+			"$KUBECTL" --context "$KUBE_CONTEXT" -n "$namespace" port-forward "$target" "$local_port:$remote_port" >>"$logfile" 2>&1 &
+			child=$!
+			wait "$child" || true
+			child=""
+			printf 'port-forward to %s/%s exited: re-opening\n' "$namespace" "$target" >>"$logfile"
+			printf 'warning: port-forward to %s/%s exited (pod restarted?): re-opening\n' "$namespace" "$target" >&2
+			sleep "$PORT_FORWARD_RETRY_S"
+		done
+	) &
 	PORT_FORWARD_PIDS+=("$!")
 	PORT_FORWARD_LOGS+=("$logfile")
 	local _
 	for _ in $(seq 1 60); do
 		port_open "$local_port" && {
-			log "port-forward: localhost:$local_port -> $namespace/$target:$remote_port"
+			log "port-forward: localhost:$local_port -> $namespace/$target:$remote_port (re-opened if it drops)"
 			return 0
 		}
 		sleep 0.5

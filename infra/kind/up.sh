@@ -2,8 +2,8 @@
 # `make up`: the platform on a local kind cluster. Idempotent: a second run creates nothing twice,
 # rebuilds and reloads the image, and upgrades the releases in place.
 #
-#   1. prerequisites: docker (daemon reachable), kind, kubectl, helm; enough free memory
-#   2. inotify limits KFP's pods need (set when root, else the command to run is printed)
+#   1. prerequisites: docker (daemon reachable), kind (v0.27+), kubectl, helm, git; enough free memory
+#   2. inotify limits KFP's pods need (set when root, else it stops with the command to run)
 #   3. the kind cluster from infra/kind/cluster.yaml (created if absent)
 #   4. the project image, built and loaded into the cluster's nodes
 #   5. KubeRay operator (upstream helm chart, pinned)
@@ -15,26 +15,12 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 log "prerequisites"
-require_tools docker kind kubectl helm
+require_tools docker kind kubectl helm git
 require_docker_daemon
+require_kind_version
 
 log "inotify limits (KFP's pods watch many files)"
-if [[ "$(uname -s)" == "Linux" ]]; then
-	for setting in fs.inotify.max_user_watches=524288 fs.inotify.max_user_instances=512; do
-		key="${setting%%=*}"
-		want="${setting#*=}"
-		have="$(cat "/proc/sys/${key//.//}" 2>/dev/null || echo 0)"
-		if ((have >= want)); then
-			continue
-		elif [[ "$(id -u)" == "0" ]]; then
-			run sysctl -w "$key=$want"
-		else
-			warn "$key is $have, KFP needs $want; run: sudo sysctl -w $key=$want (and add it to /etc/sysctl.d/ to keep it)"
-		fi
-	done
-else
-	log "not Linux: the limits live in Docker's VM (Docker Desktop's defaults are high enough)"
-fi
+require_inotify_limits
 
 log "kind cluster '$CLUSTER_NAME'"
 if cluster_exists; then
@@ -45,7 +31,9 @@ else
 fi
 
 log "project image $IMAGE"
-run "$DOCKER" build -t "$IMAGE" .
+# No provenance attestation or SBOM: with Docker 29's containerd image store they make `docker save` (which
+# `kind load docker-image` runs) miss a manifest, and the load fails (kind#3795, kind#4236).
+run "$DOCKER" build --provenance=false --sbom=false -t "$IMAGE" .
 run "$KIND" load docker-image "$IMAGE" --name "$CLUSTER_NAME"
 # The tag stays the same across rebuilds; the image id, passed to the chart as a pod annotation,
 # makes a rebuilt image roll the Deployments.
