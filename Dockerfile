@@ -15,7 +15,11 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --upgrade pip
 # torch first and from the CPU index, pinned like the Makefile does: the project's own requirement
 # (torch==2.13.0) is then already met by the CPU build, and pip never resolves a CUDA one.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
+# Where the CPU index cannot be reached (a mirror with only PyPI), PyPI's wheel, saying so.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install --timeout 15 --retries 1 --index-url "${TORCH_INDEX}" "torch==2.13.0" \
+    || { echo "warning: ${TORCH_INDEX} not reachable, torch from the default index (a larger image)"; \
+         pip install "torch==2.13.0"; }
 WORKDIR /src
 # Dependencies change less often than code: resolve them from the metadata first (cached layer).
 COPY pyproject.toml README.md requirements.lock ./
@@ -28,7 +32,9 @@ COPY serving ./serving
 COPY monitoring ./monitoring
 # Every dependency pinned by the same lock that `make setup` and CI use.
 RUN pip install -c requirements.lock ".[cluster]" \
-    && python -c "import torch, mlflow, kfp, ray, bentoml, psycopg, boto3, kubernetes; assert not torch.cuda.is_available()"
+    && python -c "import torch, mlflow, kfp, ray, bentoml, psycopg, boto3, kubernetes; assert not torch.cuda.is_available()" \
+    && python -c "import aiohttp_cors, opencensus, colorful, smart_open, virtualenv; import ray.dashboard.optional_deps" \
+    && py-spy --version
 
 # ---- runtime: slim base, the venv, the project tree at /app, a non-root user ----
 FROM ${PYTHON_IMAGE} AS runtime

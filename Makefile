@@ -7,8 +7,17 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_ROWS ?= 20000
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
+# torch from the CPU wheel index: PyPI's Linux wheel pulls in CUDA (several GB of nvidia packages). Where
+# that index cannot be reached (a machine with only PyPI), PyPI's wheel, with one line saying so.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PIN := torch==2.13.0
+define install_torch
+	@$(BIN)/pip install --quiet --timeout 15 --retries 1 --index-url $(TORCH_INDEX) "$(TORCH_PIN)" >/dev/null 2>&1 \
+		|| { echo "torch: $(TORCH_INDEX) not reachable, $(TORCH_PIN) from the default index"; \
+		$(BIN)/pip install --quiet "$(TORCH_PIN)"; }
+endef
 
-.PHONY: setup lock test lint demo compile bench clean help
+.PHONY: setup lock test lint demo compile bench clean help torch
 
 help:
 	@echo "make setup    create $(VENV) and install the project (idempotent)"
@@ -27,11 +36,15 @@ $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(install_torch)
 	$(BIN)/pip install --quiet -c requirements.lock -e ".[dev,cluster]"
 	@touch $@
 
 # Re-pin every dependency to what the venv has now (after a deliberate upgrade in pyproject.toml).
+# The torch step of `make setup` alone (BIN=... points it at another environment).
+torch:
+	$(install_torch)
+
 lock: setup
 	@{ sed -n '1,3p' requirements.lock; $(BIN)/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.lock.new
 	@mv requirements.lock.new requirements.lock
