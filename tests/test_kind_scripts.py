@@ -486,10 +486,10 @@ def test_e2e_workflow() -> None:
     order = [runs.index(cmd) for cmd in ("make up", "make run", "make scenario NAME=worse-quality")]
     assert order == sorted(order)
     diagnostics = next(s for s in steps if "kubectl" in s.get("run", "") and "logs" in s.get("run", ""))
-    assert diagnostics["if"] == "failure()"
+    assert diagnostics["if"] == "failure() || cancelled()"
     assert "get pods -A" in diagnostics["run"] and "describe pods" in diagnostics["run"]
     upload = next(s for s in steps if s.get("uses", "").startswith("actions/upload-artifact@"))
-    assert upload["if"] == "failure()"
+    assert upload["if"] == "failure() || cancelled()"
     down = steps[-1]
     assert down["run"] == "make down" and down["if"] == "always()"
 
@@ -584,3 +584,17 @@ read -r _
     while any(pid_running(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(pid_running(pid) for pid in pids), "a kubectl port-forward outlived the script"
+
+
+def test_every_e2e_step_has_a_timeout_and_the_job_outlasts_them() -> None:
+    """A hung `make run` (a RayJob stuck in Initializing) must be cut by its step's timeout, leaving time for the
+    diagnostics, their upload and `make down`, which run on failure and on cancel too."""
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "e2e-kind.yml").read_text())
+    (job,) = workflow["jobs"].values()
+    steps = job["steps"]
+    missing = [step.get("name", step.get("uses")) for step in steps if "timeout-minutes" not in step]
+    assert missing == [], f"steps without timeout-minutes: {missing}"
+    assert sum(step["timeout-minutes"] for step in steps) < job["timeout-minutes"]
+    after_failure = [step for step in steps if "diagnostics" in step.get("name", "").lower()]
+    assert len(after_failure) == 2 and all(step["if"] == "failure() || cancelled()" for step in after_failure)
+    assert steps[-1]["if"] == "always()"
