@@ -116,9 +116,9 @@ def _server_user() -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[Postgres]:
-    """A PostgreSQL cluster of its own: initdb in a temp dir, on a free loopback port, as a non-root user;
-    stopped by its postmaster PID (never by name). (Not under pytest's tmp_path: that is root's, mode 0700,
-    so the server's user could not reach it.)"""
+    """A PostgreSQL cluster of its own (UTF8, as the postgres image initialises it): initdb in a temp dir, on a
+    free loopback port, as a non-root user; stopped by its postmaster PID (never by name). Not under pytest's
+    tmp_path: that is root's, mode 0700, so the server's user could not reach it."""
     _require_setpriv()
     bindir = _bindir()
     if bindir is None:
@@ -140,7 +140,8 @@ def _run_postgres(bindir: Path, root: Path, uid: int, gid: int) -> Iterator[Post
     as_server = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups"]
     env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(root), "LC_ALL": "C"}
     initdb = subprocess.run(
-        [*as_server, str(bindir / "initdb"), "-D", str(data), "-U", "mlops", "--auth=trust", "--no-sync"],
+        [*as_server, str(bindir / "initdb"), "-D", str(data), "-U", "mlops", "--auth=trust", "--no-sync",
+         "--encoding=UTF8", "--locale=C"],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert initdb.returncode == 0, f"initdb failed: {initdb.stderr}"
