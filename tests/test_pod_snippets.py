@@ -22,6 +22,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -261,3 +262,62 @@ def test_s3_identity_snippet_refuses_credentials_it_cannot_write(
     result = as_pod_user(script, uid, {**env, "S3_CONFIG_DIR": str(target)})
     assert result.returncode != 0 and message in result.stderr
     assert not (target / "s3.json").exists()
+
+
+# --- the bucket Job, against an S3 API ------------------------------------------------------------------
+# SeaweedFS is neither a Python nor a Debian package, so it cannot run here: moto's S3 server stands in for
+# it (the only fake; the names of these tests say so), in a process of its own on a free port.
+
+
+@pytest.fixture
+def moto_s3(tmp_path: Path) -> Iterator[str]:
+    from core.processes import start_process, stop_process, wait_until_ready
+
+    port = free_port()
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    server = start_process("moto-s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                           env, tmp_path / "logs")  # fmt: skip
+    try:
+        wait_until_ready(server, f"http://127.0.0.1:{port}/moto-api/", timeout=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process(server, timeout=10)
+
+
+def bucket_job(default_render: list[dict[str, Any]]) -> tuple[list[str], dict[str, str]]:
+    container = find(default_render, "Job", "minio-buckets")["spec"]["template"]["spec"]["containers"][0]
+    command = list(container["command"])
+    assert command[0] == "python"
+    return [sys.executable, *command[1:]], {e["name"]: e.get("value", "") for e in container["env"] if "value" in e}
+
+
+def run_bucket_job(
+    default_render: list[dict[str, Any]], endpoint: str, home: Path, wait: str = "60"
+) -> subprocess.CompletedProcess[str]:
+    command, rendered_env = bucket_job(default_render)
+    env = {**rendered_env, "S3_ENDPOINT_URL": endpoint, "HOME": str(home), "PATH": os.environ["PATH"]}
+    env |= {"AWS_ACCESS_KEY_ID": "mlops-test", "AWS_SECRET_ACCESS_KEY": "secret-test", "S3_WAIT_SECONDS": wait}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_the_bucket_job_creates_every_bucket_and_is_idempotent_against_moto_s3_standing_in_for_seaweedfs(
+    default_render: list[dict[str, Any]], moto_s3: str, tmp_path: Path
+) -> None:
+    import boto3
+
+    first = run_bucket_job(default_render, moto_s3, tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "created bucket mlflow" in first.stdout
+    again = run_bucket_job(default_render, moto_s3, tmp_path)  # post-upgrade: the buckets exist already
+    assert again.returncode == 0 and "created bucket" not in again.stdout, again.stderr
+    s3 = boto3.client("s3", endpoint_url=moto_s3, aws_access_key_id="x", aws_secret_access_key="y",
+                      region_name="us-east-1")  # fmt: skip
+    assert {b["Name"] for b in s3.list_buckets()["Buckets"]} == {"mlflow", "checkpoints", "prediction-log"}
+
+
+def test_the_bucket_job_fails_with_a_message_when_no_s3_answers(
+    default_render: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    result = run_bucket_job(default_render, f"http://127.0.0.1:{free_port()}", tmp_path, wait="3")
+    assert result.returncode != 0
+    assert "did not answer in time" in result.stderr and "waiting for the S3 API" in result.stdout
