@@ -3,14 +3,21 @@
 Appending is a list append on the request path; files are written off the event loop by the owner
 (see `flush_loop`), when the buffer reaches `max_rows` rows or is `max_seconds` old, and on shutdown.
 So a clean stop loses nothing, and a hard kill loses at most the unflushed batch: at most `max_rows`
-rows or `max_seconds` seconds of traffic, whichever comes first. Files are written to a temporary name
-and renamed, so a reader never sees half a file.
+rows or `max_seconds` seconds of traffic, whichever comes first (plus the flush loop's 0.1 s tick and
+the time one write takes). Files are written to a temporary name and renamed, so a reader never sees
+half a file.
+
+A batch that cannot be written (disk full, file-size limit, an I/O error) is dropped and counted
+(`rows_unwritten`, `write_errors`, `last_error`): the owner keeps serving, its memory stays bounded, and
+the gap is visible in its metrics, never a silent stop of the log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import os
 import threading
 import time
@@ -23,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 _sequence = itertools.count()
+log = logging.getLogger("mlops.prediction_log")
 
 
 class BatchedParquetLog:
@@ -45,6 +53,9 @@ class BatchedParquetLog:
         self._lock = threading.Lock()  # one file write at a time, whichever thread flushes
         self.rows_written = 0
         self.files_written = 0
+        self.rows_unwritten = 0  # rows of batches that could not be written (dropped)
+        self.write_errors = 0
+        self.last_error: str | None = None
 
     def append(self, row: dict[str, Any]) -> None:
         if not self._rows:
@@ -67,7 +78,18 @@ class BatchedParquetLog:
         if not rows:
             return None
         with self._lock:
-            path = self._write(rows)
+            try:
+                path = self._write(rows)
+            except OSError as error:  # ENOSPC, EFBIG (RLIMIT_FSIZE), EIO...: count the gap, keep serving
+                self.rows_unwritten += len(rows)
+                self.write_errors += 1
+                if self.last_error is None:  # once per streak of failures, not once per batch
+                    log.error("%s: %d rows not written: %s", self.directory, len(rows), error)
+                self.last_error = f"{type(error).__name__}: {error}"
+                return None
+            if self.last_error is not None:
+                log.warning("%s: writing again after %d unwritten rows", self.directory, self.rows_unwritten)
+                self.last_error = None
             self.rows_written += len(rows)
             self.files_written += 1
             return path
@@ -79,8 +101,13 @@ class BatchedParquetLog:
         name = f"{self.prefix}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{next(_sequence):06d}.parquet"
         final = self.directory / name
         temporary = self.directory / f".{name}.tmp"
-        pq.write_table(pa.Table.from_pylist(rows, schema=self.schema), temporary)
-        os.replace(temporary, final)
+        try:
+            pq.write_table(pa.Table.from_pylist(rows, schema=self.schema), temporary)
+            os.replace(temporary, final)
+        except OSError:
+            with contextlib.suppress(OSError):
+                temporary.unlink()  # a half-written file must not fill what space is left
+            raise
         return final
 
 

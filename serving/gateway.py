@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -133,6 +135,26 @@ class GatewayMetrics:
         self.weight = Gauge("gateway_variant_weight", "Traffic weight in force", ["variant"], registry=r)
 
 
+class LogCollector(Collector):
+    """The prediction and feedback logs' own counters, read at scrape time: rows written, and rows that could
+    not be written (a full disk, a file-size limit), which the gateway drops and keeps serving."""
+
+    def __init__(self, logs: dict[str, BatchedParquetLog]) -> None:
+        self.logs = logs
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        written = CounterMetricFamily("gateway_log_rows_written", "Log rows written to disk", labels=["log"])
+        unwritten = CounterMetricFamily(
+            "gateway_log_rows_unwritten", "Log rows dropped because their batch could not be written", labels=["log"]
+        )
+        errors = CounterMetricFamily("gateway_log_write_errors", "Failed log batch writes", labels=["log"])
+        for name, batches in self.logs.items():
+            written.add_metric([name], batches.rows_written)
+            unwritten.add_metric([name], batches.rows_unwritten)
+            errors.add_metric([name], batches.write_errors)
+        yield from (written, unwritten, errors)
+
+
 class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -154,6 +176,7 @@ class Gateway:
         self.feedback = BatchedParquetLog(
             log_dir / "feedback", settings.log_flush_rows, settings.log_flush_seconds, schema=FEEDBACK_SCHEMA
         )
+        self.metrics.registry.register(LogCollector({"predictions": self.predictions, "feedback": self.feedback}))
         self.known_ids = RecentIds()
         self.labels = LabelBook(self.known_ids.capacity)
         self.labels_token = resolve_labels_token(settings)

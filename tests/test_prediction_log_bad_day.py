@@ -1,0 +1,185 @@
+"""The prediction log on a bad day (issue 12, point 5): a disk that takes no more bytes, and a SIGKILL.
+
+A file-size limit (RLIMIT_FSIZE, set in the writing process before it starts) makes every write past it fail
+with EFBIG, the way a full disk fails with ENOSPC. The writer must drop and count the batch, leave no half
+file, and write again when it can; the real gateway under that limit must keep answering and export the
+count. A SIGKILLed gateway's loss is measured in milliseconds of traffic, not rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from control_plane.client import ControlPlaneClient
+from core.processes import kill_hard, start_process, wait_until_ready
+from core.settings import Settings
+from mlops.local_stack import REPO, LocalStack
+from tests.test_serving_stack import MODEL, Traffic, gateway_generation, slot_version, wait_for, warm_up
+
+FILE_SIZE_LIMIT = 24 * 1024  # bytes: the writer test's limit, below a batch of 5,000 rows
+# The gateway's limit: above what it must write to run (its text logs, and the 1 MiB mmap files of BentoML's
+# Prometheus client), below one batch of its log: 20 rows whose `device` is 200 kB of random hex.
+GATEWAY_FILE_SIZE_LIMIT = 3 * 1024 * 1024 // 2
+
+LIMITED_WRITER = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+from core.prediction_log import BatchedParquetLog
+log = BatchedParquetLog(sys.argv[1])
+results = []
+for rows in (5, 5_000, 5):
+    for i in range(rows):
+        log.append({"request_id": f"r{i}", "note": "x" * 40})
+    results.append(str(log.flush()))
+print(json.dumps({"results": results, "written": log.rows_written, "unwritten": log.rows_unwritten,
+                  "errors": log.write_errors, "last_error": log.last_error}))
+"""
+
+
+def test_a_batch_past_the_file_size_limit_is_dropped_and_counted_and_the_next_one_is_written(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "log"
+    done = subprocess.run(
+        [sys.executable, "-c", LIMITED_WRITER, str(directory), str(FILE_SIZE_LIMIT)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=True,
+    )
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    first, big, last = report["results"]
+    assert first.endswith(".parquet") and last.endswith(".parquet") and big == "None", report
+    assert report["written"] == 10 and report["unwritten"] == 5_000 and report["errors"] == 1
+    assert report["last_error"] is None, "cleared once a batch is written again"
+    assert "File too large" in done.stderr, "the failure is logged, naming the error"
+    assert sorted(p.name for p in directory.iterdir()) == sorted(Path(p).name for p in (first, last)), (
+        "no half-written temporary file is left behind"
+    )
+
+
+@pytest.fixture(scope="module")
+def bad_day_stack(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    from tests.support import register_model
+
+    root = tmp_path_factory.mktemp("bad-day-models")
+    model = MODEL + "-bad-day"
+    settings = Settings(home=root / "home", mlflow_tracking_uri=mlflow_server, model_name=model)
+    version = register_model(settings, root, seed=1)
+    local = LocalStack(
+        tmp_path_factory.mktemp("bad-day-home"),
+        token="cp-token",
+        extra_env={"MLOPS_MLFLOW_TRACKING_URI": mlflow_server, "MLOPS_MODEL_NAME": model},
+    )
+    try:
+        local.start()
+        control = ControlPlaneClient(local.url("control-plane"), token="cp-token")
+        control.assign("a", version)
+        control.assign("b", version)
+        policy = control.set_policy({"a": 1.0, "b": 0.0}, False, "a", "bad-day tests")
+        wait_for(lambda: slot_version(local, "a") == version)
+        wait_for(lambda: gateway_generation(local) >= policy.generation)
+        warm_up(local)
+        yield local
+    finally:
+        local.stop()
+
+
+def log_metric(stack: LocalStack, name: str, log: str = "predictions") -> float:
+    for line in httpx.get(f"{stack.url('gateway')}/metrics").text.splitlines():
+        if line.startswith(f'{name}{{log="{log}"}}'):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not exported")
+
+
+@pytest.mark.slow
+def test_a_gateway_whose_log_cannot_be_written_keeps_answering_and_counts_the_unwritten_rows(
+    bad_day_stack: LocalStack,
+) -> None:
+    stack = bad_day_stack
+    stack.stop("gateway")
+    limited = textwrap.dedent(
+        f"""
+        import os, resource, sys
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({GATEWAY_FILE_SIZE_LIMIT}, {GATEWAY_FILE_SIZE_LIMIT}))
+        os.execv(sys.executable, [sys.executable, "-m", "mlops.cli", "serve", "gateway"])
+        """
+    )
+    env = {**stack.env, "MLOPS_LOG_FLUSH_ROWS": "20", "MLOPS_LOG_FLUSH_SECONDS": "60"}
+    managed = start_process("gateway", [sys.executable, "-c", limited], env, stack.home / "logs", cwd=REPO)
+    stack.processes["gateway"] = managed
+    try:
+        wait_until_ready(managed, stack.url("gateway") + "/healthz", timeout=120)
+        wait_for(lambda: httpx.get(f"{stack.url('gateway')}/readyz").status_code == 200)
+        traffic = Traffic(stack.url("gateway"))
+        bodies = [
+            json.dumps({**traffic.rows[i], "device": os.urandom(100_000).hex()}, default=float) for i in range(60)
+        ]
+        answers = [httpx.post(f"{stack.url('gateway')}/v1/score", content=b, timeout=10) for b in bodies]
+        assert {a.status_code for a in answers} == {200}, "every request answered while no batch can be written"
+        wait_for(lambda: log_metric(stack, "gateway_log_rows_unwritten_total") >= 60, timeout=10)
+        assert log_metric(stack, "gateway_log_write_errors_total") == 3  # three batches of 20
+        assert log_metric(stack, "gateway_log_rows_written_total") == 0
+        assert not list((stack.home / "prediction-log" / "predictions").glob(".*.tmp")), "no half file left"
+        small = [traffic.score(i) for i in range(5)]  # and it still answers ordinary requests
+        assert {a.status_code for a in small} == {200}
+        assert "rows not written" in (stack.home / "logs" / "gateway.log").read_text()
+    finally:
+        stack.stop("gateway")
+        stack.start("gateway")  # an unlimited gateway again, for the next test
+
+
+@pytest.mark.slow
+def test_a_sigkilled_gateway_loses_at_most_its_flush_interval_of_traffic(bad_day_stack: LocalStack) -> None:
+    stack = bad_day_stack
+    flush_s = Settings.model_fields["log_flush_seconds"].default  # what the stack runs with: 1.0 s
+    predictions = stack.home / "prediction-log" / "predictions"
+    before = {p.name for p in predictions.glob("*.parquet")}
+    traffic = Traffic(stack.url("gateway"))
+    answered: list[tuple[float, str]] = []  # (when the client had its answer, request id)
+    stop = threading.Event()
+
+    def send() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                response = traffic.score(i)
+            except httpx.HTTPError:  # the gateway is being killed
+                break
+            if response.status_code == 200:
+                answered.append((time.monotonic(), response.json()["request_id"]))
+            i += 1
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    time.sleep(4.0)
+    killed_at = time.monotonic()
+    kill_hard(stack.processes.pop("gateway"))
+    stop.set()
+    sender.join(timeout=15)
+
+    files = [p for p in predictions.glob("*.parquet") if p.name not in before]
+    logged = set(pd.concat([pq.read_table(p).to_pandas() for p in files])["request_id"]) if files else set()
+    lost = [(at, rid) for at, rid in answered if rid not in logged]
+    assert lost, "a hard kill loses the unflushed batch (else this test measures nothing)"
+    lost_ms = (killed_at - lost[0][0]) * 1000  # from the oldest answer not on disk to the kill
+    rate = len(answered) / (answered[-1][0] - answered[0][0])
+    print(f"SIGKILL lost {len(lost)} of {len(answered)} answered rows: {lost_ms:.0f} ms of traffic at {rate:.0f} rps")
+    # The bound the log documents: one flush interval, plus the flush loop's tick and one write.
+    assert lost_ms <= flush_s * 1000 + 100 + 400, (lost_ms, len(lost))
+    stack.start("gateway")
+    wait_for(lambda: httpx.get(f"{stack.url('gateway')}/readyz").status_code == 200)
