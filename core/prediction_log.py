@@ -10,6 +10,10 @@ half a file.
 A batch that cannot be written (disk full, file-size limit, an I/O error) is dropped and counted
 (`rows_unwritten`, `write_errors`, `last_error`): the owner keeps serving, its memory stays bounded, and
 the gap is visible in its metrics, never a silent stop of the log.
+
+This module is the log's one contract: its schemas (`PREDICTION_SCHEMA`, `FEEDBACK_SCHEMA`) and column
+names, the writer the gateway uses, and the readers the controller and the drift monitor use. The
+controller and the drift monitor read the files; they never import the gateway.
 """
 
 from __future__ import annotations
@@ -26,8 +30,44 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from core.schema import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+
+# Column names of the prediction log that code outside the writer refers to.
+REQUEST_ID, TS, ACCOUNT_ID, VARIANT = "request_id", "ts", "account_id", "variant"
+SLOT, MODEL_VERSION = "slot", "model_version"
+SCORE, LATENCY_MS, STATUS, POLICY_GENERATION = "score", "latency_ms", "status", "policy_generation"
+SHADOW_PREFIX = "shadow_"  # the challenger's answer to a shadowed request: shadow_score, shadow_status, ...
+SHADOW_SLOT, SHADOW_MODEL_VERSION = "shadow_slot", "shadow_model_version"
+SHADOW_SCORE, SHADOW_LATENCY_MS, SHADOW_STATUS = "shadow_score", "shadow_latency_ms", "shadow_status"
+# ... and of the feedback (labels) log.
+LABEL, RECEIVED_AT = "label", "received_at"
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        (REQUEST_ID, pa.string()),
+        (TS, pa.float64()),
+        (ACCOUNT_ID, pa.string()),
+        (VARIANT, pa.string()),
+        (SLOT, pa.string()),
+        (MODEL_VERSION, pa.string()),
+        (SCORE, pa.float64()),
+        (LATENCY_MS, pa.float64()),
+        (STATUS, pa.string()),
+        (POLICY_GENERATION, pa.int64()),
+        (SHADOW_SLOT, pa.string()),
+        (SHADOW_MODEL_VERSION, pa.string()),
+        (SHADOW_SCORE, pa.float64()),
+        (SHADOW_LATENCY_MS, pa.float64()),
+        (SHADOW_STATUS, pa.string()),
+        *[(name, pa.float64()) for name in NUMERIC_FEATURES],
+        *[(name, pa.string()) for name in CATEGORICAL_FEATURES],
+    ]
+)
+FEEDBACK_SCHEMA = pa.schema([(REQUEST_ID, pa.string()), (LABEL, pa.int64()), (RECEIVED_AT, pa.float64())])
 
 _sequence = itertools.count()
 log = logging.getLogger("mlops.prediction_log")
@@ -155,3 +195,44 @@ class RecentIds:
         for path in reversed(chosen):
             for request_id in pq.read_table(path, columns=["request_id"]).column(0).to_pylist():
                 self.add(request_id)
+
+
+# --- readers (the controller's analysis, the drift monitor) ----------------------------------------------
+
+
+def read_window(directory: str | Path, since: float, until: float | None = None, time_column: str = TS) -> pd.DataFrame:
+    """Rows of the Parquet files under `directory` with `since <= time_column < until`."""
+    files = [p for p in sorted(Path(directory).glob("*.parquet")) if p.stat().st_mtime >= since]
+    if not files:
+        return pd.DataFrame()
+    table = pa.concat_tables([pq.read_table(p) for p in files], promote_options="default")
+    frame = table.to_pandas()
+    keep = frame[time_column] >= since
+    if until is not None:
+        keep &= frame[time_column] < until
+    return frame[keep].reset_index(drop=True)
+
+
+def read_feedback(directory: str | Path, request_ids: pd.Series, served_at: pd.Series | None = None) -> pd.DataFrame:
+    """The first label for each of the given requests, whenever it arrived (labels come late: no time filter):
+    a label is accepted once, here as at the gateway, so a later different one never overrides it.
+
+    With `served_at` (request_id -> `ts` of the answer), a label that arrived before its request was served
+    is dropped: it cannot be evidence about that answer (a guessed id, a clock gone back, a poisoned log)."""
+    columns = [REQUEST_ID, LABEL, RECEIVED_AT]
+    files = sorted(Path(directory).glob("*.parquet"))
+    if not files or request_ids.empty:
+        return pd.DataFrame(columns=columns)
+    frame = pa.concat_tables([pq.read_table(p, columns=columns) for p in files]).to_pandas()
+    frame = frame[frame[REQUEST_ID].isin(set(request_ids))]
+    if served_at is not None:
+        frame = frame[frame[RECEIVED_AT] >= frame[REQUEST_ID].map(served_at)]
+    frame = frame.sort_values(RECEIVED_AT, kind="stable")
+    return frame.drop_duplicates(REQUEST_ID, keep="first").reset_index(drop=True)
+
+
+def served_times(predictions: pd.DataFrame) -> pd.Series:
+    """request_id -> when it was answered (its first row: a shadow row shares the id and the time)."""
+    if predictions.empty:
+        return pd.Series(dtype=float)
+    return predictions.drop_duplicates(REQUEST_ID).set_index(REQUEST_ID)[TS]

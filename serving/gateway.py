@@ -23,7 +23,6 @@ from typing import Any
 
 import aiohttp
 import msgspec
-import pyarrow as pa
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -43,8 +42,7 @@ from control_plane.client import AsyncControlPlaneClient, ControlPlaneError, Con
 from control_plane.labels_token import resolve_labels_token
 from control_plane.models import TrafficPolicy
 from control_plane.tokens import check_bearer
-from core.prediction_log import BatchedParquetLog, RecentIds, flush_loop
-from core.schema import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+from core.prediction_log import FEEDBACK_SCHEMA, PREDICTION_SCHEMA, BatchedParquetLog, RecentIds, flush_loop
 from core.settings import Settings
 from serving.labels import LabelBook, LabelOutcome
 from serving.requests import RequestError, Transaction, encode, features, parse_feedback, parse_transaction
@@ -53,29 +51,6 @@ from serving.routing import other_slot, route
 log = logging.getLogger("mlops.gateway")
 disable_created_metrics()  # `_created` series only clutter dashboards
 JSON = "application/json"
-
-PREDICTION_SCHEMA = pa.schema(
-    [
-        ("request_id", pa.string()),
-        ("ts", pa.float64()),
-        ("account_id", pa.string()),
-        ("variant", pa.string()),
-        ("slot", pa.string()),
-        ("model_version", pa.string()),
-        ("score", pa.float64()),
-        ("latency_ms", pa.float64()),
-        ("status", pa.string()),
-        ("policy_generation", pa.int64()),
-        ("shadow_slot", pa.string()),
-        ("shadow_model_version", pa.string()),
-        ("shadow_score", pa.float64()),
-        ("shadow_latency_ms", pa.float64()),
-        ("shadow_status", pa.string()),
-        *[(name, pa.float64()) for name in NUMERIC_FEATURES],
-        *[(name, pa.string()) for name in CATEGORICAL_FEATURES],
-    ]
-)
-FEEDBACK_SCHEMA = pa.schema([("request_id", pa.string()), ("label", pa.int64()), ("received_at", pa.float64())])
 
 
 class SlotFailure(Exception):

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from core.prediction_log import BatchedParquetLog
-from monitoring.rollout.analysis import analyse, read_window
+from core.prediction_log import FEEDBACK_SCHEMA, PREDICTION_SCHEMA, BatchedParquetLog, read_window
+from monitoring.rollout.analysis import analyse
 from monitoring.rollout.spec import fast_spec
-from serving.gateway import FEEDBACK_SCHEMA, PREDICTION_SCHEMA
 
 # These tests were written for a threshold of 0.5; the live one comes from Settings (MLOPS_DECISION_THRESHOLD).
 THRESHOLD = 0.5
@@ -119,3 +118,14 @@ def test_shadow_answers_of_another_version_are_left_out_and_fallbacks_stay() -> 
     assert kept["shadow_status"].tolist() == ["ok", None, None, "other_version"]
     watch = rows_of_versions(frame, {"champion": "3"})  # after promotion the challenger answers as champion
     assert watch["model_version"].tolist() == [None]
+
+
+def test_the_prediction_log_contract_names_every_column_its_readers_use() -> None:
+    from core import prediction_log as contract
+
+    names = set(contract.PREDICTION_SCHEMA.names)
+    for column in (contract.REQUEST_ID, contract.TS, contract.VARIANT, contract.MODEL_VERSION, contract.SCORE):
+        assert column in names
+    assert {contract.SHADOW_SCORE, contract.SHADOW_STATUS} <= names
+    assert all(name.startswith(contract.SHADOW_PREFIX) for name in names if "shadow" in name)
+    assert contract.FEEDBACK_SCHEMA.names == [contract.REQUEST_ID, contract.LABEL, contract.RECEIVED_AT]

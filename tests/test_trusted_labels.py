@@ -23,11 +23,9 @@ import pytest
 
 from control_plane.client import ControlPlaneClient
 from control_plane.labels_token import labels_headers, labels_token_path, resolve_labels_token
-from core.prediction_log import BatchedParquetLog
+from core.prediction_log import FEEDBACK_SCHEMA, BatchedParquetLog, read_feedback, served_times
 from core.settings import Settings
 from mlops.local_stack import LocalStack
-from monitoring.rollout.analysis import read_feedback, served_times
-from serving.gateway import FEEDBACK_SCHEMA
 from tests.test_serving_stack import MODEL, Traffic, gateway_generation, slot_version, wait_for, warm_up
 
 LABELS_TOKEN = "labels-test-token"

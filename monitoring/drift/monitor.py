@@ -29,9 +29,9 @@ from typing import Any
 
 import pandas as pd
 
+from core.prediction_log import read_feedback, read_window
 from core.schema import CATEGORICAL_FEATURES, COLUMNS, FEATURES, LABEL, NUMERIC_FEATURES
 from core.settings import Settings
-from monitoring.rollout.analysis import read_feedback, read_window
 
 log = logging.getLogger("mlops.drift")
 HTML_EVERY_S = 300.0  # an Evidently HTML report is a few MB: one per window only when it drifted, else this often

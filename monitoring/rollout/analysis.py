@@ -12,53 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
+from core.prediction_log import read_feedback, read_window, served_times
 from monitoring.rollout.guardrails import GuardrailResult, evaluate_guardrails
 from monitoring.rollout.spec import RolloutSpec
 from monitoring.rollout.state_machine import AnalysisResult
 from monitoring.rollout.verdicts import Verdict
-
-
-def read_window(
-    directory: str | Path, since: float, until: float | None = None, time_column: str = "ts"
-) -> pd.DataFrame:
-    """Rows of the Parquet files under `directory` with `since <= time_column < until`."""
-    files = [p for p in sorted(Path(directory).glob("*.parquet")) if p.stat().st_mtime >= since]
-    if not files:
-        return pd.DataFrame()
-    table = pa.concat_tables([pq.read_table(p) for p in files], promote_options="default")
-    frame = table.to_pandas()
-    keep = frame[time_column] >= since
-    if until is not None:
-        keep &= frame[time_column] < until
-    return frame[keep].reset_index(drop=True)
-
-
-def read_feedback(directory: str | Path, request_ids: pd.Series, served_at: pd.Series | None = None) -> pd.DataFrame:
-    """The first label for each of the given requests, whenever it arrived (labels come late: no time filter):
-    a label is accepted once, here as at the gateway, so a later different one never overrides it.
-
-    With `served_at` (request_id -> `ts` of the answer), a label that arrived before its request was served
-    is dropped: it cannot be evidence about that answer (a guessed id, a clock gone back, a poisoned log)."""
-    columns = ["request_id", "label", "received_at"]
-    files = sorted(Path(directory).glob("*.parquet"))
-    if not files or request_ids.empty:
-        return pd.DataFrame(columns=columns)
-    frame = pa.concat_tables([pq.read_table(p, columns=columns) for p in files]).to_pandas()
-    frame = frame[frame["request_id"].isin(set(request_ids))]
-    if served_at is not None:
-        frame = frame[frame["received_at"] >= frame["request_id"].map(served_at)]
-    frame = frame.sort_values("received_at", kind="stable")
-    return frame.drop_duplicates("request_id", keep="first").reset_index(drop=True)
-
-
-def served_times(predictions: pd.DataFrame) -> pd.Series:
-    """request_id -> when it was answered (its first row: a shadow row shares the id and the time)."""
-    if predictions.empty:
-        return pd.Series(dtype=float)
-    return predictions.drop_duplicates("request_id").set_index("request_id")["ts"]
 
 
 def rows_of_versions(predictions: pd.DataFrame, versions: dict[str, str]) -> pd.DataFrame:
