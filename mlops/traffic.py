@@ -83,9 +83,13 @@ class TrafficStats:
     started_at: float = field(default_factory=time.time)
 
     def record_failure(self, message: str) -> None:
+        """Count a failed request; keep the first few verbatim, with when they failed (seconds into the run and
+        wall-clock time, to place them against the gateway's policy log: an intermittent failure must say when)."""
         self.failed += 1
         if len(self.errors) < 5:
-            self.errors.append(message)
+            now = time.time()
+            stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
+            self.errors.append(f"t={now - self.started_at:.1f}s ({stamp}): {message}")
 
     def summary(self) -> dict[str, Any]:
         latencies = np.asarray(self.latencies_ms) if self.latencies_ms else np.asarray([np.nan])

@@ -208,3 +208,17 @@ def test_a_defect_with_an_unknown_field_or_out_of_range_value_is_refused() -> No
         Defect.from_dict({"slowness": 1})
     with pytest.raises(ValueError, match="error_rate must be within"):
         Defect.from_dict({"error_rate": 1.5})
+
+
+def test_failed_client_requests_are_reported_verbatim_with_when_they_failed() -> None:
+    from mlops.traffic import TrafficStats
+
+    stats = TrafficStats(started_at=1_000.0)
+    for status in (503, 503, 500, 503):
+        stats.record_failure(f"HTTP {status}: no model could answer this request")
+    assert stats.failed == 4 and len(stats.errors) == 4
+    assert all(error.startswith("t=") and "s (" in error and "): HTTP 50" in error for error in stats.errors)
+    observed = Observed("rolled_back", [decision(0, "shadow"), decision(2, "rolled_back")], PHASES, 4, stats.summary())
+    failure = next(f for f in judge(scenario("rolled_back"), observed).failures if "client request" in f)
+    assert failure.startswith("4 client request(s) failed") and "first: t=" in failure
+    assert failure.count("HTTP 5") == 3, "the first three, so an intermittent failure says what and when"

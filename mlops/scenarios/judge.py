@@ -107,8 +107,10 @@ def judge(scenario: Scenario, observed: Observed) -> ScenarioResult:
             f"challenger got {weight:.0%} of live traffic, at most {expect.max_challenger_weight:.0%} allowed"
         )
     if observed.client_errors > expect.max_client_errors:
+        first = "; ".join(observed.traffic.get("errors", [])[:3])
         failures.append(
             f"{observed.client_errors} client request(s) failed, at most {expect.max_client_errors} allowed"
+            + (f"; first: {first}" if first else "")
         )
     if expect.reason_contains and expect.reason_contains.lower() not in reason.lower():
         failures.append(f"decision reason does not mention {expect.reason_contains!r}: {reason}")
