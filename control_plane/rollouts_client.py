@@ -63,6 +63,15 @@ class RolloutsClient:
     def decisions(self, rollout_id: str) -> list[dict[str, Any]]:
         return self._call("GET", f"/v1/rollouts/{rollout_id}/decisions")["decisions"]
 
+    def analyses(self, rollout_id: str, after: int = -1, limit: int | None = None) -> list[dict[str, Any]]:
+        """Every recorded analysis of the rollout with ``seq > after``, oldest first (``limit``: the newest N)."""
+        query = f"?after={after}" + (f"&limit={limit}" if limit is not None else "")
+        return self._call("GET", f"/v1/rollouts/{rollout_id}/analyses{query}")["analyses"]
+
+    def deliveries(self, rollout_id: str) -> list[dict[str, Any]]:
+        """Every hook delivery and gate call of the rollout, each with its attempts."""
+        return self._call("GET", f"/v1/rollouts/{rollout_id}/deliveries")["deliveries"]
+
     def latest_analysis(self) -> dict[str, Any] | None:
         """This controller's latest analysis, or None before its first."""
         try:
@@ -82,6 +91,16 @@ class RolloutsClient:
 
     def abort(self, rollout_id: str, reason: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/rollouts/{rollout_id}/abort", {"reason": reason})
+
+    def pause(self, rollout_id: str, reason: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/rollouts/{rollout_id}/pause", {"reason": reason})
+
+    def resume(self, rollout_id: str, reason: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/rollouts/{rollout_id}/resume", {"reason": reason})
+
+    def approve(self, rollout_id: str, reason: str) -> dict[str, Any]:
+        """Open a waiting phase's gate; 409 (ControllerError) when the rollout is not waiting for approval."""
+        return self._call("POST", f"/v1/rollouts/{rollout_id}/approve", {"reason": reason})
 
     # --- one request -----------------------------------------------------------------------------------
 

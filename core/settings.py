@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     control_plane_url: str = Field("http://127.0.0.1:8700", description="control-plane API base URL")
     control_plane_token: str = Field("", description="bearer token for policy writes; empty = generated")
     labels_token: str = Field("", description="bearer token label writers send to /v1/feedback; empty = generated")
+    hook_secret: str = Field("", description="HMAC-SHA256 key signing rollout hook bodies; empty = unsigned")
     control_plane_db_url: str = Field("", description="SQLAlchemy URL; empty = SQLite under home")
     gateway_port: int = Field(8710, ge=1, le=65_535, description="gateway port")
     slot_a_port: int = Field(8721, ge=1, le=65_535, description="model slot a port")

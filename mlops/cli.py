@@ -594,19 +594,35 @@ def rollout_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> 
 
 @rollout_app.command("history")
 def rollout_history(
-    rollout_id: Annotated[str | None, typer.Argument()] = None, as_json: Annotated[bool, typer.Option("--json")] = False
+    rollout_id: Annotated[str | None, typer.Argument()] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    analyses: Annotated[bool, typer.Option("--analyses", help="every analysis too, not only decisions")] = False,
 ) -> None:
     """Every decision of a rollout (default: the latest) with the metric values behind it."""
     if rollout_id is None:
         rollout_id = _controller(_latest_rollout_id)
     decisions = _controller(lambda client: client.decisions(rollout_id))
+    recorded = _controller(lambda client: client.analyses(rollout_id)) if analyses else None
     if as_json:
-        _emit_json({"rollout_id": rollout_id, "decisions": decisions})
+        payload: dict[str, Any] = {"rollout_id": rollout_id, "decisions": decisions}
+        if recorded is not None:
+            payload["analyses"] = recorded
+        _emit_json(payload)
         return
     table = Table("seq", "from", "to", "reason", title=rollout_id)
     for decision in decisions:
         table.add_row(str(decision["seq"]), decision["from_status"], decision["to_status"], decision["reason"])
     Console().print(table)
+    if recorded is not None:
+        runs = Table("seq", "t", "phase", "verdict", "samples", "guardrails", "transition", title="analyses")
+        for row in recorded:
+            verdicts = ", ".join(f"{name}={verdict}" for name, verdict in sorted(row["verdicts"].items()))
+            when = time.strftime("%H:%M:%S", time.localtime(row["at"]))
+            runs.add_row(
+                str(row["seq"]), when, str(row["phase_index"]), row["verdict"], str(row["samples"]),
+                verdicts or "-", "yes" if row["transition"] else "",
+            )  # fmt: skip
+        Console().print(runs)
 
 
 def _manual(kind: str, reason: str) -> None:
@@ -614,9 +630,49 @@ def _manual(kind: str, reason: str) -> None:
     if not active:
         raise _fail("no active rollout", 1)
     rollout_id = active[0]["rollout_id"]
-    action = {"promote": RolloutsClient.promote, "abort": RolloutsClient.abort}[kind]
+    action = {
+        "promote": RolloutsClient.promote,
+        "abort": RolloutsClient.abort,
+        "pause": RolloutsClient.pause,
+        "resume": RolloutsClient.resume,
+        "approve": RolloutsClient.approve,
+    }[kind]
     view = _controller(lambda client: action(client, rollout_id, reason))
     err.print(view["description"])
+
+
+@rollout_app.command("pause")
+def rollout_pause(reason: Annotated[str, typer.Option()] = "paused by hand") -> None:
+    """Hold the active rollout in its phase: analyses go on (a failing guardrail still rolls back)."""
+    _manual("pause", reason)
+
+
+@rollout_app.command("resume")
+def rollout_resume(reason: Annotated[str, typer.Option()] = "resumed by hand") -> None:
+    """Let a paused rollout advance again."""
+    _manual("resume", reason)
+
+
+@rollout_app.command("approve")
+def rollout_approve(reason: Annotated[str, typer.Option()] = "approved by hand") -> None:
+    """Open the gate of a phase waiting for approval (exit 1 and the controller's 409 if it is not waiting)."""
+    _manual("approve", reason)
+
+
+@rollout_app.command("watch")
+def rollout_watch(
+    rollout_id: Annotated[str | None, typer.Argument(help="default: the active rollout")] = None,
+    interval: Annotated[float, typer.Option(help="seconds between refreshes")] = 0.5,
+    wait: Annotated[float, typer.Option(help="seconds to wait for a rollout to become active")] = 60.0,
+) -> None:
+    """A live view of the rollout until its decision: exit 0 when promoted, 1 when rolled back."""
+    from control_plane.tokens import resolve_token
+    from mlops.watch import watch
+
+    settings = _settings()
+    with RolloutsClient(settings.controller_url, token=resolve_token(settings), timeout=10) as client:
+        code = watch(client, Console(), interval_s=interval, rollout_id=rollout_id, wait_for_start_s=wait)
+    raise typer.Exit(code)
 
 
 @rollout_app.command("promote")

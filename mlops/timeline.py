@@ -1,5 +1,7 @@
-"""Rollout timeline: the controller's state and latest guardrail values, sampled every second over HTTP while
-a rollout runs, for the demo report (traffic weight and guardrail values over time)."""
+"""Rollout timeline: the controller's state, sampled every second over HTTP while a rollout runs, and every
+analysis the controller recorded (`GET /v1/rollouts/{id}/analyses`), for the demo report (traffic weight and
+guardrail values over time). The analyses come from the store, so none is missed between two samples (the one
+that ends a phase included) and a controller restart leaves no gap in them."""
 
 from __future__ import annotations
 
@@ -37,6 +39,30 @@ def sample(view: dict[str, Any], analysis: dict[str, Any] | None, at: float) -> 
     }
 
 
+def analysis_point(view: dict[str, Any], analysis: dict[str, Any]) -> dict[str, Any]:
+    """One point of the timeline for a recorded analysis, in the phase it judged (pure)."""
+    phases, index = view["plan"]["phases"], analysis["phase_index"]
+    if index < len(phases):
+        phase = phases[index]
+        weight = float(phase.get("weight") or 0.0) if phase["kind"] == "canary" else 0.0
+        name = phase["name"]
+        status = phase["kind"]
+    else:
+        weight, name, status = 1.0, "watch", "promoted_watching"
+    keys = ("value", "baseline", "verdict", "limit", "samples")
+    guardrails = {g: {k: v.get(k) for k in keys} for g, v in (analysis.get("values") or {}).items()}
+    return {
+        "t": analysis["at"],
+        "rollout_id": view["rollout_id"],
+        "status": status,
+        "phase": name,
+        "weight": weight,
+        "guardrails": guardrails,
+        "analysis": analysis.get("seq"),
+        "verdict": analysis.get("verdict"),
+    }
+
+
 def with_decisions(points: list[dict[str, Any]], decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The timeline with one more point per decision that an analysis made (pure).
 
@@ -66,6 +92,7 @@ class TimelineRecorder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="timeline", daemon=True)
         self._last_id: str | None = None
+        self._seen: dict[str, int] = {}  # rollout id -> the last analysis seq taken
 
     def start(self) -> TimelineRecorder:
         self._thread.start()
@@ -96,7 +123,12 @@ class TimelineRecorder:
             self._last_id = None
         else:
             return
-        analysis = controller.latest_analysis()
-        self.points.append(sample(view, analysis, time.time()))
+        rollout_id = view["rollout_id"]
+        analyses = controller.analyses(rollout_id, after=self._seen.get(rollout_id, -1))
+        if analyses:
+            self._seen[rollout_id] = analyses[-1]["seq"]
+        self.points.extend(analysis_point(view, analysis) for analysis in analyses)
+        self.points.append(sample(view, None, time.time()))  # the state (status, weight) at this moment
+        self.points.sort(key=lambda p: p["t"])
         if active is not None:
-            self._last_id = view["rollout_id"]
+            self._last_id = rollout_id

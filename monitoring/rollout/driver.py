@@ -6,6 +6,11 @@ phase's window of the prediction log, feeds the result to `step`, saves the new 
 optimistic concurrency (a stale writer is refused), then executes the actions one by one, marking
 each done. Actions are idempotent, so a controller killed mid-way and restarted re-runs at most the
 one in flight, and a decision is never taken twice: terminal states ignore every event.
+
+Every analysis is recorded: with the transition it causes, in the same transaction (``save``), or on its own
+when it changes nothing (``record_analysis``). Hooks (``monitoring.rollout.hooks``) never run on this loop:
+notifications are queued in the store while the decision's ``RecordDecision`` action executes and sent by a
+background thread; gating hooks are asked in threads of their own, and the loop only reads their last answer.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from typing import Any, Protocol
 
 from core.settings import DEFAULT_DECISION_THRESHOLD
 from monitoring.rollout.analysis import analyse
+from monitoring.rollout.hooks import GateCaller, queue_notifications
 from monitoring.rollout.spec import RolloutSpec
 from monitoring.rollout.state_machine import (
     Action,
     Analysis,
+    Approve,
     AssignSlot,
     MarkRejected,
     Notify,
@@ -66,6 +73,9 @@ def plan_for(
     previous_version: str | None,
     rollout_id: str | None = None,
 ) -> RolloutPlan:
+    # A confirm-promotion hook is a gate on its phase: its 2xx approves; its timeout is the gate's.
+    confirm = {spec.confirm_promotion_phase(h): h for h in spec.hooks_for("confirm-promotion")}
+    pre_rollout = spec.hooks_for("pre-rollout")
     phases = tuple(
         PhaseSpec(
             name=p.name,
@@ -74,6 +84,9 @@ def plan_for(
             min_duration_s=p.min_duration_s,
             min_samples=p.min_samples,
             max_duration_s=p.max_duration_s,
+            require_approval=p.require_approval or p.name in confirm,
+            approval_timeout_s=confirm[p.name].gate_timeout_s if p.name in confirm else p.approval_timeout_s,
+            on_approval_timeout=confirm[p.name].on_timeout if p.name in confirm else p.on_approval_timeout,
         )
         for p in spec.phases
     )
@@ -88,6 +101,10 @@ def plan_for(
         failure_limit=spec.failure_limit,
         post_promotion_watch_s=spec.post_promotion_watch_s,
         previous_version=previous_version,
+        pre_rollout_timeout_s=min(h.gate_timeout_s for h in pre_rollout) if pre_rollout else None,
+        on_pre_rollout_timeout=(
+            "rollback" if any(h.on_timeout == "rollback" for h in pre_rollout) or not pre_rollout else "hold"
+        ),
     )
 
 
@@ -102,8 +119,14 @@ class Controller:
     clock: Callable[[], float] = time.time
     slot_ready_timeout_s: float = 60.0
     decision_threshold: float = DEFAULT_DECISION_THRESHOLD  # the process passes settings.decision_threshold
+    hook_secret: str = ""  # settings.hook_secret: signs every hook body
     _slot_down: set[str] = field(default_factory=set)
-    last_analysis: Any = None  # the latest AnalysisResult, exported as metrics (`/metrics`)
+    last_analysis: Any = None  # this process's latest AnalysisResult (the store has every one)
+    gates: GateCaller | None = None
+
+    def __post_init__(self) -> None:
+        if self.gates is None:
+            self.gates = GateCaller(self.store, self.hook_secret, self.clock)
 
     # --- commands (API / CLI) ------------------------------------------------------------------
 
@@ -113,16 +136,22 @@ class Controller:
             raise ValueError(f"version {challenger_version} is already the champion")
         plan = plan_for(self.spec, self.model_name, challenger_version, champion_version, champion_slot, previous)
         self.store.create(plan, initial_state(plan, self.clock()))
-        self.apply(plan.rollout_id, Start(at=self.clock()))
+        if not self.spec.hooks_for("pre-rollout"):
+            self.apply(plan.rollout_id, Start(at=self.clock()))
+        # else: pending until the pre-rollout hooks say go (the loop asks them, `_gate_event`)
         return plan.rollout_id
 
     def apply(self, rollout_id: str, event: Any) -> RolloutState:
-        """Step the state machine with one event, persist, then execute the actions in order."""
+        """Step the state machine with one event, persist (an analysis with the transition it causes, or on
+        its own), then execute the actions in order."""
         plan, state = self._finish_pending(rollout_id)
         new_state, actions = step(plan, state, event)
+        analysis = event.result if isinstance(event, Analysis) else None
         if new_state is state:
+            if analysis is not None:
+                self.store.record_analysis(rollout_id, analysis, state.version)
             return state  # ignored: nothing to persist, nothing to do
-        self.store.save(rollout_id, new_state, actions, expected_version=state.version)
+        self.store.save(rollout_id, new_state, actions, expected_version=state.version, analysis=analysis)
         self._execute(plan, actions)
         return new_state
 
@@ -137,12 +166,34 @@ class Controller:
         if rollout_id is None:
             return None
         plan, state = self._finish_pending(rollout_id)
+        gate_event = self._gate_event(plan, state, now)
+        if gate_event is not None:
+            state = self.apply(rollout_id, gate_event)
         slot_event = self._slot_event(plan, state, now)
         if slot_event is not None:
             state = self.apply(rollout_id, slot_event)
         if state.terminal:
             return state
         return self.apply(rollout_id, self._observe(plan, state, now))
+
+    def _gate_event(self, plan: RolloutPlan, state: RolloutState, now: float) -> Start | Approve | None:
+        """Start once the pre-rollout hooks said go; Approve once the confirm-promotion hooks of the waiting
+        phase did. Never waits: the hooks are asked in threads (`GateCaller`)."""
+        assert self.gates is not None
+        if state.status == "pending":
+            hooks = self.spec.hooks_for("pre-rollout")
+            if hooks and self.gates.passed(plan, "pre-rollout", hooks):
+                return Start(at=now)
+            return None
+        phase = current_phase(plan, state)
+        if phase is None or not state.awaiting_approval or state.paused:
+            return None
+        hooks = [
+            h for h in self.spec.hooks_for("confirm-promotion") if self.spec.confirm_promotion_phase(h) == phase.name
+        ]
+        if hooks and self.gates.passed(plan, "confirm-promotion", hooks, phase.name):
+            return Approve(at=now, reason=f"confirm-promotion hook {', '.join(h.name for h in hooks)} answered 2xx")
+        return None
 
     def _observe(self, plan: RolloutPlan, state: RolloutState, now: float) -> Any:
         phase = current_phase(plan, state)
@@ -220,8 +271,10 @@ class Controller:
             self.effects.mark_rejected(action.version, action.reason)
         elif isinstance(action, Notify):
             log.info("%s: %s", plan.rollout_id, action.message)
-        elif isinstance(action, RecordDecision):
-            pass  # the store recorded it with the state, in the same transaction
+        elif isinstance(action, RecordDecision) and self.spec.hooks:
+            # The store recorded it with the state, in the same transaction. Queue its notifications before this
+            # action is marked done: a controller that dies here re-runs it, and the queue is idempotent.
+            queue_notifications(self.store, self.spec, plan, action.decision, self.clock())
 
     def _wait_for_slot(self, slot: str, version: str) -> None:
         """The next action (traffic) must not start before the slot serves the version it was given."""

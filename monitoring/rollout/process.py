@@ -32,6 +32,7 @@ def build_controller(settings: Settings) -> Controller:
         log_dir=settings.prediction_log_dir,
         model_name=settings.model_name,
         decision_threshold=settings.decision_threshold,
+        hook_secret=settings.hook_secret,
     )
 
 

@@ -4,10 +4,14 @@ GET  /v1/rollouts                     recent rollouts
 GET  /v1/rollouts/active              the active rollout of the model (404 if none)
 GET  /v1/rollouts/{id}                plan, state, one-line description
 GET  /v1/rollouts/{id}/decisions      every decision with the metric values behind it
-GET  /v1/analysis                     the latest analysis (guardrail values and verdicts) of this controller
+GET  /v1/rollouts/{id}/analyses       every analysis (pass, fail, inconclusive) with its guardrail values;
+                                      ?after=SEQ for the newer ones only, ?limit=N for the newest N
+GET  /v1/rollouts/{id}/deliveries     every hook delivery and gate call, with each attempt
+GET  /v1/analysis                     the latest rollout's latest analysis (from the store)
 GET  /metrics                         Prometheus: rollout phase and weight, guardrail values, decisions
 POST /v1/rollouts                     {"challenger_version": "7"}         (bearer token)
-POST /v1/rollouts/{id}/promote|abort  {"reason": "..."}                   (bearer token)
+POST /v1/rollouts/{id}/promote|abort|pause|resume|approve  {"reason": "..."}   (bearer token); pause, resume
+                                      and approve answer 409 naming what the rollout is doing when they do not apply
 """
 
 from __future__ import annotations
@@ -26,7 +30,26 @@ from starlette.routing import Route
 
 from control_plane.tokens import check_bearer
 from monitoring.rollout.driver import Controller
-from monitoring.rollout.state_machine import ManualAbort, ManualPromote, describe
+from monitoring.rollout.hooks import HookSender
+from monitoring.rollout.state_machine import (
+    Approve,
+    ManualAbort,
+    ManualPromote,
+    Pause,
+    Resume,
+    describe,
+    waiting_for,
+)
+
+MANUAL_EVENTS: dict[str, type] = {
+    "promote": ManualPromote,
+    "abort": ManualAbort,
+    "pause": Pause,
+    "resume": Resume,
+    "approve": Approve,
+}
+# What a refused command was waiting for (promote and abort are accepted whenever they can apply, as before).
+REFUSED_UNLESS = {"pause": "running a phase, unpaused", "resume": "paused", "approve": "waiting for approval"}
 
 
 def _authorised(request: Request, token: str) -> JSONResponse | None:
@@ -81,6 +104,22 @@ def create_controller_app(controller: Controller, token: str, run_loop: bool = T
             {"rollout_id": rollout_id, "decisions": await asyncio.to_thread(store.decisions, rollout_id)}
         )
 
+    async def analyses(request: Request) -> JSONResponse:
+        rollout_id = request.path_params["rollout_id"]
+        try:
+            after = int(request.query_params.get("after", "-1"))
+            limit = request.query_params.get("limit")
+            newest = None if limit is None else int(limit)
+        except ValueError:
+            return JSONResponse({"error": "after and limit must be integers", "field": "after"}, 422)
+        rows = await asyncio.to_thread(store.analyses, rollout_id, after, newest)
+        return JSONResponse({"rollout_id": rollout_id, "analyses": rows})
+
+    async def deliveries(request: Request) -> JSONResponse:
+        rollout_id = request.path_params["rollout_id"]
+        rows = await asyncio.to_thread(store.deliveries, rollout_id)
+        return JSONResponse({"rollout_id": rollout_id, "deliveries": rows})
+
     async def start(request: Request) -> JSONResponse:
         if (denied := _authorised(request, token)) is not None:
             return denied
@@ -108,22 +147,28 @@ def create_controller_app(controller: Controller, token: str, run_loop: bool = T
             except ValueError as error:
                 return JSONResponse({"error": str(error), "field": None}, 400)
             rollout_id = request.path_params["rollout_id"]
-            event_type = ManualPromote if kind == "promote" else ManualAbort
+            event_type = MANUAL_EVENTS[kind]
 
-            def run() -> None:
+            def run() -> str | None:
                 with lock:
-                    controller.apply(rollout_id, event_type(at=controller.clock(), reason=reason))
+                    plan, before, _ = store.get(rollout_id)
+                    after = controller.apply(rollout_id, event_type(at=controller.clock(), reason=reason))
+                    if after.version == before.version and kind in REFUSED_UNLESS:
+                        return f"cannot {kind}: the rollout is not {REFUSED_UNLESS[kind]}; {waiting_for(plan, after)}"
+                    return None
 
             try:
-                await asyncio.to_thread(run)
+                refused = await asyncio.to_thread(run)
             except KeyError:
                 return JSONResponse({"error": "unknown rollout", "field": "rollout_id"}, 404)
+            if refused is not None:
+                return JSONResponse({"error": refused, "field": "rollout_id"}, 409)
             return JSONResponse(await asyncio.to_thread(_view, rollout_id))
 
         return handler
 
     async def analysis(_: Request) -> JSONResponse:
-        result = controller.last_analysis
+        result = await asyncio.to_thread(latest_analysis, controller)
         if result is None:
             return JSONResponse({"error": "no analysis yet", "field": None}, 404)
         return JSONResponse(result.to_dict())
@@ -150,14 +195,17 @@ def create_controller_app(controller: Controller, token: str, run_loop: bool = T
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         thread = threading.Thread(target=loop, name="controller-loop", daemon=True) if run_loop else None
-        if thread:
+        sender = HookSender(store, controller.spec, controller.hook_secret) if run_loop else None
+        if thread and sender:
             thread.start()
+            sender.start()
         try:
             yield
         finally:
             stop.set()
-            if thread:
+            if thread and sender:
                 thread.join(timeout=30)
+                sender.stop()
 
     return Starlette(
         routes=[
@@ -166,8 +214,9 @@ def create_controller_app(controller: Controller, token: str, run_loop: bool = T
             Route("/v1/rollouts/active", active),
             Route("/v1/rollouts/{rollout_id}", show),
             Route("/v1/rollouts/{rollout_id}/decisions", decisions),
-            Route("/v1/rollouts/{rollout_id}/promote", manual("promote"), methods=["POST"]),
-            Route("/v1/rollouts/{rollout_id}/abort", manual("abort"), methods=["POST"]),
+            Route("/v1/rollouts/{rollout_id}/analyses", analyses),
+            Route("/v1/rollouts/{rollout_id}/deliveries", deliveries),
+            *(Route(f"/v1/rollouts/{{rollout_id}}/{kind}", manual(kind), methods=["POST"]) for kind in MANUAL_EVENTS),
             Route("/v1/analysis", analysis),
             Route("/metrics", metrics),
             Route("/healthz", healthz),
@@ -179,6 +228,13 @@ def create_controller_app(controller: Controller, token: str, run_loop: bool = T
 
 VERDICT_VALUE = {"pass": 1.0, "inconclusive": 0.0, "fail": -1.0}
 OUTCOMES = {"succeeded": "promoted", "rolled_back": "rolled_back", "aborted": "aborted"}
+
+
+def latest_analysis(controller: Controller) -> Any:
+    """The latest rollout's latest recorded analysis (an AnalysisResult), from the store: a restarted
+    controller shows what its predecessor measured."""
+    rollouts = controller.store.list_rollouts(1, controller.model_name)
+    return controller.store.latest_analysis(rollouts[0]["rollout_id"]) if rollouts else None
 
 
 def rollout_metrics(controller: Controller) -> bytes:
@@ -209,7 +265,7 @@ def rollout_metrics(controller: Controller) -> bytes:
         phase_index.set(state.phase_index)
         live = state.status == "canary" and phase is not None
         weight.set(phase.weight if live else (1.0 if state.status in ("promoted_watching", "succeeded") else 0.0))
-    result = controller.last_analysis
+    result = controller.store.latest_analysis(rollouts[0]["rollout_id"]) if rollouts else None
     if result is not None:
         for name, values in result.values.items():
             verdict.labels(name).set(VERDICT_VALUE.get(values.get("verdict"), 0.0))

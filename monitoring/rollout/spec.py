@@ -11,6 +11,10 @@ A spec is a YAML file (see `monitoring/rollout/specs/`) validated into a frozen 
 - `post_promotion_watch_s`: how long a promoted champion is watched against absolute bounds.
 - `guardrails`: the checks of `monitoring.rollout.guardrails`, each with the phase kinds it applies to
   (`shadow`, `canary`, `watch`), a minimum sample count, a confidence and kind-specific limits.
+- gates: a phase with `require_approval: true` holds after its guardrails pass until `mlops rollout approve`,
+  for at most `approval_timeout_s` (then `on_approval_timeout`: `hold` or `rollback`).
+- `hooks`: HTTP receivers (see `Hook`): notifications of the rollout's events, and the gating hooks
+  `pre-rollout` and `confirm-promotion`, which must answer 2xx for the rollout to go on.
 
 `load_spec` reports every problem at once, each with its location, e.g.
 `phases[2].weight: must be in (0, 1], got 1.5`, as a `SpecError` (a `ValueError`).
@@ -104,6 +108,10 @@ class Phase(_Strict):
     # The progress deadline (like Flagger's progressDeadlineSeconds): a phase whose guardrails still have not
     # all passed after this long rolls back instead of waiting forever on evidence that does not come.
     max_duration_s: float | None = None
+    # A manual gate (Argo's indefinite pause): after the guardrails pass, hold until approved.
+    require_approval: bool = False
+    approval_timeout_s: float | None = None
+    on_approval_timeout: GateOutcome = "rollback"
 
     _name = field_validator("name")(_non_empty)
     _duration = field_validator("min_duration_s")(_non_negative)
@@ -122,6 +130,11 @@ class Phase(_Strict):
     @classmethod
     def _weight(cls, value: float | None) -> float | None:
         return _fraction(value, lower_open=True, upper_open=False)
+
+    @field_validator("approval_timeout_s")
+    @classmethod
+    def _approval_timeout(cls, value: float | None) -> float | None:
+        return None if value is None else _positive(value)
 
 
 class _GuardrailBase(_Strict):
@@ -294,6 +307,81 @@ class OnlineLogLossGuardrail(_GuardrailBase):
         return None if value is None else _positive(value)
 
 
+GateOutcome = Literal["hold", "rollback"]
+HOOK_NOTIFICATIONS = (
+    "rollout-started",
+    "phase-advanced",
+    "failure-counted",
+    "awaiting-approval",
+    "approval-timeout",
+    "paused",
+    "resumed",
+    "promoted",
+    "rolled-back",
+    "aborted",
+    "succeeded",
+)
+HOOK_GATES = ("pre-rollout", "confirm-promotion")
+HOOK_EVENTS = HOOK_NOTIFICATIONS + HOOK_GATES
+
+
+class Hook(_Strict):
+    """An HTTP receiver. Notification events are POSTed (signed, off the controller's loop, with retries);
+    the gating events `pre-rollout` (before any traffic moves) and `confirm-promotion` (before the step to
+    100 %, or before the phase named by `phase` advances) are called until they answer 2xx, for at most
+    `gate_timeout_s`, then `on_timeout` decides: `hold` (wait for a person) or `rollback`."""
+
+    name: str
+    url: str
+    events: list[str]
+    format: Literal["json", "slack"] = "json"
+    timeout_s: float = 5.0
+    retries: int = 3
+    backoff_s: float = 1.0
+    gate_timeout_s: float = 300.0
+    on_timeout: GateOutcome = "rollback"
+    phase: str | None = None
+
+    _name = field_validator("name")(_non_empty)
+    _timeout = field_validator("timeout_s", "gate_timeout_s")(_positive)
+    _backoff = field_validator("backoff_s")(_non_negative)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http(s) URL with a host, got {value!r}")
+        return value
+
+    @field_validator("retries")
+    @classmethod
+    def _retries(cls, value: int) -> int:
+        if not 0 <= value <= 10:
+            raise ValueError(f"must be in [0, 10], got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _events(self) -> Hook:
+        problems: list[tuple[Loc, str]] = []
+        if not self.events:
+            problems.append((("events",), f"must name at least one of {', '.join(HOOK_EVENTS)}"))
+        for index, event in enumerate(self.events):
+            if event not in HOOK_EVENTS:
+                problems.append((("events", index), f"unknown event {event!r}; one of {', '.join(HOOK_EVENTS)}"))
+        if self.phase is not None and "confirm-promotion" not in self.events:
+            problems.append((("phase",), "only a confirm-promotion hook names the phase it gates"))
+        if problems:
+            raise _Problems(problems)
+        return self
+
+    @property
+    def gates(self) -> list[str]:
+        return [event for event in self.events if event in HOOK_GATES]
+
+
 GuardrailConfig = Annotated[
     ErrorRateGuardrail
     | LatencyP99Guardrail
@@ -314,6 +402,7 @@ class RolloutSpec(_Strict):
     failure_limit: int
     post_promotion_watch_s: float
     guardrails: list[GuardrailConfig]
+    hooks: list[Hook] = []
 
     _name = field_validator("name")(_non_empty)
     _interval = field_validator("analysis_interval_s")(_positive)
@@ -334,6 +423,19 @@ class RolloutSpec(_Strict):
     @property
     def canary_phases(self) -> list[Phase]:
         return [phase for phase in self.phases if phase.kind == "canary"]
+
+    def hooks_for(self, event: str) -> list[Hook]:
+        return [hook for hook in self.hooks if event in hook.events]
+
+    def confirm_promotion_phase(self, hook: Hook) -> str:
+        """The phase a confirm-promotion hook gates: its `phase`, else the one before the step to 100 % (the
+        last phase when no phase has weight 1: its passing promotes)."""
+        if hook.phase is not None:
+            return hook.phase
+        for index, phase in enumerate(self.phases):
+            if phase.kind == "canary" and phase.weight == 1.0 and index > 0:
+                return self.phases[index - 1].name
+        return self.phases[-1].name
 
     def guardrails_for(self, phase_kind: str) -> list[GuardrailConfig]:
         """The guardrails evaluated in a phase of this kind (`shadow`, `canary` or `watch`)."""
@@ -398,6 +500,36 @@ def _cross_field_problems(data: Mapping[str, Any]) -> list[tuple[Loc, str]]:
                 )
             if isinstance(name, str):
                 seen.setdefault(name, index)
+    problems += _gate_and_hook_problems(data)
+    return problems
+
+
+def _gate_and_hook_problems(data: Mapping[str, Any]) -> list[tuple[Loc, str]]:
+    """Gates name phases that exist; a phase's gate settings only come with `require_approval`; hook names are
+    unique (tolerant of malformed entries, like `_cross_field_problems`)."""
+    problems: list[tuple[Loc, str]] = []
+    phases = data.get("phases") if isinstance(data.get("phases"), list) else []
+    names = [p.get("name") for p in phases if isinstance(p, Mapping)]
+    for index, phase in enumerate(phases):
+        if not isinstance(phase, Mapping) or phase.get("require_approval"):
+            continue
+        for key, default in (("approval_timeout_s", None), ("on_approval_timeout", "rollback")):
+            if phase.get(key, default) != default:
+                problems.append((("phases", index, key), "only with require_approval: true"))
+    hooks = data.get("hooks")
+    if isinstance(hooks, list):
+        seen: dict[str, int] = {}
+        for index, hook in enumerate(hooks):
+            if not isinstance(hook, Mapping):
+                continue
+            name, phase = hook.get("name"), hook.get("phase")
+            if isinstance(name, str) and name in seen:
+                problems.append((("hooks", index, "name"), f"duplicate hook name {name!r} (also hooks[{seen[name]}])"))
+            if isinstance(name, str):
+                seen.setdefault(name, index)
+            if isinstance(phase, str) and phase not in names:
+                known = ", ".join(repr(n) for n in names if isinstance(n, str))
+                problems.append((("hooks", index, "phase"), f"no phase named {phase!r} (phases: {known})"))
     return problems
 
 

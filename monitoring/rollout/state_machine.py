@@ -79,6 +79,8 @@ STATUSES: tuple[str, ...] = (
 )
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "rolled_back", "aborted"})
 PHASE_STATUSES: frozenset[str] = frozenset({"shadow", "canary"})
+GateOutcome = Literal["hold", "rollback"]
+GATE_OUTCOMES: tuple[str, ...] = ("hold", "rollback")
 
 
 def _jsonable(value: Any) -> Any:
@@ -111,6 +113,10 @@ class PhaseSpec:
     min_duration_s: float
     min_samples: int
     max_duration_s: float | None = None  # progress deadline: still undecided after this long rolls back
+    # Manual gate: after its guardrails pass, the phase holds until Approve (a person, or a gating hook).
+    require_approval: bool = False
+    approval_timeout_s: float | None = None  # None: wait for the approval forever
+    on_approval_timeout: GateOutcome = "rollback"
 
     def __post_init__(self) -> None:
         if self.kind not in ("shadow", "canary"):
@@ -130,6 +136,10 @@ class PhaseSpec:
             raise ValueError(
                 f"phase {self.name!r}: max_duration_s must be >= min_duration_s, got {self.max_duration_s!r}"
             )
+        if self.approval_timeout_s is not None:
+            _finite_nonneg(f"phase {self.name!r}: approval_timeout_s", self.approval_timeout_s)
+        if self.on_approval_timeout not in GATE_OUTCOMES:
+            raise ValueError(f"phase {self.name!r}: on_approval_timeout must be hold or rollback")
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(self)
@@ -143,6 +153,9 @@ class PhaseSpec:
             min_duration_s=float(data["min_duration_s"]),
             min_samples=int(data["min_samples"]),
             max_duration_s=None if data.get("max_duration_s") is None else float(data["max_duration_s"]),
+            require_approval=bool(data.get("require_approval", False)),
+            approval_timeout_s=None if data.get("approval_timeout_s") is None else float(data["approval_timeout_s"]),
+            on_approval_timeout=data.get("on_approval_timeout", "rollback"),
         )
 
 
@@ -160,6 +173,11 @@ class RolloutPlan:
     failure_limit: int
     post_promotion_watch_s: float
     previous_version: str | None = None
+    # A pre-rollout gate (a gating hook): the rollout stays pending until the driver sends Start; when it has not
+    # by ``pre_rollout_timeout_s`` after creation, ``on_pre_rollout_timeout`` says whether to keep waiting or
+    # roll back (the champion never lost any traffic). None: no gate, no timeout.
+    pre_rollout_timeout_s: float | None = None
+    on_pre_rollout_timeout: GateOutcome = "rollback"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "phases", tuple(self.phases))
@@ -174,6 +192,10 @@ class RolloutPlan:
         if not isinstance(self.failure_limit, int) or self.failure_limit < 1:
             raise ValueError(f"failure_limit must be an int >= 1, got {self.failure_limit!r}")
         _finite_nonneg("post_promotion_watch_s", self.post_promotion_watch_s)
+        if self.pre_rollout_timeout_s is not None:
+            _finite_nonneg("pre_rollout_timeout_s", self.pre_rollout_timeout_s)
+        if self.on_pre_rollout_timeout not in GATE_OUTCOMES:
+            raise ValueError("on_pre_rollout_timeout must be hold or rollback")
 
     @property
     def watch_index(self) -> int:
@@ -197,6 +219,10 @@ class RolloutPlan:
             failure_limit=int(data["failure_limit"]),
             post_promotion_watch_s=float(data["post_promotion_watch_s"]),
             previous_version=None if previous is None else str(previous),
+            pre_rollout_timeout_s=(
+                None if data.get("pre_rollout_timeout_s") is None else float(data["pre_rollout_timeout_s"])
+            ),
+            on_pre_rollout_timeout=data.get("on_pre_rollout_timeout", "rollback"),
         )
 
 
@@ -249,6 +275,8 @@ class Decision:
     action_summary: str
     reason: str
     metrics: dict[str, Any]
+    # What happened, for notifications and hooks: one of DECISION_EVENTS.
+    event: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(self)
@@ -263,6 +291,7 @@ class Decision:
             action_summary=str(data["action_summary"]),
             reason=str(data["reason"]),
             metrics=copy.deepcopy(dict(data["metrics"])),
+            event=str(data.get("event", "")),
         )
 
 
@@ -279,6 +308,14 @@ class RolloutState:
     reason: str | None
     version: int
     history: tuple[Decision, ...]
+    paused: bool = False  # Pause: analyses go on and failures count, but the rollout does not advance
+    awaiting_approval_since: float | None = None  # the phase passed; its gate holds it until Approve
+    gate_timed_out: bool = False  # the gate's timeout passed with outcome "hold" (recorded once)
+    resumed_at: float | None = None  # the phase's deadline counts from here after a Resume
+
+    @property
+    def awaiting_approval(self) -> bool:
+        return self.awaiting_approval_since is not None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "history", tuple(self.history))
@@ -305,6 +342,12 @@ class RolloutState:
             reason=None if reason is None else str(reason),
             version=int(data["version"]),
             history=tuple(Decision.from_dict(d) for d in data.get("history", ())),
+            paused=bool(data.get("paused", False)),
+            awaiting_approval_since=(
+                None if data.get("awaiting_approval_since") is None else float(data["awaiting_approval_since"])
+            ),
+            gate_timed_out=bool(data.get("gate_timed_out", False)),
+            resumed_at=None if data.get("resumed_at") is None else float(data["resumed_at"]),
         )
 
 
@@ -355,8 +398,47 @@ class SlotDown:
     detail: str = ""
 
 
-Event: TypeAlias = Start | Analysis | Tick | ManualPromote | ManualAbort | SlotDown
-_EVENT_TYPES: dict[str, type] = {t.__name__: t for t in (Start, Analysis, Tick, ManualPromote, ManualAbort, SlotDown)}
+@dataclass(frozen=True)
+class Pause:
+    """Hold the rollout where it is: analyses go on and a failing guardrail still rolls back."""
+
+    at: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Resume:
+    at: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Approve:
+    """Open the gate of a phase that passed and waits for approval (a person, or a gating hook's 2xx)."""
+
+    at: float
+    reason: str = ""
+
+
+Event: TypeAlias = Start | Analysis | Tick | ManualPromote | ManualAbort | SlotDown | Pause | Resume | Approve
+_EVENT_TYPES: dict[str, type] = {
+    t.__name__: t for t in (Start, Analysis, Tick, ManualPromote, ManualAbort, SlotDown, Pause, Resume, Approve)
+}
+DECISION_EVENTS: tuple[str, ...] = (
+    "rollout-started",
+    "phase-advanced",
+    "failure-counted",
+    "streak-reset",
+    "slot-down",
+    "awaiting-approval",
+    "approval-timeout",
+    "paused",
+    "resumed",
+    "promoted",
+    "rolled-back",
+    "aborted",
+    "succeeded",
+)
 
 
 def event_to_dict(event: Event) -> dict[str, Any]:
@@ -513,6 +595,12 @@ def step(plan: RolloutPlan, state: RolloutState, event: Event) -> tuple[RolloutS
             return _on_manual_abort(plan, state, event)
         case SlotDown():
             return _on_slot_down(plan, state, event)
+        case Pause():
+            return _on_pause(plan, state, event)
+        case Resume():
+            return _on_resume(plan, state, event)
+        case Approve():
+            return _on_approve(plan, state, event)
     raise TypeError(f"not a rollout event: {event!r}")
 
 
@@ -532,6 +620,15 @@ def _ignore(state: RolloutState) -> _Result:
     return state, []
 
 
+# Entering a phase (or promoting) closes whatever gate or pause the previous phase had.
+_GATE_CLEARED: dict[str, Any] = {
+    "paused": False,
+    "awaiting_approval_since": None,
+    "gate_timed_out": False,
+    "resumed_at": None,
+}
+
+
 def _transition(
     state: RolloutState,
     *,
@@ -540,6 +637,7 @@ def _transition(
     reason: str,
     metrics: dict[str, Any],
     effects: list[Action],
+    event: str,
     notify: str | None = None,
     **changes: Any,
 ) -> _Result:
@@ -551,6 +649,7 @@ def _transition(
         action_summary="; ".join(_summarize(a) for a in effects) or "none",
         reason=reason,
         metrics=copy.deepcopy(metrics),
+        event=event,
     )
     new_state = replace(
         state,
@@ -598,10 +697,12 @@ def _enter_phase(plan: RolloutPlan, state: RolloutState, index: int, at: float, 
         reason=reason,
         metrics={**metrics, "next_phase": phase.name, "next_weight": phase.weight},
         effects=effects,
+        event="rollout-started" if state.status == "pending" else "phase-advanced",
         notify=f"{_label(plan)}: entered phase {index} {phase.name!r} ({what})",
         phase_index=index,
         phase_started_at=float(at),
         consecutive_failures=0,
+        **_GATE_CLEARED,
     )
 
 
@@ -623,10 +724,12 @@ def _promote(plan: RolloutPlan, state: RolloutState, at: float, reason: str, met
         effects=effects,
         notify=f"{_label(plan)}: PROMOTED v{plan.challenger_version} ({reason}); watching for "
         f"{plan.post_promotion_watch_s:g}s",
+        event="promoted",
         phase_index=plan.watch_index,
         phase_started_at=float(at),
         consecutive_failures=0,
         decided=True,
+        **_GATE_CLEARED,
     )
 
 
@@ -657,9 +760,10 @@ def _roll_back(
         reason=reason,
         metrics=metrics,
         effects=effects,
+        event="aborted" if to_status == "aborted" else "rolled-back",
         notify=f"{_label(plan)}: {what} ({reason})",
         decided=True,
-        **changes,
+        **{**_GATE_CLEARED, **changes},
     )
 
 
@@ -670,7 +774,14 @@ def _count_failure(plan: RolloutPlan, state: RolloutState, at: float, reason: st
     if count >= plan.failure_limit:
         return _roll_back(plan, state, at, "rolled_back", reason, metrics, consecutive_failures=count)
     return _transition(
-        state, at=at, to_status=state.status, reason=reason, metrics=metrics, effects=[], consecutive_failures=count
+        state,
+        at=at,
+        to_status=state.status,
+        reason=reason,
+        metrics=metrics,
+        effects=[],
+        event="failure-counted",
+        consecutive_failures=count,
     )
 
 
@@ -683,6 +794,7 @@ def _succeed(plan: RolloutPlan, state: RolloutState, at: float) -> _Result:
         reason=f"post-promotion watch of {plan.post_promotion_watch_s:g}s passed without regression",
         metrics={"watch_elapsed_s": elapsed, "post_promotion_watch_s": plan.post_promotion_watch_s},
         effects=[],
+        event="succeeded",
         notify=f"{_label(plan)}: succeeded; v{plan.challenger_version} is champion",
     )
 
@@ -704,6 +816,8 @@ def _on_analysis(plan: RolloutPlan, state: RolloutState, result: AnalysisResult)
         return _ignore(state)  # stale: for another phase, or from before this one began
     if _watch_over(plan, state, result.at):
         return _succeed(plan, state, result.at)
+    if _approval_timed_out(plan, state, result.at):
+        return _approval_timeout(plan, state, result.at)
     watching = state.status == "promoted_watching"
     elapsed = result.at - state.phase_started_at
     metrics: dict[str, Any] = {
@@ -722,7 +836,7 @@ def _on_analysis(plan: RolloutPlan, state: RolloutState, result: AnalysisResult)
         if _past_deadline(plan, state, result.at):
             return _deadline_roll_back(plan, state, result.at, f"inconclusive: {', '.join(pending)}", metrics)
         return _ignore(state)  # inconclusive: neither advances nor fails
-    if not watching:
+    if not watching and not state.paused and not state.awaiting_approval:
         phase = plan.phases[state.phase_index]
         if elapsed >= phase.min_duration_s and result.samples >= phase.min_samples:
             metrics |= {
@@ -731,10 +845,22 @@ def _on_analysis(plan: RolloutPlan, state: RolloutState, result: AnalysisResult)
                 "consecutive_failures": state.consecutive_failures,
             }
             reason = f"phase {phase.name} passed: all guardrails pass ({result.samples} samples, {elapsed:g}s)"
-            nxt = state.phase_index + 1
-            if nxt < len(plan.phases):
-                return _enter_phase(plan, state, nxt, result.at, reason, metrics)
-            return _promote(plan, state, result.at, reason, metrics)
+            if phase.require_approval:
+                timeout = phase.approval_timeout_s
+                return _transition(
+                    state,
+                    at=result.at,
+                    to_status=state.status,
+                    reason=f"{reason}; awaiting approval"
+                    + (f" (timeout {timeout:g}s, then {phase.on_approval_timeout})" if timeout is not None else ""),
+                    metrics={**metrics, "approval_timeout_s": timeout, "consecutive_failures": 0},
+                    effects=[],
+                    event="awaiting-approval",
+                    notify=f"{_label(plan)}: phase {phase.name!r} passed and awaits approval",
+                    awaiting_approval_since=float(result.at),
+                    consecutive_failures=0,
+                )
+            return _advance(plan, state, result.at, reason, metrics)
         if _past_deadline(plan, state, result.at):
             gates = f"{result.samples}/{phase.min_samples} samples"
             return _deadline_roll_back(plan, state, result.at, f"all pass but only {gates}", metrics)
@@ -746,24 +872,136 @@ def _on_analysis(plan: RolloutPlan, state: RolloutState, result: AnalysisResult)
             reason=f"all guardrails pass; failure streak of {state.consecutive_failures} reset",
             metrics={**metrics, "consecutive_failures": 0},
             effects=[],
+            event="streak-reset",
             consecutive_failures=0,
         )
     return _ignore(state)
 
 
 def _on_tick(plan: RolloutPlan, state: RolloutState, event: Tick) -> _Result:
+    if state.status == "pending":
+        timeout = plan.pre_rollout_timeout_s
+        if (
+            timeout is not None
+            and plan.on_pre_rollout_timeout == "rollback"
+            and event.at - state.phase_started_at >= timeout
+        ):
+            reason = f"pre-rollout gate not passed within {timeout:g}s"
+            return _roll_back(plan, state, event.at, "rolled_back", reason, {"pre_rollout_timeout_s": timeout})
+        return _ignore(state)
     if _watch_over(plan, state, event.at):
         return _succeed(plan, state, event.at)
+    if _approval_timed_out(plan, state, event.at):
+        return _approval_timeout(plan, state, event.at)
     if _past_deadline(plan, state, event.at):
         return _deadline_roll_back(plan, state, event.at, "no analysis", {})
     return _ignore(state)
 
 
 def _past_deadline(plan: RolloutPlan, state: RolloutState, at: float) -> bool:
-    if state.status not in PHASE_STATUSES:
+    """A phase's progress deadline; it does not run while the rollout is paused or waits for approval (the
+    person holding it decides), and counts again from the Resume."""
+    if state.status not in PHASE_STATUSES or state.paused or state.awaiting_approval:
         return False
     deadline = plan.phases[state.phase_index].max_duration_s
-    return deadline is not None and at - state.phase_started_at >= deadline
+    began = max(state.phase_started_at, state.resumed_at if state.resumed_at is not None else -math.inf)
+    return deadline is not None and at - began >= deadline
+
+
+def _advance(plan: RolloutPlan, state: RolloutState, at: float, reason: str, metrics: dict) -> _Result:
+    nxt = state.phase_index + 1
+    if nxt < len(plan.phases):
+        return _enter_phase(plan, state, nxt, at, reason, metrics)
+    return _promote(plan, state, at, reason, metrics)
+
+
+def _approval_timed_out(plan: RolloutPlan, state: RolloutState, at: float) -> bool:
+    if state.status not in PHASE_STATUSES or state.awaiting_approval_since is None or state.gate_timed_out:
+        return False
+    timeout = plan.phases[state.phase_index].approval_timeout_s
+    return timeout is not None and at - state.awaiting_approval_since >= timeout
+
+
+def _approval_timeout(plan: RolloutPlan, state: RolloutState, at: float) -> _Result:
+    phase = plan.phases[state.phase_index]
+    waited = at - (state.awaiting_approval_since or at)
+    reason = f"phase {phase.name} not approved within {phase.approval_timeout_s:g}s (waited {waited:.0f}s)"
+    metrics = {"approval_timeout_s": phase.approval_timeout_s, "waited_s": waited, "outcome": phase.on_approval_timeout}
+    if phase.on_approval_timeout == "rollback":
+        return _roll_back(plan, state, at, "rolled_back", reason, metrics)
+    return _transition(
+        state,
+        at=at,
+        to_status=state.status,
+        reason=f"{reason}; holding until approved or aborted",
+        metrics=metrics,
+        effects=[],
+        event="approval-timeout",
+        notify=f"{_label(plan)}: {reason}; holding",
+        gate_timed_out=True,
+    )
+
+
+def _on_pause(plan: RolloutPlan, state: RolloutState, event: Pause) -> _Result:
+    if state.status not in PHASE_STATUSES or state.paused:
+        return _ignore(state)
+    reason = f"paused: {event.reason or 'no reason given'}"
+    return _transition(
+        state,
+        at=event.at,
+        to_status=state.status,
+        reason=reason,
+        metrics={"manual": True, "phase": plan.phases[state.phase_index].name},
+        effects=[],
+        event="paused",
+        notify=f"{_label(plan)}: {reason}",
+        paused=True,
+    )
+
+
+def _on_resume(plan: RolloutPlan, state: RolloutState, event: Resume) -> _Result:
+    if state.status not in PHASE_STATUSES or not state.paused:
+        return _ignore(state)
+    reason = f"resumed: {event.reason or 'no reason given'}"
+    return _transition(
+        state,
+        at=event.at,
+        to_status=state.status,
+        reason=reason,
+        metrics={"manual": True, "phase": plan.phases[state.phase_index].name},
+        effects=[],
+        event="resumed",
+        notify=f"{_label(plan)}: {reason}",
+        paused=False,
+        resumed_at=float(event.at),
+    )
+
+
+def _on_approve(plan: RolloutPlan, state: RolloutState, event: Approve) -> _Result:
+    if state.status not in PHASE_STATUSES or not state.awaiting_approval or state.paused:
+        return _ignore(state)
+    phase = plan.phases[state.phase_index]
+    waited = event.at - (state.awaiting_approval_since or event.at)
+    reason = f"phase {phase.name} approved: {event.reason or 'no reason given'}"
+    metrics = {"approved": True, "waited_s": waited, "phase": phase.name}
+    return _advance(plan, state, event.at, reason, metrics)
+
+
+def waiting_for(plan: RolloutPlan, state: RolloutState) -> str:
+    """What the rollout is doing, in words (for a refused command: "not waiting for approval: ...")."""
+    if state.terminal:
+        return f"it has finished ({state.status})"
+    if state.status == "pending":
+        return "it has not started (pending its pre-rollout gate)"
+    if state.status == "promoted_watching":
+        return "it is promoted and being watched"
+    phase = plan.phases[state.phase_index]
+    what = f"it is in phase {phase.name!r} ({state.status})"
+    if state.paused:
+        return what + ", paused"
+    if state.awaiting_approval:
+        return what + ", awaiting approval"
+    return what + ", gathering evidence"
 
 
 def _deadline_roll_back(plan: RolloutPlan, state: RolloutState, at: float, why: str, metrics: dict) -> _Result:
@@ -813,6 +1051,7 @@ def _on_slot_down(plan: RolloutPlan, state: RolloutState, event: SlotDown) -> _R
         reason=reason,
         metrics={**metrics, "consecutive_failures": state.consecutive_failures},
         effects=[],
+        event="slot-down",
         notify=f"{_label(plan)}: {reason}",
     )
 
@@ -827,6 +1066,10 @@ def describe(state: RolloutState, plan: RolloutPlan | None = None) -> str:
             where += f"/{len(plan.phases)} {phase.name!r}"
             where += " (shadow)" if phase.kind == "shadow" else f" ({phase.weight:.0%} to challenger)"
         where += f" since t={state.phase_started_at:g}"
+        if state.paused:
+            where += " PAUSED"
+        if state.awaiting_approval:
+            where += f" AWAITING APPROVAL since t={state.awaiting_approval_since:g}"
     elif state.status == "promoted_watching":
         where += f" since t={state.phase_started_at:g}"
         if plan is not None:

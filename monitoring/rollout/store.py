@@ -13,6 +13,12 @@ Four tables, all prefixed ``rollout_``:
 * ``rollout_decisions``: the decision log, one row per ``RecordDecision``, written by ``save`` in the same
   transaction as the state, so a transition and its record cannot be separated.
 * ``rollout_leases``: named leases (holder + expiry) so that only one controller acts at a time.
+* ``rollout_analyses``: every analysis the controller took (pass, fail or inconclusive) with each guardrail's
+  values, like an Argo AnalysisRun's measurements. An analysis that causes a transition is written by ``save``
+  in the same transaction as the state and its decision; one that changes nothing by ``record_analysis``.
+* ``rollout_deliveries`` and ``rollout_delivery_attempts``: the hook outbox. A notification is queued here
+  (once per decision and hook, by its key) before the driver marks the decision's action done, and a
+  background sender delivers it with retries, recording every attempt; gating hooks' calls are recorded too.
 
 Optimistic concurrency: ``save`` updates the rollout only where the stored version is the one the caller read
 (``UPDATE ... WHERE version = :expected``) and raises :class:`StaleState` otherwise, so two controllers can never
@@ -54,12 +60,14 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from core.db import WRITE_OPTION, make_engine
 from monitoring.rollout.state_machine import (
     Action,
+    AnalysisResult,
     RecordDecision,
     RolloutPlan,
     RolloutState,
     action_from_dict,
     action_to_dict,
 )
+from monitoring.rollout.verdicts import combine_verdicts
 
 __all__ = [
     "ActiveRolloutExists",
@@ -117,6 +125,49 @@ decisions_table = Table(
     Column("action_summary", Text, nullable=False),
     Column("reason", Text, nullable=False),
     Column("metrics", Text, nullable=False),
+)
+
+analyses_table = Table(
+    "rollout_analyses",
+    metadata,
+    Column("rollout_id", String(MAX_ID_CHARS), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("at", Double, nullable=False),
+    Column("phase_index", Integer, nullable=False),
+    Column("samples", Integer, nullable=False),
+    Column("verdict", String(32), nullable=False),  # the combined verdict: pass, fail or inconclusive
+    Column("verdicts", Text, nullable=False),
+    Column("values", Text, nullable=False),
+    Column("state_version", Integer, nullable=False),  # the rollout's version once this analysis was applied
+    Column("transition", Boolean, nullable=False),  # whether it caused a transition (saved with it)
+)
+
+deliveries_table = Table(
+    "rollout_deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key", String(MAX_ID_CHARS * 2), nullable=False, unique=True),
+    Column("rollout_id", String(MAX_ID_CHARS), nullable=False),
+    Column("hook", String(MAX_ID_CHARS), nullable=False),
+    Column("event", String(64), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("status", String(16), nullable=False),  # pending, delivered, failed (gates: go, wait)
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", Double, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Index("ix_rollout_deliveries_due", "status", "next_attempt_at"),
+)
+
+attempts_table = Table(
+    "rollout_delivery_attempts",
+    metadata,
+    Column("delivery_id", Integer, primary_key=True, autoincrement=False),
+    Column("attempt", Integer, primary_key=True, autoincrement=False),
+    Column("at", Double, nullable=False),
+    Column("status_code", Integer, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("duration_s", Double, nullable=False),
 )
 
 leases_table = Table(
@@ -321,11 +372,16 @@ class RolloutStore:
         return rows
 
     def save(
-        self, rollout_id: str, new_state: RolloutState, pending_actions: list[Action], expected_version: int
+        self,
+        rollout_id: str,
+        new_state: RolloutState,
+        pending_actions: list[Action],
+        expected_version: int,
+        analysis: AnalysisResult | None = None,
     ) -> None:
         """Write a transition: the new state, its actions (replacing any not completed: the new transition
-        supersedes them) and its decisions, atomically, and only if the stored version is ``expected_version``
-        (else StaleState, and nothing changes)."""
+        supersedes them), its decisions and the analysis that caused it (if any), atomically, and only if the
+        stored version is ``expected_version`` (else StaleState, and nothing changes)."""
         if new_state.rollout_id != rollout_id:
             raise ValueError(f"state is for rollout {new_state.rollout_id!r}, not {rollout_id!r}")
         if not isinstance(expected_version, int) or isinstance(expected_version, bool):
@@ -383,6 +439,8 @@ class RolloutStore:
                             for i, d in enumerate(decisions)
                         ],
                     )
+                if analysis is not None:
+                    self._insert_analysis(conn, rollout_id, analysis, new_state.version, transition=True)
         except IntegrityError:
             # Reactivating a terminal rollout while another one of its model is active (the state machine never
             # does this, but a hand-written state might).
@@ -435,6 +493,158 @@ class RolloutStore:
             rows = [dict(row._mapping) for row in conn.execute(query)]
         for row in rows:
             row["metrics"] = json.loads(row["metrics"])
+        return rows
+
+    # -- analyses -----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _insert_analysis(
+        conn: Connection, rollout_id: str, result: AnalysisResult, state_version: int, *, transition: bool
+    ) -> int:
+        c = analyses_table.c
+        last = conn.execute(select(func.max(c.seq)).where(c.rollout_id == rollout_id)).scalar_one_or_none()
+        seq = 0 if last is None else last + 1
+        conn.execute(
+            insert(analyses_table).values(
+                rollout_id=rollout_id,
+                seq=seq,
+                at=result.at,
+                phase_index=result.phase_index,
+                samples=result.samples,
+                verdict=combine_verdicts(result.verdicts.values()),
+                verdicts=_dumps(result.verdicts),
+                values=_dumps(result.values),
+                state_version=state_version,
+                transition=transition,
+            )
+        )
+        return seq
+
+    def record_analysis(self, rollout_id: str, result: AnalysisResult, state_version: int) -> int:
+        """Record an analysis that caused no transition (inconclusive, or passing without the gates met). Its
+        sequence number is returned."""
+        with self._write() as conn:
+            if not self._exists(conn, rollout_id):
+                raise UnknownRollout(rollout_id)
+            return self._insert_analysis(conn, rollout_id, result, state_version, transition=False)
+
+    def analyses(self, rollout_id: str, after_seq: int = -1, limit: int | None = None) -> list[dict[str, Any]]:
+        """The rollout's analyses with ``seq > after_seq``, oldest first (``limit``: the newest that many)."""
+        c = analyses_table.c
+        query = select(analyses_table).where(c.rollout_id == rollout_id, c.seq > after_seq)
+        newest = limit is not None
+        query = query.order_by(c.seq.desc()).limit(max(0, limit or 0)) if newest else query.order_by(c.seq)
+        with self._read() as conn:
+            rows = [dict(row._mapping) for row in conn.execute(query)]
+        if newest:
+            rows.reverse()
+        for row in rows:
+            row["verdicts"] = json.loads(row["verdicts"])
+            row["values"] = json.loads(row["values"])
+            row["transition"] = bool(row["transition"])
+        return rows
+
+    def latest_analysis(self, rollout_id: str) -> AnalysisResult | None:
+        rows = self.analyses(rollout_id, limit=1)
+        if not rows:
+            return None
+        row = rows[0]
+        return AnalysisResult(
+            at=row["at"],
+            phase_index=row["phase_index"],
+            samples=row["samples"],
+            verdicts=row["verdicts"],
+            values=row["values"],
+        )
+
+    # -- hook deliveries ------------------------------------------------------------------------------------
+
+    def enqueue_delivery(
+        self, key: str, rollout_id: str, hook: str, event: str, url: str, body: str, now: float, status: str = "pending"
+    ) -> int | None:
+        """Queue one delivery (idempotent by ``key``: a re-run of the same decision queues nothing new). Returns
+        its id, or None when the key was already queued."""
+        c = deliveries_table.c
+        try:
+            with self._write() as conn:
+                if conn.execute(select(c.id).where(c.key == key)).first() is not None:
+                    return None
+                result = conn.execute(
+                    insert(deliveries_table).values(
+                        key=key,
+                        rollout_id=rollout_id,
+                        hook=hook,
+                        event=event,
+                        url=url,
+                        body=body,
+                        status=status,
+                        attempts=0,
+                        next_attempt_at=now,
+                        created_at=now,
+                    )
+                )
+                return int(result.inserted_primary_key[0])
+        except IntegrityError:
+            return None
+
+    def due_deliveries(self, now: float, limit: int = 20) -> list[dict[str, Any]]:
+        """Pending deliveries whose next attempt is due, oldest first."""
+        c = deliveries_table.c
+        query = (
+            select(deliveries_table)
+            .where(c.status == "pending", c.next_attempt_at <= now)
+            .order_by(c.next_attempt_at, c.id)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def record_attempt(
+        self,
+        delivery_id: int,
+        at: float,
+        status_code: int | None,
+        error: str | None,
+        duration_s: float,
+        new_status: str,
+        next_attempt_at: float | None = None,
+    ) -> int:
+        """Record one attempt of a delivery and its outcome; returns the attempt's number (1-based)."""
+        c = deliveries_table.c
+        with self._write() as conn:
+            attempts = conn.execute(select(c.attempts).where(c.id == delivery_id)).scalar_one() + 1
+            conn.execute(
+                insert(attempts_table).values(
+                    delivery_id=delivery_id,
+                    attempt=attempts,
+                    at=at,
+                    status_code=status_code,
+                    error=error,
+                    duration_s=duration_s,
+                )
+            )
+            values: dict[str, Any] = {"attempts": attempts, "status": new_status}
+            if next_attempt_at is not None:
+                values["next_attempt_at"] = next_attempt_at
+            conn.execute(update(deliveries_table).where(c.id == delivery_id).values(**values))
+            return attempts
+
+    def deliveries(self, rollout_id: str) -> list[dict[str, Any]]:
+        """Every delivery of the rollout's hooks with its attempts, oldest first."""
+        c, a = deliveries_table.c, attempts_table.c
+        with self._read() as conn:
+            rows = [
+                dict(row._mapping)
+                for row in conn.execute(select(deliveries_table).where(c.rollout_id == rollout_id).order_by(c.id))
+            ]
+            ids = [row["id"] for row in rows]
+            attempts: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
+            if ids:
+                query = select(attempts_table).where(a.delivery_id.in_(ids)).order_by(a.delivery_id, a.attempt)
+                for row in conn.execute(query):
+                    attempts[row.delivery_id].append(dict(row._mapping))
+        for row in rows:
+            row["attempt_log"] = attempts[row["id"]]
         return rows
 
     # -- leases -------------------------------------------------------------------------------------------------
