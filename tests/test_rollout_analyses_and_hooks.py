@@ -267,3 +267,22 @@ def test_a_gate_answering_503_stays_closed_and_each_call_is_recorded(store) -> N
     calls = store.deliveries("r1")
     assert len(calls) >= 2 and {c["status"] for c in calls} == {"wait"}
     assert all(c["attempt_log"][0]["status_code"] == 503 for c in calls)
+
+
+def test_the_readme_spec_with_hooks_and_a_gate_loads_and_gates_the_phase_before_100_percent() -> None:
+    import re
+
+    import yaml
+
+    from monitoring.rollout.driver import plan_for
+    from monitoring.rollout.spec import default_spec
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"### Operating a rollout.*?```yaml\n(.*?)```", readme, re.S)
+    assert block is not None, "the README's hooks example"
+    data = default_spec().model_dump(exclude_none=True) | yaml.safe_load(block.group(1))
+    spec = load_spec(data)
+    plan = plan_for(spec, "m", "2", "1", "a", None, "r")
+    gated = [p.name for p in plan.phases if p.require_approval]
+    assert gated == ["canary-50"] and plan.pre_rollout_timeout_s == 900
+    assert plan.phases[1].on_approval_timeout == "rollback"  # the confirm-promotion hook's outcome applies
