@@ -37,6 +37,7 @@ SECRET_ENV = {
     "minio-root-user": "AWS_ACCESS_KEY_ID",
     "minio-root-password": "AWS_SECRET_ACCESS_KEY",
     "control-plane-token": "MLOPS_CONTROL_PLANE_TOKEN",
+    "labels-token": "MLOPS_LABELS_TOKEN",
 }
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELED", "SKIPPED")
 DEFAULT_TIMEOUT_S = 3 * 3600.0

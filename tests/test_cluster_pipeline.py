@@ -70,6 +70,7 @@ SECRET_ENV = {
     "AWS_ACCESS_KEY_ID": "minio-root-user",
     "AWS_SECRET_ACCESS_KEY": "minio-root-password",
     "MLOPS_CONTROL_PLANE_TOKEN": "control-plane-token",
+    "MLOPS_LABELS_TOKEN": "labels-token",
 }
 
 

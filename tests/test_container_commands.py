@@ -133,6 +133,7 @@ def started(helm: Helm, databases: Postgres) -> Iterator[dict[str, tuple[Managed
     docs = render(helm, "--set", "driftMonitor.enabled=true")
     secret_values = {
         "control-plane-token": secrets.token_urlsafe(24),
+        "labels-token": secrets.token_urlsafe(24),
         "postgres-password": "unused-trust-auth",
         "minio-root-user": "mlops-test",
         "minio-root-password": secrets.token_hex(20),

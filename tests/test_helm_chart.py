@@ -54,6 +54,7 @@ KNOWN_METRICS = {
 }
 GENERATED_SECRET_KEYS = {
     "control-plane-token",
+    "labels-token",
     "postgres-password",
     "minio-root-user",
     "minio-root-password",
@@ -670,6 +671,7 @@ def test_platform_services_run_the_project_image(default_docs: list[dict[str, An
     assert env["MLOPS_MODEL_NAME"] == "card-fraud"
     assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert env["MLOPS_CONTROL_PLANE_TOKEN"]["secretKeyRef"]["key"] == "control-plane-token"
+    assert env["MLOPS_LABELS_TOKEN"]["secretKeyRef"]["key"] == "labels-token"  # the gateway checks labels with it
     assert env["AWS_ACCESS_KEY_ID"]["secretKeyRef"]["key"] == "minio-root-user"
     assert env["AWS_SECRET_ACCESS_KEY"]["secretKeyRef"]["key"] == "minio-root-password"
     service = find(default_docs, "Service", deployment)

@@ -289,16 +289,22 @@ port_forward() {
 	die "port-forward to $namespace/$target did not come up: $(cat "$logfile")"
 }
 
-# The control-plane token from the chart's generated secret.
-control_plane_token() {
+# One key of the chart's generated secret (control-plane-token, labels-token).
+secret_value() {
+	local key="$1"
 	if dry_run; then
-		printf '+ %s\n' "$(render_command "$KUBECTL" --context "$KUBE_CONTEXT" -n "$PLATFORM_NAMESPACE" get secret "$SECRET_NAME" -o 'jsonpath={.data.control-plane-token}')" >&2
-		echo "<token from secret $SECRET_NAME>"
+		printf '+ %s\n' "$(render_command "$KUBECTL" --context "$KUBE_CONTEXT" -n "$PLATFORM_NAMESPACE" get secret "$SECRET_NAME" -o "jsonpath={.data.${key}}")" >&2
+		echo "<${key} from secret $SECRET_NAME>"
 		return 0
 	fi
 	"$KUBECTL" --context "$KUBE_CONTEXT" -n "$PLATFORM_NAMESPACE" get secret "$SECRET_NAME" \
-		-o 'jsonpath={.data.control-plane-token}' | base64 --decode ||
-		die "cannot read the control-plane token from secret $PLATFORM_NAMESPACE/$SECRET_NAME"
+		-o "jsonpath={.data.${key}}" | base64 --decode ||
+		die "cannot read ${key} from secret $PLATFORM_NAMESPACE/$SECRET_NAME"
+}
+
+# The control-plane token from the chart's generated secret.
+control_plane_token() {
+	secret_value control-plane-token
 }
 
 # The environment the host-side CLI uses against the kind platform.

@@ -33,4 +33,7 @@ export_cluster_env
 export MLOPS_SLOT_A_URL="http://127.0.0.1:${SLOT_A_PORT}" MLOPS_SLOT_B_URL="http://127.0.0.1:${SLOT_B_PORT}"
 MLOPS_CONTROL_PLANE_TOKEN="$(control_plane_token)"
 export MLOPS_CONTROL_PLANE_TOKEN
+# The scenario's traffic posts labels: the gateway accepts them with the labels token only.
+MLOPS_LABELS_TOKEN="$(secret_value labels-token)"
+export MLOPS_LABELS_TOKEN
 run "$cli" scenario "$name" --target kind "$@"

@@ -121,6 +121,7 @@ seccompProfile:
     fieldRef:
       fieldPath: metadata.namespace
 {{ include "mlops.secretEnv" (dict "root" . "env" "MLOPS_CONTROL_PLANE_TOKEN" "key" "control-plane-token") }}
+{{ include "mlops.secretEnv" (dict "root" . "env" "MLOPS_LABELS_TOKEN" "key" "labels-token") }}
 - name: MLFLOW_S3_ENDPOINT_URL
   value: http://minio:9000
 {{ include "mlops.secretEnv" (dict "root" . "env" "AWS_ACCESS_KEY_ID" "key" "minio-root-user") }}
