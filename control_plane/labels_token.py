@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from control_plane.tokens import _create_token, _read_token
+from control_plane.tokens import configured_or_file_token
 
 LABELS_TOKEN_FILE_NAME = "labels.token"
 
@@ -27,10 +27,7 @@ def labels_token_path(settings: _LabelsTokenSettings) -> Path:
 
 def resolve_labels_token(settings: _LabelsTokenSettings) -> str:
     """`MLOPS_LABELS_TOKEN` when set, else the token in `home/labels.token`, created on first use."""
-    if settings.labels_token:
-        return settings.labels_token
-    path = labels_token_path(settings)
-    return _read_token(path) or _create_token(path)
+    return configured_or_file_token(settings.labels_token, labels_token_path(settings))
 
 
 def labels_headers(settings: _LabelsTokenSettings) -> dict[str, str]:

@@ -50,11 +50,15 @@ def token_path(settings: _TokenSettings) -> Path:
 
 def resolve_token(settings: _TokenSettings) -> str:
     """`MLOPS_CONTROL_PLANE_TOKEN` when set, else the token in `home/control-plane.token`, created on first use."""
-    if settings.control_plane_token:
-        return settings.control_plane_token
-    path = token_path(settings)
-    existing = _read_token(path)
-    return existing or _create_token(path)
+    return configured_or_file_token(settings.control_plane_token, token_path(settings))
+
+
+def configured_or_file_token(configured: str, path: Path) -> str:
+    """The configured token when there is one, else the one in `path` (mode 0600), created on first use: every
+    local process that resolves it gets the same token."""
+    if configured:
+        return configured
+    return _read_token(path) or _create_token(path)
 
 
 def _read_token(path: Path) -> str | None:
