@@ -60,7 +60,8 @@ def labelled_frauds_needed(trials: int, seed: int = 0) -> dict[str, Any]:
         frame = _labelled_frauds(rng, n, champion_recall, champion_recall * (1 - drop))
         from monitoring.rollout.guardrails import observe
 
-        caught += online_recall(config, observe("canary", frame[0], frame[1], threshold=THRESHOLD)).verdict == "fail"
+        obs = observe("canary", frame[0], frame[1], threshold=THRESHOLD)
+        caught += online_recall(config, obs, 1 - confidence).verdict == "fail"
     return {
         "champion_recall": champion_recall,
         "challenger_recall": round(champion_recall * (1 - drop), 3),

@@ -70,14 +70,17 @@ def test_default_spec_has_shadow_then_four_canary_steps_and_every_guardrail_kind
     assert all(p.min_duration_s == 60 and p.min_samples == 300 for p in spec.canary_phases)
     assert (spec.analysis_interval_s, spec.failure_limit, spec.post_promotion_watch_s) == (5, 2, 120)
     assert sorted(g.kind for g in spec.guardrails) == sorted(GUARDRAIL_KINDS)
-    assert all(g.confidence == 0.95 for g in spec.guardrails)
+    assert spec.false_rollback_rate == 0.01
+    assert all(g.confidence is None for g in spec.guardrails)  # the level comes from the error budget
     assert [g.kind for g in spec.guardrails_for("shadow")] == [
         "error_rate",
         "score_shift",
+        "decline_rate",
         "shadow_agreement",
         "online_recall",
         "online_log_loss",
     ]
+    assert [g.kind for g in spec.guardrails_for("canary")] == ["error_rate", "latency_p99"]
 
 
 def test_fast_spec_keeps_the_guardrails_compressed_to_seconds() -> None:
@@ -90,7 +93,7 @@ def test_fast_spec_keeps_the_guardrails_compressed_to_seconds() -> None:
         assert set(guardrail.applies_to) <= set(default_phases)
         assert {"shadow", "canary"} & set(guardrail.applies_to)
         assert ("watch" in guardrail.applies_to) == ("watch" in default_phases)
-        assert guardrail.confidence >= 0.95
+    assert fast.false_rollback_rate == default.false_rollback_rate == 0.01
     assert all(4 <= p.min_duration_s <= 10 for p in fast.phases)
     assert max(p.min_samples for p in fast.phases) < min(p.min_samples for p in default.phases)
     assert fast.post_promotion_watch_s < default.post_promotion_watch_s
@@ -177,10 +180,17 @@ def test_unknown_or_missing_guardrail_kind_names_the_choices() -> None:
 def test_guardrail_field_errors_are_located_without_the_union_tag() -> None:
     data = spec_data()
     data["guardrails"][0]["max_increase"] = -0.1
-    data["guardrails"][1]["min_agreement"] = 1.2
+    data["guardrails"][1]["min_decline_overlap"] = 1.2
     assert problems_of(data) == [
         "guardrails[0].max_increase: must be in [0, 1), got -0.1",
-        "guardrails[1].min_agreement: must be in (0, 1), got 1.2",
+        "guardrails[1].min_decline_overlap: must be in (0, 1), got 1.2",
+    ]
+
+
+@pytest.mark.parametrize("budget", [0, -0.01, 0.5])
+def test_an_impossible_error_budget_is_refused_with_its_field(budget: float) -> None:
+    assert problems_of(spec_data(false_rollback_rate=budget)) == [
+        f"false_rollback_rate: must be in (0, 0.5), got {float(budget)}: an error budget <= 0 cannot be guaranteed"
     ]
 
 

@@ -1,32 +1,60 @@
-"""Guardrails: statistical checks of a challenger against the champion, from the prediction log and feedback.
+"""Guardrails: anytime-valid checks of a challenger against the champion, from the prediction log and feedback.
 
-Pure functions over DataFrames; no I/O. `evaluate_guardrails(spec, phase_kind, predictions, feedback)` returns
-one `GuardrailResult` per guardrail of the spec that applies to the phase kind.
+`evaluate_guardrails(spec, phase_kind, predictions, feedback)` returns one `GuardrailResult` per guardrail of the
+spec that applies to the phase kind. The statistics run on sufficient statistics (`Moments`: counts, sums, sums
+of squares and per-cluster aggregates), so the same code judges a live window and a simulated one
+(`benchmarks/guardrails.py` feeds it per-second statistics of whole simulated rollouts).
 
-Who is compared with whom (`observe`):
+How a guardrail decides
+-----------------------
+Each guardrail is a contrast D between the challenger and the champion (or a bound), written so that the
+challenger is acceptable when D <= 0, e.g. `recall: D = (1 - max_drop) recall_champion - recall_challenger`. At
+every look it computes a confidence sequence (CS) [lo, hi] for D, and
 
-- shadow: the champion's own rows vs the challenger's shadow answers on the same requests (the `shadow_*`
-  columns; `dropped`/`cancelled` shadow calls are the gateway's doing and are left out, `error` counts).
-- canary: rows routed to the challenger (`variant == "challenger"`, plus `status == "fallback"` rows: the
-  challenger failed and the champion answered, so they are challenger errors whose score is the champion's
-  and is not used) vs rows the champion answered as champion.
+- **fails** when the whole CS lies beyond the margin (lo > 0),
+- **passes** only when the whole CS lies within it (hi <= 0),
+- is **inconclusive** otherwise, and always below its `min_samples`.
+
+Construction (`confidence_sequence`): the two-sided asymptotic confidence sequence of Waudby-Smith, Arbour,
+Sinha, Kennedy & Ramdas, "Time-uniform central limit theory and asymptotic confidence sequences" (Ann. Statist.
+2024), i.e. Robbins' normal-mixture boundary (Howard, Ramdas, McAuliffe & Sekhon, Ann. Statist. 2021) applied
+to the estimate's Gaussian approximation, in intrinsic time I = 1 / Var(estimate):
+    |estimate - D| <= sqrt((I + r) log((I + r) / (r alpha^2))) / I       simultaneously for all looks,
+which for one mean of n observations with variance s^2 is WS et al.'s m +- sqrt(2 (n s^2 rho^2 + 1) / (n^2 rho^2)
+log(sqrt(n s^2 rho^2 + 1) / alpha)). For two independent arms the variances add (per-arm n); for paired data
+(shadow: both models score the same request) the CS is on the per-request differences, whose variance is far
+smaller. The mixture precision r is fixed per guardrail before any data (`_tuning`), tightest where a decision
+is needed; any fixed r keeps the guarantee.
+
+Assumptions, stated: (1) observations are independent given their cluster (an account, for sticky routing; a
+second of arrival, for batched shadow calls), with finite variance; the variance is the cluster-robust one from
+per-cluster aggregates, floored at one pseudo-observation so an all-zero sample has a width; (2) the guarantee
+is asymptotic (it holds as the first look's sample grows; `min_samples` is that first look); (3) labels are
+missing at random given the request (late, not selectively); (4) the two arms' sample sizes grow in a fixed
+ratio within a phase (the canary weight); (5) p99 latency compares the challenger's share of requests above the
+champion's running p99 with `max_ratio_exceedance` x the champion's own share there; the threshold is estimated
+from the champion, so the guarantee is for the contrast at the threshold the champion's data picks.
+
+Error budget
+------------
+The spec's `false_rollback_rate` (default 1 %) is split evenly, Bonferroni, over every (guardrail, phase) pair
+that can be judged, the post-promotion watch included (`alpha_per_look_set`); a guardrail with several
+contrasts (decline rate and score shift are two-sided, score shift has two edges) splits its share again.
+A CS holds at every look at once, so looking more often cannot raise the false-rollback rate, and failing needs
+`failure_limit` consecutive failed analyses on top. The budget covers failing guardrails only: a phase that
+cannot gather evidence before its `max_duration_s` rolls back by its deadline, a planning matter that the
+benchmark measures.
+
+Who is compared with whom (`observe`)
+-------------------------------------
+- shadow: pairs only, the champion's answer and the challenger's shadow answer on the same request
+  (`dropped`/`cancelled`/`other_version` shadow calls are the gateway's doing and are left out; `error` counts
+  as a challenger error). Error rate, decline rate, score shift, agreement, recall and log loss are paired.
+- canary: rows routed to the challenger (plus `status == "fallback"` rows: the challenger failed and the
+  champion answered, so they are challenger errors whose score is not used) vs rows the champion answered.
 - watch (after promotion): the champion's rows alone, against each guardrail's absolute bound.
-
-Each result is one of three verdicts. Below `min_samples` it is always `inconclusive`. `fail` needs a one-sided
-test to reject "the challenger is within the limit" at the stated confidence, so an identical challenger fails
-at most 1 - confidence of the time (less, since every limit leaves a margin). `pass` needs evidence the other way:
-
-- error rate and shadow agreement: the confidence bound lies within the limit (the limit is shown, not assumed);
-- latency, online recall and log loss: the estimate lies within the limit and the test did not reject. A tail
-  quantile or a few hundred labelled frauds cannot bound the difference tightly within a rollout, so here the
-  guarantee is the test's power at `min_samples`: choose it with `required_labelled_frauds` for recall;
-- score shift: the population stability index (an effect size) is within `max_psi`.
-
 In a canary phase where the champion has fewer than `min_samples` requests (the 100 % step), a guardrail with
-an absolute (watch) bound is held to that bound instead; otherwise it stays inconclusive.
-
-`limit` in a result is the guardrail's configured limit (its meaning per kind is in each function's docstring);
-`detail` says in words what was compared, the counts, the statistic and the decision.
+an absolute bound is held to it instead; a purely relative one is left out there.
 """
 
 from __future__ import annotations
@@ -41,6 +69,7 @@ import pandas as pd
 from scipy import stats
 
 from monitoring.rollout.spec import (
+    DeclineRateGuardrail,
     ErrorRateGuardrail,
     GuardrailConfig,
     LatencyP99Guardrail,
@@ -54,11 +83,148 @@ from monitoring.rollout.verdicts import Verdict, combine_verdicts
 
 PHASE_KINDS = ("shadow", "canary", "watch")
 LOG_LOSS_CLIP = 1e-6  # scores of exactly 0 or 1 cost at most -log(1e-6) = 13.8 nats
+CS_NAME = "asymptotic confidence sequence (Waudby-Smith et al. 2024; normal mixture, Howard et al. 2021)"
+FAIL, INCONCLUSIVE, PASS = -1, 0, 1
+PROPORTION_PSEUDO = 1.0
+# A change in the mass of a score region of under 0.2 % of the traffic is never a regression: without this
+# slack a region both models leave empty (D = 0 exactly) could never pass.
+MASS_SLACK = 0.002
+_CODE_VERDICT: dict[int, Verdict] = {FAIL: "fail", INCONCLUSIVE: "inconclusive", PASS: "pass"}
+
+
+# ---------------------------------------------------------------- sufficient statistics
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Sufficient statistics of a mean over rows grouped in clusters; fields are floats or numpy arrays
+    (one entry per simulated rollout and look: everything below is elementwise).
+
+    n = rows, s = sum x, ss = sum x^2; css = sum over clusters of (cluster sum)^2, csn = sum of cluster sum x
+    cluster size, cnn = sum of cluster size^2. With one row per cluster, css = ss, csn = s, cnn = n."""
+
+    n: Any
+    s: Any
+    ss: Any
+    css: Any
+    csn: Any
+    cnn: Any
+    pseudo: float = 0.0  # for a proportion: pseudo-events added to each side in the variance floor (below)
+
+    @classmethod
+    def of(cls, values: np.ndarray, clusters: np.ndarray | None = None, pseudo: float = 0.0) -> Moments:
+        x = np.asarray(values, dtype=float)
+        if clusters is None or len(x) == 0:
+            return cls(float(len(x)), float(x.sum()), float((x * x).sum()), float((x * x).sum()), float(x.sum()),
+                       float(len(x)), pseudo)  # fmt: skip
+        _, index = np.unique(np.asarray(clusters).astype(str), return_inverse=True)
+        sums, sizes = np.bincount(index, weights=x), np.bincount(index).astype(float)
+        return cls(float(len(x)), float(x.sum()), float((x * x).sum()), float((sums * sums).sum()),
+                   float((sums * sizes).sum()), float((sizes * sizes).sum()), pseudo)  # fmt: skip
+
+    @classmethod
+    def proportion(cls, events: np.ndarray, clusters: np.ndarray | None = None) -> Moments:
+        """Moments of a 0/1 indicator, with a variance floor of one pseudo-event a side."""
+        return cls.of(events, clusters, pseudo=PROPORTION_PSEUDO)
+
+    def __add__(self, other: Moments) -> Moments:
+        fields = ("n", "s", "ss", "css", "csn", "cnn")
+        return Moments(*(getattr(self, f) + getattr(other, f) for f in fields), pseudo=self.pseudo)
+
+    @property
+    def mean(self) -> Any:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(np.asarray(self.n) > 0, np.asarray(self.s) / np.maximum(self.n, 1), np.nan)
+
+    def variance_of_mean(self) -> Any:
+        """Cluster-robust (sandwich) variance of the ratio estimator s / n, floored at 1 / (n + 1)^2 (one
+        pseudo-observation of unit variance), so a sample without events still has a width; for a proportion
+        (`pseudo` > 0) floored at p~(1 - p~) / n with p~ = (s + pseudo) / (n + 2 pseudo), which keeps rare events
+        (a 1-2 % error or decline rate at a few hundred requests) from a too-narrow plug-in variance."""
+        n = np.maximum(np.asarray(self.n, dtype=float), 1.0)
+        m = np.nan_to_num(self.mean)
+        robust = (np.asarray(self.css) - 2 * m * np.asarray(self.csn) + m * m * np.asarray(self.cnn)) / (n * n)
+        floor = 1.0 / (n + 1.0) ** 2
+        if self.pseudo > 0:
+            p = np.clip((np.asarray(self.s) + self.pseudo) / (n + 2 * self.pseudo), 0.0, 1.0)
+            floor = np.maximum(floor, p * (1 - p) / n)
+        return np.maximum(robust, floor)
+
+
+def confidence_sequence(estimate: Any, variance: Any, alpha: float, scale: float) -> tuple[Any, Any]:
+    """Two-sided (1 - alpha) asymptotic confidence sequence around `estimate` with Var(estimate) = `variance`
+    (see the module docstring). `scale`: the contrast size at which the boundary is tuned to be tightest
+    (intrinsic time I* = c / scale^2, c = 2 log(1/alpha) + log(2 log(1/alpha) + 1), mixture precision r = I*/c,
+    WS et al.'s rho choice). Returns (lower, upper), elementwise."""
+    information = 1.0 / np.maximum(np.asarray(variance, dtype=float), 1e-300)
+    r = 1.0 / scale**2
+    half = np.sqrt((information + r) * np.log((information + r) / (r * alpha**2))) / information
+    estimate = np.asarray(estimate, dtype=float)
+    return estimate - half, estimate + half
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One contrast judged: estimate and CS of D (acceptable when D <= 0) and the verdict code."""
+
+    estimate: Any
+    lower: Any
+    upper: Any
+    code: Any
+
+
+def judge(estimate: Any, variance: Any, alpha: float, scale: float, enough: Any = True) -> Judgement:
+    """fail where the CS is entirely above 0, pass where entirely at or below, else inconclusive; inconclusive
+    wherever `enough` is false (below min_samples) or the estimate is undefined."""
+    lower, upper = confidence_sequence(estimate, variance, alpha, scale)
+    defined = np.isfinite(np.asarray(estimate, dtype=float)) & np.asarray(enough)
+    code = np.where(defined & (lower > 0), FAIL, np.where(defined & (upper <= 0), PASS, INCONCLUSIVE))
+    return Judgement(estimate, lower, upper, code)
+
+
+def combine_codes(*judgements: Judgement) -> Any:
+    """fail if any contrast fails, pass if all pass, else inconclusive (elementwise)."""
+    codes = np.stack([np.asarray(j.code) for j in judgements])
+    return np.where((codes == FAIL).any(axis=0), FAIL, np.where((codes == PASS).all(axis=0), PASS, INCONCLUSIVE))
+
+
+def alpha_per_look_set(spec: RolloutSpec) -> float:
+    """The error budget of one guardrail in one phase: `false_rollback_rate` / the number of (guardrail, phase)
+    pairs judged over the rollout (every phase, plus the watch when it lasts), Bonferroni."""
+    kinds = [phase.kind for phase in spec.phases] + (["watch"] if spec.post_promotion_watch_s > 0 else [])
+    pairs = sum(len(spec.guardrails_for(kind)) for kind in kinds)
+    return spec.false_rollback_rate / max(pairs, 1)
+
+
+# ---------------------------------------------------------------- contrasts on sufficient statistics
+
+
+def difference(cand: Moments, base: Moments | None, factor: float, offset: float) -> tuple[Any, Any]:
+    """D = mean_c - factor mean_b - offset (independent arms; base None: D = mean_c - offset), Var(D)."""
+    if base is None:
+        return cand.mean - offset, cand.variance_of_mean()
+    return cand.mean - factor * base.mean - offset, cand.variance_of_mean() + factor**2 * base.variance_of_mean()
+
+
+def paired(d: Moments, offset: float = 0.0) -> tuple[Any, Any]:
+    """D = mean of the per-request differences d - offset (paired), Var(D)."""
+    return d.mean - offset, d.variance_of_mean()
+
+
+def two_sided_ratio(
+    estimate_hi: tuple[Any, Any], estimate_lo: tuple[Any, Any], alpha: float, scale: float, enough: Any
+) -> tuple[Judgement, Judgement]:
+    """A ratio kept in [1 - m, 1 + m]: the contrasts c - (1 + m) b <= 0 and (1 - m) b - c <= 0, alpha/2 each."""
+    return judge(*estimate_hi, alpha / 2, scale, enough), judge(*estimate_lo, alpha / 2, scale, enough)
+
+
+# ---------------------------------------------------------------- what the log holds, per phase
 
 
 @dataclass(frozen=True)
 class GuardrailResult:
-    """The outcome of one guardrail on one analysis."""
+    """The outcome of one guardrail on one analysis. `lower`/`upper`: the CS of its contrast D (acceptable
+    when D <= 0); `confidence`: the CS's level, 1 - its share of the spec's false_rollback_rate."""
 
     name: str
     verdict: Verdict
@@ -71,6 +237,8 @@ class GuardrailResult:
     confidence: float
     p_value: float | None
     detail: str
+    lower: float | None = None
+    upper: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,32 +253,39 @@ class Arm:
     latency_ms: np.ndarray  # float
     score: np.ndarray  # float; NaN on an error (a fallback row's score is the champion's, so NaN too)
     label: np.ndarray  # float 0/1 from the feedback log; NaN while unlabelled
+    account: np.ndarray  # the sticky routing key: the cluster of a request
 
     @property
     def requests(self) -> int:
         return len(self.error)
 
-    def latencies(self) -> np.ndarray:
-        return self.latency_ms[np.isfinite(self.latency_ms)]
-
-    def scores(self) -> np.ndarray:
-        return self.score[np.isfinite(self.score)]
-
-    def labelled(self) -> tuple[np.ndarray, np.ndarray]:
-        """(score, label) of the requests that have both."""
+    def labelled(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(score, label, account) of the requests that have both a score and a label."""
         keep = np.isfinite(self.score) & np.isfinite(self.label)
-        return self.score[keep], self.label[keep]
+        return self.score[keep], self.label[keep], self.account[keep]
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Shadow: the requests scored (or failed) by both models. `scores` (n, 2) are (champion, challenger)
+    where both answered; `error` (m, 2) over every shadowed request; `second` clusters batched shadow calls."""
+
+    scores: np.ndarray
+    label: np.ndarray
+    account: np.ndarray
+    error: np.ndarray
+    second: np.ndarray
 
 
 @dataclass(frozen=True)
 class Observations:
     """What the guardrails of one phase kind look at: the candidate, the champion baseline (none in watch),
-    and in shadow the (champion score, shadow score) pairs of the same requests."""
+    and in shadow the pairs."""
 
     phase_kind: str
     candidate: Arm
     baseline: Arm | None
-    pairs: np.ndarray  # shape (n, 2); empty outside shadow
+    pairs: Pairs | None
     threshold: float
 
 
@@ -126,12 +301,18 @@ def _floats(series: pd.Series) -> np.ndarray:
 
 def _labels(predictions: pd.DataFrame, feedback: pd.DataFrame | None) -> pd.Series:
     """Label per prediction row (NaN where none): the latest feedback per request_id, 0/1 only."""
-    if feedback is None or feedback.empty or "label" not in feedback.columns:
+    if feedback is None or feedback.empty or "label" not in feedback.columns or "request_id" not in predictions:
         return pd.Series(np.nan, index=predictions.index)
     latest = feedback.sort_values("received_at", kind="stable") if "received_at" in feedback.columns else feedback
     latest = latest.drop_duplicates("request_id", keep="last").set_index("request_id")["label"]
     label = pd.to_numeric(predictions["request_id"].map(latest), errors="coerce")
     return label.where(label.isin([0, 1]))
+
+
+def _accounts(rows: pd.DataFrame) -> np.ndarray:
+    if "account_id" in rows.columns:
+        return rows["account_id"].astype(str).to_numpy()
+    return np.arange(len(rows)).astype(str)  # no key: every request its own cluster
 
 
 def _arm(name: str, rows: pd.DataFrame, label: pd.Series, prefix: str = "") -> Arm:
@@ -144,6 +325,7 @@ def _arm(name: str, rows: pd.DataFrame, label: pd.Series, prefix: str = "") -> A
         latency_ms=_floats(_column(rows, f"{prefix}latency_ms", "float64")),
         score=np.where(ok, score, np.nan),
         label=label.loc[rows.index].to_numpy(dtype=float, na_value=np.nan),
+        account=_accounts(rows),
     )
 
 
@@ -162,57 +344,415 @@ def observe(
     variant, status = _column(frame, "variant"), _column(frame, "status")
     challenger_rows = (variant == "challenger") | (status == "fallback")
     champion = _arm("champion", frame[(variant == "champion") & ~challenger_rows], label)
-    empty_pairs = np.empty((0, 2))
     if phase_kind == "watch":
-        return Observations(phase_kind, champion, None, empty_pairs, threshold)
+        return Observations(phase_kind, champion, None, None, threshold)
     if phase_kind == "canary":
-        return Observations(
-            phase_kind, _arm("challenger", frame[challenger_rows], label), champion, empty_pairs, threshold
-        )
-    shadow_status = _column(frame, "shadow_status")
-    shadowed = frame[(variant == "champion") & ~challenger_rows & shadow_status.isin(["ok", "error"])]
-    paired = shadowed[(_column(shadowed, "shadow_status") == "ok") & (_column(shadowed, "status") == "ok")]
-    pairs = np.column_stack([_floats(paired["score"]), _floats(_column(paired, "shadow_score", "float64"))])
-    pairs = pairs[np.isfinite(pairs).all(axis=1)]
-    return Observations(phase_kind, _arm("shadow", shadowed, label, prefix="shadow_"), champion, pairs, threshold)
-
-
-# ---------------------------------------------------------------- statistics (vectorisable cores)
-
-
-def two_proportion_margin_test(
-    x_candidate: Any, n_candidate: Any, x_baseline: Any, n_baseline: Any, margin: float, confidence: float
-) -> tuple[Any, Any, Any]:
-    """One-sided two-proportion z-test of H0: p_candidate - p_baseline <= margin against H1: > margin.
-
-    Agresti-Caffo adjusted (one success and one failure added to each arm) so the standard error is never zero
-    and small samples keep their nominal level. Returns (difference, p-value, upper confidence bound of the
-    difference at `confidence`). Works elementwise on numpy arrays.
-    """
-    p_c = (np.asarray(x_candidate) + 1) / (np.asarray(n_candidate) + 2)
-    p_b = (np.asarray(x_baseline) + 1) / (np.asarray(n_baseline) + 2)
-    diff = p_c - p_b
-    se = np.sqrt(p_c * (1 - p_c) / (np.asarray(n_candidate) + 2) + p_b * (1 - p_b) / (np.asarray(n_baseline) + 2))
-    p_value = stats.norm.sf((diff - margin) / se)
-    return diff, p_value, diff + stats.norm.ppf(confidence) * se
-
-
-def ratio_margin_test(
-    k_candidate: Any, n_candidate: Any, k_baseline: Any, n_baseline: Any, max_drop: float
-) -> tuple[Any, Any]:
-    """One-sided Wald z-test of H0: r_candidate >= (1 - max_drop) * r_baseline against H1: r_candidate is lower.
-
-    z = (r_c - m r_b) / sqrt(r_c (1 - r_c) / n_c + m^2 r_b (1 - r_b) / n_b) with m = 1 - max_drop, on
-    Agresti-Caffo adjusted proportions. Returns (z, p-value); elementwise on numpy arrays.
-    """
-    m = 1.0 - max_drop
-    r_c = (np.asarray(k_candidate) + 1) / (np.asarray(n_candidate) + 2)
-    r_b = (np.asarray(k_baseline) + 1) / (np.asarray(n_baseline) + 2)
-    se = np.sqrt(
-        r_c * (1 - r_c) / (np.asarray(n_candidate) + 2) + m**2 * r_b * (1 - r_b) / (np.asarray(n_baseline) + 2)
+        return Observations(phase_kind, _arm("challenger", frame[challenger_rows], label), champion, None, threshold)
+    shadowed = frame[(variant == "champion") & ~challenger_rows & _column(frame, "shadow_status").isin(["ok", "error"])]
+    shadow = _arm("shadow", shadowed, label, prefix="shadow_")
+    own = _arm("champion", shadowed, label)
+    both = np.isfinite(own.score) & np.isfinite(shadow.score)
+    ts = _floats(_column(shadowed, "ts", "float64"))
+    pairs = Pairs(
+        scores=np.column_stack([own.score[both], shadow.score[both]]),
+        label=own.label[both],
+        account=own.account[both],
+        error=np.column_stack([own.error, shadow.error]).astype(float),
+        second=np.nan_to_num(np.floor(ts), nan=-1.0).astype(str),
     )
-    z = (r_c - m * r_b) / se
-    return z, stats.norm.cdf(z)
+    return Observations(phase_kind, shadow, champion, pairs, threshold)
+
+
+# ---------------------------------------------------------------- guardrails
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(np.asarray(value))
+    return value if math.isfinite(value) else None
+
+
+def _result(
+    cfg: GuardrailConfig, alpha: float, code: int, judged: Judgement | None, test: str, **fields: Any
+) -> GuardrailResult:
+    verdict = _CODE_VERDICT[int(code)]
+    lower = upper = None
+    if judged is not None:
+        lower, upper = _num(judged.lower), _num(judged.upper)
+    return GuardrailResult(
+        name=cfg.name,
+        verdict=verdict,
+        value=_num(fields.get("value")),
+        baseline=_num(fields.get("baseline")),
+        limit=float(fields["limit"]),
+        samples=int(fields["samples"]),
+        min_samples=cfg.min_samples,
+        test=f"{test}; {CS_NAME}, level {1 - alpha:.6g}",
+        confidence=1 - alpha,
+        p_value=None,
+        detail=f"{fields['detail']}: {verdict}",
+        lower=lower,
+        upper=upper,
+    )
+
+
+def _cs(judged: Judgement) -> str:
+    return f"CS of D [{float(judged.lower):+.4g}, {float(judged.upper):+.4g}] (acceptable when D <= 0)"
+
+
+def _absolute(cfg: GuardrailConfig, obs: Observations, bound: float | None) -> bool:
+    """Whether to hold the candidate to the absolute bound: in watch, and in a canary phase whose champion has
+    fewer than min_samples requests (the 100 % step) when a bound is configured."""
+    if bound is None:
+        return False
+    return obs.baseline is None or (obs.phase_kind == "canary" and obs.baseline.requests < cfg.min_samples)
+
+
+def _short(counts: dict[str, int], minimum: int) -> str:
+    short = {arm: n for arm, n in counts.items() if n < minimum}
+    return ", ".join(f"{arm} has {n}" for arm, n in short.items())
+
+
+def _too_few(cfg: GuardrailConfig, alpha: float, test: str, counts: dict[str, int], **fields: Any) -> GuardrailResult:
+    detail = f"too few samples: {_short(counts, cfg.min_samples)} < {cfg.min_samples}"
+    return _result(cfg, alpha, INCONCLUSIVE, None, test, samples=min(counts.values()), detail=detail, **fields)
+
+
+def error_rate(cfg: ErrorRateGuardrail, obs: Observations, alpha: float) -> GuardrailResult:
+    """Error rate. Relative: D = p_challenger - p_champion - max_increase; paired per request in shadow
+    (clustered by second of arrival: one failed batch call fails up to a batch of requests at once; the log has
+    no batch id, so the variance, not the count, absorbs it), two independent arms clustered by account in a
+    canary. Absolute (watch, or a canary step with no champion): D = p - max_rate.
+    value/baseline: error rates; limit: max_increase (absolute: max_rate)."""
+    cand = obs.candidate
+    if _absolute(cfg, obs, cfg.max_rate) and cfg.max_rate is not None:
+        test = f"{cand.name} error rate <= {cfg.max_rate:g}"
+        m = Moments.proportion(cand.error.astype(float), cand.account)
+        fields = {"value": m.mean, "limit": cfg.max_rate}
+        if cand.requests < cfg.min_samples:
+            return _too_few(cfg, alpha, test, {cand.name: cand.requests}, **fields)
+        judged = judge(*difference(m, None, 0, cfg.max_rate), alpha, max(cfg.max_rate / 2, 1e-3))
+        detail = f"{cand.name} errors {int(m.s)}/{int(m.n)} = {float(m.mean):.4f}; {_cs(judged)}"
+        return _result(cfg, alpha, judged.code, judged, test, samples=cand.requests, detail=detail, **fields)
+    base = obs.baseline
+    test = f"p_{cand.name} - p_champion <= {cfg.max_increase:g}"
+    if base is None:
+        return _no_bound(cfg, alpha, cfg.max_increase, test)
+    scale = max(cfg.max_increase, 1e-3)
+    if obs.pairs is not None:
+        err = obs.pairs.error
+        n = len(err)
+        fields = {"value": err[:, 1].mean() if n else None, "baseline": err[:, 0].mean() if n else None}
+        fields["limit"] = cfg.max_increase
+        if n < cfg.min_samples:
+            return _too_few(cfg, alpha, test, {"shadowed requests": n}, **fields)
+        judged = judge(*paired(Moments.of(err[:, 1] - err[:, 0], obs.pairs.second), cfg.max_increase), alpha, scale)
+        detail = f"paired over {n} shadowed requests: errors {int(err[:, 1].sum())} vs champion {int(err[:, 0].sum())}"
+        return _result(cfg, alpha, judged.code, judged, test, samples=n, detail=f"{detail}; {_cs(judged)}", **fields)
+    mc, mb = (
+        Moments.proportion(cand.error.astype(float), cand.account),
+        Moments.proportion(base.error.astype(float), base.account),
+    )
+    fields = {"value": mc.mean, "baseline": mb.mean, "limit": cfg.max_increase}
+    if min(cand.requests, base.requests) < cfg.min_samples:
+        return _too_few(cfg, alpha, test, {cand.name: cand.requests, "champion": base.requests}, **fields)
+    judged = judge(*difference(mc, mb, 1.0, cfg.max_increase), alpha, scale)
+    detail = (
+        f"{cand.name} errors {int(mc.s)}/{int(mc.n)} = {float(mc.mean):.4f} vs champion {int(mb.s)}/{int(mb.n)} = "
+        f"{float(mb.mean):.4f}; {_cs(judged)}"
+    )
+    return _result(cfg, alpha, judged.code, judged, test, samples=min(cand.requests, base.requests), detail=detail,
+                   **fields)  # fmt: skip
+
+
+def _no_bound(cfg: GuardrailConfig, alpha: float, limit: float, test: str) -> GuardrailResult:
+    detail = "no champion to compare with and no absolute bound configured"
+    return _result(cfg, alpha, INCONCLUSIVE, None, test, samples=0, limit=limit, detail=detail)
+
+
+def latency_tail_judgement(
+    cand_above: Moments, base_above: Moments | None, ratio: float, alpha: float, enough: Any
+) -> Judgement:
+    """Relative: D = share of challenger requests above the champion's running p99 - ratio x the champion's
+    share there (~0.01). Var(D) = Var(challenger share) + Var(champion share): the champion's share at its own
+    empirical p99 is fixed by construction, and the threshold's sampling noise reaches the challenger's share
+    like the champion's binomial noise at p99 (delta method, equal densities at the threshold: the null of an
+    identical challenger). Absolute (base None): D = share above the bound - 0.01, i.e. p99 <= bound."""
+    if base_above is None:
+        return judge(*difference(cand_above, None, 0, 0.01), alpha, 0.005, enough)
+    estimate = cand_above.mean - ratio * base_above.mean
+    variance = cand_above.variance_of_mean() + base_above.variance_of_mean()
+    return judge(estimate, variance, alpha, max(0.01 * (ratio - 1), 0.005), enough)
+
+
+def latency_p99(cfg: LatencyP99Guardrail, obs: Observations, alpha: float) -> GuardrailResult:
+    """Tail latency (client-visible `latency_ms`, a fallback's included). Relative: the share of challenger
+    requests slower than the champion's p99 must be at most `max_ratio_exceedance` x the champion's share (1 %).
+    Absolute: p99 <= max_p99_ms. value/baseline: p99 ms; limit: the allowed share (absolute: max_p99_ms)."""
+    cand = obs.candidate
+    keep_c = np.isfinite(cand.latency_ms)
+    lat_c, acc_c = cand.latency_ms[keep_c], cand.account[keep_c]
+    p99_c = float(np.quantile(lat_c, 0.99)) if len(lat_c) else None
+    if _absolute(cfg, obs, cfg.max_p99_ms) and cfg.max_p99_ms is not None:
+        test = f"{cand.name} share of requests > {cfg.max_p99_ms:g} ms <= 0.01"
+        fields = {"value": p99_c, "limit": cfg.max_p99_ms}
+        if len(lat_c) < cfg.min_samples:
+            return _too_few(cfg, alpha, test, {cand.name: len(lat_c)}, **fields)
+        above = Moments.proportion((lat_c > cfg.max_p99_ms).astype(float), acc_c)
+        judged = latency_tail_judgement(above, None, 1.0, alpha, True)
+        detail = (
+            f"{cand.name} p99 {p99_c:.1f} ms; {int(above.s)}/{int(above.n)} above {cfg.max_p99_ms:g} ms; {_cs(judged)}"
+        )
+        return _result(cfg, alpha, judged.code, judged, test, samples=len(lat_c), detail=detail, **fields)
+    base = obs.baseline
+    share = 0.01 * cfg.max_ratio_exceedance
+    test = f"share of {cand.name} requests > champion p99 <= {cfg.max_ratio_exceedance:g} x champion's share"
+    if base is None:
+        return _no_bound(cfg, alpha, share, test)
+    keep_b = np.isfinite(base.latency_ms)
+    lat_b, acc_b = base.latency_ms[keep_b], base.account[keep_b]
+    p99_b = float(np.quantile(lat_b, 0.99)) if len(lat_b) else None
+    fields = {"value": p99_c, "baseline": p99_b, "limit": share}
+    if min(len(lat_c), len(lat_b)) < cfg.min_samples:
+        return _too_few(cfg, alpha, test, {cand.name: len(lat_c), "champion": len(lat_b)}, **fields)
+    above_c = Moments.proportion((lat_c > p99_b).astype(float), acc_c)
+    above_b = Moments.proportion((lat_b > p99_b).astype(float), acc_b)
+    judged = latency_tail_judgement(above_c, above_b, cfg.max_ratio_exceedance, alpha, True)
+    detail = (
+        f"{cand.name} p99 {p99_c:.1f} ms vs champion p99 {p99_b:.1f} ms; above it: {cand.name} "
+        f"{int(above_c.s)}/{int(above_c.n)}, champion {int(above_b.s)}/{int(above_b.n)}; {_cs(judged)}"
+    )
+    return _result(cfg, alpha, judged.code, judged, test, samples=min(len(lat_c), len(lat_b)), detail=detail,
+                   **fields)  # fmt: skip
+
+
+def mass_change_judgement(
+    cand: Moments | None, base: Moments | None, diff_hi: Moments | None, diff_lo: Moments | None,
+    max_change: float, alpha: float, scale: float, enough: Any,
+) -> tuple[Judgement, Judgement]:  # fmt: skip
+    """The share of scores at or above an edge kept within [1 - m, 1 + m] x the champion's, give or take
+    MASS_SLACK. Paired (shadow): `diff_hi` holds per request c - (1 + m) b and `diff_lo` (1 - m) b - c for the
+    indicators c, b; unpaired: the two arms' indicator moments. Two contrasts, alpha/2 each."""
+    if diff_hi is not None and diff_lo is not None:
+        return two_sided_ratio(paired(diff_hi, MASS_SLACK), paired(diff_lo, MASS_SLACK), alpha, scale, enough)
+    assert cand is not None and base is not None
+    hi = difference(cand, base, 1 + max_change, MASS_SLACK)
+    lo_est, lo_var = difference(cand, base, 1 - max_change, -MASS_SLACK)
+    return two_sided_ratio(hi, (-lo_est, lo_var), alpha, scale, enough)
+
+
+def _region_moments(obs: Observations, edge: float, m: float) -> tuple[dict[str, Any], int, float, float]:
+    """Moments for the share at or above `edge`: paired in shadow, per arm in a canary."""
+    if obs.pairs is not None:
+        c = (obs.pairs.scores[:, 1] >= edge).astype(float)
+        b = (obs.pairs.scores[:, 0] >= edge).astype(float)
+        acc = obs.pairs.account
+        args = {"cand": None, "base": None, "diff_hi": Moments.of(c - (1 + m) * b, acc),
+                "diff_lo": Moments.of((1 - m) * b - c, acc)}  # fmt: skip
+        n = len(c)
+        return args, n, float(c.mean()) if n else math.nan, float(b.mean()) if n else math.nan
+    assert obs.baseline is not None
+    cand, base = obs.candidate, obs.baseline
+    ok_c, ok_b = np.isfinite(cand.score), np.isfinite(base.score)
+    c, b = (cand.score[ok_c] >= edge).astype(float), (base.score[ok_b] >= edge).astype(float)
+    args = {"cand": Moments.proportion(c, cand.account[ok_c]), "base": Moments.proportion(b, base.account[ok_b]),
+            "diff_hi": None, "diff_lo": None}  # fmt: skip
+    return args, min(len(c), len(b)), float(c.mean()) if len(c) else math.nan, float(b.mean()) if len(b) else math.nan
+
+
+def decline_rate(cfg: DeclineRateGuardrail, obs: Observations, alpha: float) -> GuardrailResult:
+    """Decline rate (share of scores >= the decision threshold; no labels needed): the challenger's within
+    [1 - max_change, 1 + max_change] x the champion's. Paired per request in shadow, two arms in a canary.
+    value/baseline: decline rates; limit: max_change."""
+    test = f"decline rate within {cfg.max_change:.0%} of the champion's"
+    if obs.baseline is None:
+        return _no_bound(cfg, alpha, cfg.max_change, test)
+    args, n, c, b = _region_moments(obs, obs.threshold, cfg.max_change)
+    fields = {"value": c, "baseline": b, "limit": cfg.max_change}
+    if n < cfg.min_samples:
+        return _too_few(cfg, alpha, test, {"scores": n}, **fields)
+    hi, lo = mass_change_judgement(**args, max_change=cfg.max_change, alpha=alpha, scale=0.02 * cfg.max_change,
+                                   enough=True)  # fmt: skip
+    code = combine_codes(hi, lo)
+    detail = f"declines {c:.4f} vs champion {b:.4f} over {n} scores; rise {_cs(hi)}; drop {_cs(lo)}"
+    return _result(cfg, alpha, code, hi if hi.code == FAIL or lo.code != FAIL else lo, test, samples=n,
+                   detail=detail, **fields)  # fmt: skip
+
+
+def score_edges(threshold: float) -> tuple[float, float]:
+    """The decision-region edges that score shift judges, around the decision threshold."""
+    return threshold / 2, min(2 * threshold, 0.999)
+
+
+def score_shift(cfg: ScoreShiftGuardrail, obs: Observations, alpha: float) -> GuardrailResult:
+    """Score shift in the decision region: the share of scores >= threshold/2 and >= 2 x threshold each within
+    [1 - max_mass_change, 1 + max_mass_change] x the champion's (4 contrasts, alpha/4 each); paired in shadow.
+    value: PSI over `bins` champion-quantile bins plus the edges threshold/2, threshold, 2 x threshold,
+    reported, not judged (a shift where no decision changes is no regression); limit: max_mass_change."""
+    test = f"share of scores >= threshold/2 and >= 2 x threshold within {cfg.max_mass_change:.0%} of the champion's"
+    if obs.baseline is None:
+        return _no_bound(cfg, alpha, cfg.max_mass_change, test)
+    judgements: list[Judgement] = []
+    parts: list[str] = []
+    n = 0
+    for edge in score_edges(obs.threshold):
+        args, n, c, b = _region_moments(obs, edge, cfg.max_mass_change)
+        if n < cfg.min_samples:
+            return _too_few(cfg, alpha, test, {"scores": n}, limit=cfg.max_mass_change)
+        pair = mass_change_judgement(**args, max_change=cfg.max_mass_change, alpha=alpha / 2,
+                                     scale=0.02 * cfg.max_mass_change, enough=True)  # fmt: skip
+        judgements += pair
+        parts.append(f">= {edge:g}: {c:.4f} vs champion {b:.4f}")
+    if obs.pairs is not None:
+        s_c, s_b = obs.pairs.scores[:, 1], obs.pairs.scores[:, 0]
+    else:
+        assert obs.baseline is not None
+        s_c = obs.candidate.score[np.isfinite(obs.candidate.score)]
+        s_b = obs.baseline.score[np.isfinite(obs.baseline.score)]
+    psi = population_stability_index(s_b, s_c, cfg.bins, extra_edges=(*score_edges(obs.threshold), obs.threshold))
+    code = combine_codes(*judgements)
+    worst = max(judgements, key=lambda j: float(j.lower))
+    detail = f"{'; '.join(parts)} over {n} scores; PSI {psi:.4f} (reported); worst {_cs(worst)}"
+    return _result(cfg, alpha, code, worst, test, value=psi, samples=n, limit=cfg.max_mass_change, detail=detail)
+
+
+def shadow_agreement(cfg: ShadowAgreementGuardrail, obs: Observations, alpha: float) -> GuardrailResult:
+    """Chance-corrected agreement on the pairs: the overlap of the two decline sets (of the requests either
+    model declines, the share both decline) must be >= min_decline_overlap. D = min - overlap, a proportion
+    over the requests either declines, clustered by account. Cohen's kappa is reported in the detail.
+    value: overlap; limit: min_decline_overlap."""
+    test = f"overlap of the decline sets >= {cfg.min_decline_overlap:g}"
+    if obs.pairs is None:
+        return _result(cfg, alpha, INCONCLUSIVE, None, test, samples=0, limit=cfg.min_decline_overlap,
+                       detail="no paired decisions outside shadow")  # fmt: skip
+    dec = obs.pairs.scores >= obs.threshold
+    either = dec.any(axis=1)
+    both = dec.all(axis=1)
+    n = len(dec)
+    m = Moments.proportion(both[either].astype(float), obs.pairs.account[either])
+    fields = {"value": m.mean if m.n else None, "limit": cfg.min_decline_overlap}
+    if n < cfg.min_samples:
+        return _too_few(cfg, alpha, test, {"paired decisions": n}, **fields)
+    judged = judge(cfg.min_decline_overlap - m.mean, m.variance_of_mean(), alpha, (1 - cfg.min_decline_overlap) / 2,
+                   m.n > 0)  # fmt: skip
+    kappa = cohens_kappa(dec[:, 0], dec[:, 1])
+    detail = (
+        f"{int(both.sum())} declined by both of {int(either.sum())} declined by either over {n} pairs "
+        f"(kappa {kappa:.3f}, raw agreement {float((dec[:, 0] == dec[:, 1]).mean()):.4f}); {_cs(judged)}"
+    )
+    return _result(cfg, alpha, judged.code, judged, test, samples=n, detail=detail, **fields)
+
+
+def cohens_kappa(a: np.ndarray, b: np.ndarray) -> float:
+    """Cohen's kappa of two binary decision vectors (agreement corrected for chance)."""
+    if len(a) == 0:
+        return math.nan
+    p_o = float((a == b).mean())
+    p_e = float(a.mean() * b.mean() + (1 - a.mean()) * (1 - b.mean()))
+    return math.nan if p_e >= 1 else (p_o - p_e) / (1 - p_e)
+
+
+def online_recall(cfg: OnlineRecallGuardrail, obs: Observations, alpha: float) -> GuardrailResult:
+    """Recall at the decision threshold among labelled frauds (min_samples counts labelled frauds). Relative:
+    D = (1 - max_drop) recall_champion - recall_challenger; in shadow paired over frauds scored by both (only
+    the discordant frauds move the estimate: McNemar-style), two arms clustered by account in a canary.
+    Absolute: D = min_recall - recall. value/baseline: recalls; limit: max_drop (absolute: min_recall)."""
+    cand, k = obs.candidate, 1 - cfg.max_drop
+    if _absolute(cfg, obs, cfg.min_recall) and cfg.min_recall is not None:
+        test = f"{cand.name} recall >= {cfg.min_recall:g}"
+        score, label, acc = cand.labelled()
+        caught = Moments.proportion((score[label == 1] >= obs.threshold).astype(float), acc[label == 1])
+        fields = {"value": caught.mean if caught.n else None, "limit": cfg.min_recall}
+        if caught.n < cfg.min_samples:
+            return _too_few(cfg, alpha, test, {f"{cand.name} labelled frauds": int(caught.n)}, **fields)
+        judged = judge(cfg.min_recall - caught.mean, caught.variance_of_mean(), alpha, 0.1)
+        detail = f"{cand.name} recall {int(caught.s)}/{int(caught.n)} = {float(caught.mean):.4f}; {_cs(judged)}"
+        return _result(cfg, alpha, judged.code, judged, test, samples=int(caught.n), detail=detail, **fields)
+    base = obs.baseline
+    test = f"recall_{cand.name} >= {k:g} x recall_champion"
+    if base is None:
+        return _no_bound(cfg, alpha, cfg.max_drop, test)
+    scale = max(0.6 * cfg.max_drop, 0.01)
+    if obs.pairs is not None:
+        fraud = obs.pairs.label == 1
+        hit = (obs.pairs.scores[fraud] >= obs.threshold).astype(float)
+        n = int(fraud.sum())
+        fields = {"value": hit[:, 1].mean() if n else None, "baseline": hit[:, 0].mean() if n else None}
+        fields["limit"] = cfg.max_drop
+        if n < cfg.min_samples:
+            return _too_few(cfg, alpha, test, {"labelled frauds scored by both": n}, **fields)
+        judged = judge(*paired(Moments.of(k * hit[:, 0] - hit[:, 1], obs.pairs.account[fraud])), alpha, scale)
+        only_b, only_c = int((hit[:, 0] > hit[:, 1]).sum()), int((hit[:, 1] > hit[:, 0]).sum())
+        detail = (
+            f"paired over {n} labelled frauds: recall {hit[:, 1].mean():.4f} vs champion {hit[:, 0].mean():.4f} "
+            f"(discordant: {only_b} caught by the champion only, {only_c} by the challenger only); {_cs(judged)}"
+        )
+        return _result(cfg, alpha, judged.code, judged, test, samples=n, detail=detail, **fields)
+    mc, mb = _caught(cand, obs.threshold), _caught(base, obs.threshold)
+    fields = {"value": mc.mean, "baseline": mb.mean, "limit": cfg.max_drop}
+    counts = {f"{cand.name} labelled frauds": int(mc.n), "champion labelled frauds": int(mb.n)}
+    if min(counts.values()) < cfg.min_samples:
+        return _too_few(cfg, alpha, test, counts, **fields)
+    est, var = difference(mb, mc, 1.0 / k, 0.0)  # D / k = recall_b - recall_c / k: same sign
+    judged = judge(k * est, k * k * var, alpha, scale)
+    detail = (
+        f"recall {cand.name} {int(mc.s)}/{int(mc.n)} = {float(mc.mean):.4f} vs champion {int(mb.s)}/{int(mb.n)} = "
+        f"{float(mb.mean):.4f}; {_cs(judged)}"
+    )
+    return _result(cfg, alpha, judged.code, judged, test, samples=min(counts.values()), detail=detail, **fields)
+
+
+def _caught(arm: Arm, threshold: float) -> Moments:
+    score, label, acc = arm.labelled()
+    return Moments.proportion((score[label == 1] >= threshold).astype(float), acc[label == 1])
+
+
+def online_log_loss(cfg: OnlineLogLossGuardrail, obs: Observations, alpha: float) -> GuardrailResult:
+    """Mean log loss on labelled requests (min_samples counts labelled requests). Relative:
+    D = mean_challenger - (1 + max_increase) mean_champion; paired per labelled request in shadow, two arms
+    clustered by account in a canary. Absolute: D = mean - max_log_loss.
+    value/baseline: mean log losses; limit: max_increase (absolute: max_log_loss)."""
+    cand, factor = obs.candidate, 1 + cfg.max_increase
+    if _absolute(cfg, obs, cfg.max_log_loss) and cfg.max_log_loss is not None:
+        test = f"{cand.name} mean log loss <= {cfg.max_log_loss:g}"
+        score, label, acc = cand.labelled()
+        m = Moments.of(log_losses(score, label), acc)
+        fields = {"value": m.mean if m.n else None, "limit": cfg.max_log_loss}
+        if m.n < cfg.min_samples:
+            return _too_few(cfg, alpha, test, {f"{cand.name} labelled": int(m.n)}, **fields)
+        judged = judge(*difference(m, None, 0, cfg.max_log_loss), alpha, 0.05)
+        detail = f"{cand.name} mean log loss {float(m.mean):.4f} over {int(m.n)} labelled; {_cs(judged)}"
+        return _result(cfg, alpha, judged.code, judged, test, samples=int(m.n), detail=detail, **fields)
+    base = obs.baseline
+    test = f"mean log loss {cand.name} <= {factor:g} x champion"
+    if base is None:
+        return _no_bound(cfg, alpha, cfg.max_increase, test)
+    scale = max(0.06 * cfg.max_increase, 1e-3)
+    if obs.pairs is not None:
+        labelled = np.isfinite(obs.pairs.label)
+        y = obs.pairs.label[labelled]
+        ll = np.column_stack([log_losses(obs.pairs.scores[labelled, j], y) for j in (0, 1)])
+        n = len(y)
+        fields = {"value": ll[:, 1].mean() if n else None, "baseline": ll[:, 0].mean() if n else None}
+        fields["limit"] = cfg.max_increase
+        if n < cfg.min_samples:
+            return _too_few(cfg, alpha, test, {"labelled pairs": n}, **fields)
+        judged = judge(*paired(Moments.of(ll[:, 1] - factor * ll[:, 0], obs.pairs.account[labelled])), alpha, scale)
+        detail = f"paired over {n} labelled requests: {ll[:, 1].mean():.4f} vs champion {ll[:, 0].mean():.4f}"
+        return _result(cfg, alpha, judged.code, judged, test, samples=n, detail=f"{detail}; {_cs(judged)}", **fields)
+    mc, mb = (Moments.of(log_losses(s, y), a) for s, y, a in (cand.labelled(), base.labelled()))
+    fields = {"value": mc.mean, "baseline": mb.mean, "limit": cfg.max_increase}
+    counts = {f"{cand.name} labelled": int(mc.n), "champion labelled": int(mb.n)}
+    if min(counts.values()) < cfg.min_samples:
+        return _too_few(cfg, alpha, test, counts, **fields)
+    judged = judge(*difference(mc, mb, factor, 0.0), alpha, scale)
+    detail = f"mean log loss {cand.name} {float(mc.mean):.4f} vs champion {float(mb.mean):.4f} x {factor:g}"
+    return _result(cfg, alpha, judged.code, judged, test, samples=min(counts.values()),
+                   detail=f"{detail}; {_cs(judged)}", **fields)  # fmt: skip
+
+
+# ---------------------------------------------------------------- helpers kept for reports and planning
 
 
 def clopper_pearson(successes: int, trials: int, confidence: float) -> tuple[float, float]:
@@ -223,10 +763,14 @@ def clopper_pearson(successes: int, trials: int, confidence: float) -> tuple[flo
     return lower, upper
 
 
-def population_stability_index(expected: np.ndarray, actual: np.ndarray, bins: int = 10, floor: float = 1e-4) -> float:
-    """PSI = sum over bins of (a - e) ln(a / e), bins at the quantiles of `expected` (ties merged, so a
-    score distribution with point masses gets fewer, wider bins); empty bins count as `floor`."""
-    edges = np.unique(np.quantile(expected, np.linspace(0, 1, bins + 1))[1:-1])
+def population_stability_index(
+    expected: np.ndarray, actual: np.ndarray, bins: int = 10, floor: float = 1e-4, extra_edges: tuple[float, ...] = ()
+) -> float:
+    """PSI = sum over bins of (a - e) ln(a / e), bins at the quantiles of `expected` plus `extra_edges` (the
+    decision region: without them every decline falls into the top decile); empty bins count as `floor`."""
+    if len(expected) == 0 or len(actual) == 0:
+        return math.nan
+    edges = np.unique(np.concatenate([np.quantile(expected, np.linspace(0, 1, bins + 1))[1:-1], extra_edges]))
     e = np.bincount(np.searchsorted(edges, expected, side="right"), minlength=len(edges) + 1) / len(expected)
     a = np.bincount(np.searchsorted(edges, actual, side="right"), minlength=len(edges) + 1) / len(actual)
     e, a = np.maximum(e, floor), np.maximum(a, floor)
@@ -242,12 +786,10 @@ def log_losses(score: np.ndarray, label: np.ndarray) -> np.ndarray:
 def required_labelled_frauds(
     champion_recall: float, relative_drop: float, confidence: float = 0.95, power: float = 0.8, margin: float = 0.0
 ) -> int:
-    """Labelled frauds per variant for the one-sided two-proportion test to detect a recall drop.
-
-    The challenger's recall is r2 = r1 (1 - relative_drop); the test is the one `online_recall` runs, H0:
-    r_c >= (1 - margin) r_b (margin = its `max_drop`, 0 for a plain "no drop" test). Closed form (unpooled Wald):
-    n = (z_conf + z_power)^2 (r2 (1 - r2) + m^2 r1 (1 - r1)) / (m r1 - r2)^2, with m = 1 - margin.
-    """
+    """Labelled frauds per variant for a fixed-sample one-sided two-proportion (Wald) test to detect a recall
+    drop, r2 = r1 (1 - relative_drop), against H0: r_c >= (1 - margin) r_b: n = (z_conf + z_power)^2 (r2 (1 - r2)
+    + m^2 r1 (1 - r1)) / (m r1 - r2)^2, m = 1 - margin. The unpaired, fixed-sample reference; the guardrails
+    themselves are sequential and paired in shadow (`benchmarks/guardrails.py` measures what they need)."""
     if not 0 < champion_recall < 1:
         raise ValueError(f"champion_recall must be in (0, 1), got {champion_recall}")
     if not margin < relative_drop < 1:
@@ -257,294 +799,12 @@ def required_labelled_frauds(
     return math.ceil(z**2 * (r2 * (1 - r2) + m**2 * r1 * (1 - r1)) / (m * r1 - r2) ** 2)
 
 
-# ---------------------------------------------------------------- guardrails
-
-
-def _num(value: Any) -> float | None:
-    return None if value is None or not np.isfinite(value) else float(value)
-
-
-def _decide(failed: bool, passed: bool) -> Verdict:
-    return "fail" if failed else ("pass" if passed else "inconclusive")
-
-
-def _result(cfg: GuardrailConfig, verdict: Verdict, **fields: Any) -> GuardrailResult:
-    return GuardrailResult(
-        name=cfg.name,
-        verdict=verdict,
-        value=_num(fields.get("value")),
-        baseline=_num(fields.get("baseline")),
-        limit=float(fields["limit"]),
-        samples=int(fields["samples"]),
-        min_samples=cfg.min_samples,
-        test=fields["test"],
-        confidence=cfg.confidence,
-        p_value=_num(fields.get("p_value")),
-        detail=fields["detail"],
-    )
-
-
-def _too_few(cfg: GuardrailConfig, counts: dict[str, int], **fields: Any) -> GuardrailResult | None:
-    """The inconclusive result when any arm has fewer than min_samples, else None."""
-    short = {arm: n for arm, n in counts.items() if n < cfg.min_samples}
-    if not short:
-        return None
-    what = ", ".join(f"{arm} has {n}" for arm, n in short.items())
-    return _result(
-        cfg,
-        "inconclusive",
-        samples=min(counts.values()),
-        detail=f"too few samples: {what} < {cfg.min_samples}",
-        **fields,
-    )
-
-
-def _absolute(cfg: GuardrailConfig, obs: Observations, bound: float | None) -> bool:
-    """Whether to hold the candidate to the absolute bound: in watch, and in a canary phase whose champion has
-    fewer than min_samples requests (the 100 % step) when a bound is configured."""
-    if bound is None:
-        return False
-    return obs.baseline is None or (obs.phase_kind == "canary" and obs.baseline.requests < cfg.min_samples)
-
-
-def _no_bound(cfg: GuardrailConfig, limit: float, test: str) -> GuardrailResult:
-    detail = "no champion to compare with and no absolute bound configured"
-    return _result(cfg, "inconclusive", samples=0, limit=limit, test=test, detail=detail)
-
-
-def _p(p: float | None) -> str:
-    return "n/a" if p is None else f"{p:.3g}"
-
-
-def error_rate(cfg: ErrorRateGuardrail, obs: Observations) -> GuardrailResult:
-    """Error rate. Relative: one-sided two-proportion z-test (Agresti-Caffo) of H0: p_chal - p_champ <=
-    max_increase; fail when rejected, pass when the upper confidence bound of the difference is below
-    max_increase. Absolute (watch): exact binomial test of H0: rate <= max_rate; pass when the Clopper-Pearson
-    upper bound is below max_rate. value/baseline: error rates; limit: max_increase (watch: max_rate)."""
-    cand, alpha = obs.candidate, 1 - cfg.confidence
-    x_c, n_c = int(cand.error.sum()), cand.requests
-    if _absolute(cfg, obs, cfg.max_rate) and cfg.max_rate is not None:
-        test = f"one-sided exact binomial test, H0: {cand.name} error rate <= {cfg.max_rate:g}"
-        fields = {"value": x_c / n_c if n_c else None, "limit": cfg.max_rate, "test": test}
-        if (short := _too_few(cfg, {cand.name: n_c}, **fields)) is not None:
-            return short
-        p = stats.binomtest(x_c, n_c, cfg.max_rate, alternative="greater").pvalue
-        upper = clopper_pearson(x_c, n_c, cfg.confidence)[1]
-        verdict = _decide(p < alpha, upper < cfg.max_rate)
-        detail = (
-            f"{cand.name} error rate {x_c}/{n_c} = {x_c / n_c:.4f}, upper {cfg.confidence:.0%} bound {upper:.4f} "
-            f"vs bound {cfg.max_rate:g} (p={_p(p)}): {verdict}"
-        )
-        return _result(cfg, verdict, samples=n_c, p_value=p, detail=detail, **fields)
-    base = obs.baseline
-    if base is None:
-        return _no_bound(cfg, cfg.max_increase, "error rate vs champion")
-    x_b, n_b = int(base.error.sum()), base.requests
-    test = f"one-sided two-proportion z-test (Agresti-Caffo), H0: p_{cand.name} - p_champion <= {cfg.max_increase:g}"
-    fields = {
-        "value": x_c / n_c if n_c else None,
-        "baseline": x_b / n_b if n_b else None,
-        "limit": cfg.max_increase,
-        "test": test,
-    }
-    if (short := _too_few(cfg, {cand.name: n_c, "champion": n_b}, **fields)) is not None:
-        return short
-    diff, p, upper = (
-        float(v) for v in two_proportion_margin_test(x_c, n_c, x_b, n_b, cfg.max_increase, cfg.confidence)
-    )
-    verdict = _decide(p < alpha, upper < cfg.max_increase)
-    detail = (
-        f"{cand.name} errors {x_c}/{n_c} = {x_c / n_c:.4f} vs champion {x_b}/{n_b} = {x_b / n_b:.4f}: "
-        f"difference {diff:+.4f}, upper {cfg.confidence:.0%} bound {upper:+.4f}, allowed +{cfg.max_increase:g} "
-        f"(p={_p(p)}): {verdict}"
-    )
-    return _result(cfg, verdict, samples=min(n_c, n_b), p_value=p, detail=detail, **fields)
-
-
-def latency_p99(cfg: LatencyP99Guardrail, obs: Observations) -> GuardrailResult:
-    """Tail latency (client-visible `latency_ms`, a fallback's included). Relative: one-sided exact binomial
-    test on the share s of challenger requests slower than the champion's p99, H0: s <= 0.01 x
-    max_ratio_exceedance (an identical challenger has s = 0.01); fail when rejected, pass when the observed
-    share is within the null. Absolute (watch): H0: share above max_p99_ms <= 0.01 (p99 <= max_p99_ms).
-    value: candidate p99 ms; baseline: champion p99 ms; limit: the allowed share (watch: max_p99_ms)."""
-    cand, alpha = obs.candidate, 1 - cfg.confidence
-    lat_c = cand.latencies()
-    p99_c = float(np.quantile(lat_c, 0.99)) if len(lat_c) else None
-    if _absolute(cfg, obs, cfg.max_p99_ms) and cfg.max_p99_ms is not None:
-        test = f"one-sided exact binomial test, H0: share of {cand.name} requests > {cfg.max_p99_ms:g} ms <= 0.01"
-        fields = {"value": p99_c, "limit": cfg.max_p99_ms, "test": test}
-        if (short := _too_few(cfg, {cand.name: len(lat_c)}, **fields)) is not None:
-            return short
-        k, n = int((lat_c > cfg.max_p99_ms).sum()), len(lat_c)
-        p = stats.binomtest(k, n, 0.01, alternative="greater").pvalue
-        verdict = _decide(p < alpha, k / n <= 0.01)
-        detail = (
-            f"{cand.name} p99 {p99_c:.1f} ms; {k}/{n} = {k / n:.4f} of requests above {cfg.max_p99_ms:g} ms, "
-            f"allowed 0.01 (p={_p(p)}): {verdict}"
-        )
-        return _result(cfg, verdict, samples=n, p_value=p, detail=detail, **fields)
-    base = obs.baseline
-    if base is None:
-        return _no_bound(cfg, 0.01 * cfg.max_ratio_exceedance, "p99 latency vs champion")
-    lat_b = base.latencies()
-    p99_b = float(np.quantile(lat_b, 0.99)) if len(lat_b) else None
-    share0 = 0.01 * cfg.max_ratio_exceedance
-    test = f"one-sided exact binomial test, H0: share of {cand.name} requests > champion p99 <= {share0:g}"
-    fields = {"value": p99_c, "baseline": p99_b, "limit": share0, "test": test}
-    if (short := _too_few(cfg, {cand.name: len(lat_c), "champion": len(lat_b)}, **fields)) is not None:
-        return short
-    k, n = int((lat_c > p99_b).sum()), len(lat_c)
-    p = stats.binomtest(k, n, share0, alternative="greater").pvalue
-    verdict = _decide(p < alpha, k / n <= share0)
-    detail = (
-        f"{cand.name} p99 {p99_c:.1f} ms vs champion p99 {p99_b:.1f} ms; {k}/{n} = {k / n:.4f} of {cand.name} "
-        f"requests slower than the champion's p99, allowed {share0:g} (p={_p(p)}): {verdict}"
-    )
-    return _result(cfg, verdict, samples=min(n, len(lat_b)), p_value=p, detail=detail, **fields)
-
-
-def score_shift(cfg: ScoreShiftGuardrail, obs: Observations) -> GuardrailResult:
-    """Score distribution shift. Two-sample Kolmogorov-Smirnov test (H0: same distribution) and the PSI over
-    `bins` quantile bins of the champion's scores. fail when KS p < 1 - confidence AND PSI > max_psi (the
-    effect size keeps huge samples from failing on trivial shifts); pass when PSI <= max_psi.
-    value: PSI; baseline: none; limit: max_psi; p_value: the KS p-value."""
-    cand, base = obs.candidate, obs.baseline
-    test = f"two-sample Kolmogorov-Smirnov test (H0: same distribution) and PSI over {cfg.bins} champion-quantile bins"
-    if base is None:
-        return _result(
-            cfg, "inconclusive", samples=0, limit=cfg.max_psi, test=test, detail="no champion scores to compare with"
-        )
-    s_c, s_b = cand.scores(), base.scores()
-    fields = {"limit": cfg.max_psi, "test": test}
-    if (short := _too_few(cfg, {cand.name: len(s_c), "champion": len(s_b)}, **fields)) is not None:
-        return short
-    psi = population_stability_index(s_b, s_c, cfg.bins)
-    ks = stats.ks_2samp(s_c, s_b)
-    p = float(ks.pvalue)
-    verdict = _decide(p < 1 - cfg.confidence and psi > cfg.max_psi, psi <= cfg.max_psi)
-    detail = (
-        f"PSI {psi:.4f} (limit {cfg.max_psi:g}), KS D={ks.statistic:.4f} p={_p(p)}; mean score {cand.name} "
-        f"{s_c.mean():.4f} vs champion {s_b.mean():.4f} ({len(s_c)} vs {len(s_b)} scores): {verdict}"
-    )
-    return _result(cfg, verdict, value=psi, samples=min(len(s_c), len(s_b)), p_value=p, detail=detail, **fields)
-
-
-def shadow_agreement(cfg: ShadowAgreementGuardrail, obs: Observations) -> GuardrailResult:
-    """Decision agreement in shadow: the share a of (champion, shadow) score pairs on the same request that
-    fall on the same side of the decision threshold. One-sided exact binomial test of H0: a >= min_agreement;
-    fail when rejected, pass when the Clopper-Pearson lower confidence bound is >= min_agreement.
-    value: agreement; limit: min_agreement."""
-    test = f"one-sided exact binomial test, H0: agreement >= {cfg.min_agreement:g}"
-    n = len(obs.pairs)
-    agree = int(((obs.pairs[:, 0] >= obs.threshold) == (obs.pairs[:, 1] >= obs.threshold)).sum())
-    fields = {"value": agree / n if n else None, "limit": cfg.min_agreement, "test": test}
-    if (short := _too_few(cfg, {"paired decisions": n}, **fields)) is not None:
-        return short
-    p = stats.binomtest(agree, n, cfg.min_agreement, alternative="less").pvalue
-    lower = clopper_pearson(agree, n, cfg.confidence)[0]
-    verdict = _decide(p < 1 - cfg.confidence, lower >= cfg.min_agreement)
-    detail = (
-        f"{agree}/{n} = {agree / n:.4f} paired decisions agree at threshold {obs.threshold:g}, lower "
-        f"{cfg.confidence:.0%} bound {lower:.4f} vs required {cfg.min_agreement:g} (p={_p(p)}): {verdict}"
-    )
-    return _result(cfg, verdict, samples=n, p_value=p, detail=detail, **fields)
-
-
-def _recall_counts(arm: Arm, threshold: float) -> tuple[int, int]:
-    score, label = arm.labelled()
-    positives = score[label == 1]
-    return int((positives >= threshold).sum()), len(positives)
-
-
-def online_recall(cfg: OnlineRecallGuardrail, obs: Observations) -> GuardrailResult:
-    """Recall at the decision threshold among labelled frauds (feedback joined by request_id; min_samples
-    counts labelled frauds per variant). Relative: one-sided two-proportion (Wald, ratio margin) test of
-    H0: recall_chal >= (1 - max_drop) recall_champ; fail when rejected, pass when the observed recall is within
-    the margin. Absolute (watch): exact binomial test of H0: recall >= min_recall.
-    value/baseline: recalls; limit: max_drop (watch: min_recall)."""
-    cand, alpha = obs.candidate, 1 - cfg.confidence
-    k_c, n_c = _recall_counts(cand, obs.threshold)
-    if _absolute(cfg, obs, cfg.min_recall) and cfg.min_recall is not None:
-        test = f"one-sided exact binomial test, H0: {cand.name} recall >= {cfg.min_recall:g}"
-        fields = {"value": k_c / n_c if n_c else None, "limit": cfg.min_recall, "test": test}
-        if (short := _too_few(cfg, {f"{cand.name} labelled frauds": n_c}, **fields)) is not None:
-            return short
-        p = stats.binomtest(k_c, n_c, cfg.min_recall, alternative="less").pvalue
-        verdict = _decide(p < alpha, k_c / n_c >= cfg.min_recall)
-        detail = f"{cand.name} recall {k_c}/{n_c} = {k_c / n_c:.4f} vs bound {cfg.min_recall:g} (p={_p(p)}): {verdict}"
-        return _result(cfg, verdict, samples=n_c, p_value=p, detail=detail, **fields)
-    base = obs.baseline
-    if base is None:
-        return _no_bound(cfg, cfg.max_drop, "recall vs champion")
-    k_b, n_b = _recall_counts(base, obs.threshold)
-    test = f"one-sided two-proportion z-test, H0: recall_{cand.name} >= {1 - cfg.max_drop:g} x recall_champion"
-    fields = {
-        "value": k_c / n_c if n_c else None,
-        "baseline": k_b / n_b if n_b else None,
-        "limit": cfg.max_drop,
-        "test": test,
-    }
-    counts = {f"{cand.name} labelled frauds": n_c, "champion labelled frauds": n_b}
-    if (short := _too_few(cfg, counts, **fields)) is not None:
-        return short
-    z, p = (float(v) for v in ratio_margin_test(k_c, n_c, k_b, n_b, cfg.max_drop))
-    floor = (1 - cfg.max_drop) * k_b / n_b
-    verdict = _decide(p < alpha, k_c / n_c >= floor)
-    detail = (
-        f"recall {cand.name} {k_c}/{n_c} = {k_c / n_c:.4f} vs champion {k_b}/{n_b} = {k_b / n_b:.4f}, "
-        f"floor {floor:.4f} (at most {cfg.max_drop:.0%} lower), z={z:.2f} p={_p(p)}: {verdict}"
-    )
-    return _result(cfg, verdict, samples=min(n_c, n_b), p_value=p, detail=detail, **fields)
-
-
-def online_log_loss(cfg: OnlineLogLossGuardrail, obs: Observations) -> GuardrailResult:
-    """Mean log loss on labelled requests (min_samples counts labelled requests per variant). Relative: Welch's
-    one-sided t-test of H0: mean_chal <= (1 + max_increase) mean_champ (the champion's losses are scaled by
-    1 + max_increase, which scales their mean and variance alike); fail when rejected, pass when the observed
-    mean is within the bound. Absolute (watch): one-sample t-test of H0: mean <= max_log_loss.
-    value/baseline: mean log losses; limit: max_increase (watch: max_log_loss)."""
-    cand, alpha = obs.candidate, 1 - cfg.confidence
-    ll_c = log_losses(*cand.labelled())
-    mean_c = float(ll_c.mean()) if len(ll_c) else None
-    if _absolute(cfg, obs, cfg.max_log_loss) and cfg.max_log_loss is not None:
-        test = f"one-sided one-sample t-test, H0: {cand.name} mean log loss <= {cfg.max_log_loss:g}"
-        fields = {"value": mean_c, "limit": cfg.max_log_loss, "test": test}
-        if (short := _too_few(cfg, {f"{cand.name} labelled": len(ll_c)}, **fields)) is not None:
-            return short
-        p = _finite_p(stats.ttest_1samp(ll_c, cfg.max_log_loss, alternative="greater").pvalue)
-        verdict = _decide(p is not None and p < alpha, ll_c.mean() <= cfg.max_log_loss)
-        detail = f"{cand.name} mean log loss {ll_c.mean():.4f} over {len(ll_c)} labelled vs bound {cfg.max_log_loss:g}"
-        return _result(cfg, verdict, samples=len(ll_c), p_value=p, detail=f"{detail} (p={_p(p)}): {verdict}", **fields)
-    base = obs.baseline
-    if base is None:
-        return _no_bound(cfg, cfg.max_increase, "mean log loss vs champion")
-    ll_b = log_losses(*base.labelled())
-    mean_b = float(ll_b.mean()) if len(ll_b) else None
-    factor = 1 + cfg.max_increase
-    test = f"Welch's one-sided t-test, H0: mean log loss {cand.name} <= {factor:g} x champion"
-    fields = {"value": mean_c, "baseline": mean_b, "limit": cfg.max_increase, "test": test}
-    counts = {f"{cand.name} labelled": len(ll_c), "champion labelled": len(ll_b)}
-    if (short := _too_few(cfg, counts, **fields)) is not None:
-        return short
-    p = _finite_p(stats.ttest_ind(ll_c, factor * ll_b, equal_var=False, alternative="greater").pvalue)
-    verdict = _decide(p is not None and p < alpha, ll_c.mean() <= factor * ll_b.mean())
-    detail = (
-        f"mean log loss {cand.name} {ll_c.mean():.4f} vs champion {ll_b.mean():.4f} x {factor:g} = "
-        f"{factor * ll_b.mean():.4f} ({len(ll_c)} vs {len(ll_b)} labelled, p={_p(p)}): {verdict}"
-    )
-    return _result(cfg, verdict, samples=min(len(ll_c), len(ll_b)), p_value=p, detail=detail, **fields)
-
-
-def _finite_p(p: Any) -> float | None:
-    """A t-test on constant samples has no p-value (NaN): no evidence either way."""
-    return float(p) if np.isfinite(p) else None
-
-
-GUARDRAILS: dict[str, Callable[[Any, Observations], GuardrailResult]] = {
+GUARDRAILS: dict[str, Callable[[Any, Observations, float], GuardrailResult]] = {
     "error_rate": error_rate,
     "latency_p99": latency_p99,
     "score_shift": score_shift,
     "shadow_agreement": shadow_agreement,
+    "decline_rate": decline_rate,
     "online_recall": online_recall,
     "online_log_loss": online_log_loss,
 }
@@ -559,13 +819,14 @@ def evaluate_guardrails(
     threshold: float,
 ) -> list[GuardrailResult]:
     """Every guardrail of `spec` that applies to `phase_kind` ("shadow", "canary" or "watch"), in spec order,
-    on the given window of the prediction log (the caller picks the window, e.g. the current policy
-    generation) and the feedback received so far."""
+    on the given window of the prediction log (the caller picks the window: the current phase's, so each CS
+    starts with the phase) and the feedback received so far, each at its share of the error budget."""
     obs = observe(phase_kind, predictions, feedback, threshold=threshold)
-    return [GUARDRAILS[cfg.kind](cfg, obs) for cfg in spec.guardrails if _applies(cfg, obs)]
+    alpha = alpha_per_look_set(spec)
+    return [GUARDRAILS[cfg.kind](cfg, obs, alpha) for cfg in spec.guardrails if applies(cfg, obs)]
 
 
-def _applies(cfg: GuardrailConfig, obs: Observations) -> bool:
+def applies(cfg: GuardrailConfig, obs: Observations) -> bool:
     """A guardrail applies to the phase kinds it names, except that in a canary step where the champion serves
     no request at all (the 100 % step) a purely relative guardrail (no absolute bound) has nothing to compare
     with: it is left out, so it neither blocks the step forever as "inconclusive" nor passes without evidence."""

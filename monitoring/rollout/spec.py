@@ -10,7 +10,10 @@ A spec is a YAML file (see `monitoring/rollout/specs/`) validated into a frozen 
 - `failure_limit`: consecutive failed analyses that trigger a rollback (Argo Rollouts' failureLimit).
 - `post_promotion_watch_s`: how long a promoted champion is watched against absolute bounds.
 - `guardrails`: the checks of `monitoring.rollout.guardrails`, each with the phase kinds it applies to
-  (`shadow`, `canary`, `watch`), a minimum sample count, a confidence and kind-specific limits.
+  (`shadow`, `canary`, `watch`), a minimum sample count and kind-specific limits (margins).
+- `false_rollback_rate` (default 0.01): the rollout-level guarantee. Every guardrail keeps an anytime-valid
+  confidence sequence at its share of this budget (split evenly over the judged (guardrail, phase) pairs), so
+  a challenger within every margin is rolled back by a failing guardrail with probability at most this.
 - gates: a phase with `require_approval: true` holds after its guardrails pass until `mlops rollout approve`,
   for at most `approval_timeout_s` (then `on_approval_timeout`: `hold` or `rollback`).
 - `hooks`: HTTP receivers (see `Hook`): notifications of the rollout's events, and the gating hooks
@@ -34,7 +37,15 @@ SPECS_DIR = Path(__file__).resolve().parent / "specs"
 
 PhaseKind = Literal["shadow", "canary"]
 GuardrailPhase = Literal["shadow", "canary", "watch"]
-GUARDRAIL_KINDS = ("error_rate", "latency_p99", "score_shift", "shadow_agreement", "online_recall", "online_log_loss")
+GUARDRAIL_KINDS = (
+    "error_rate",
+    "latency_p99",
+    "score_shift",
+    "shadow_agreement",
+    "decline_rate",
+    "online_recall",
+    "online_log_loss",
+)
 
 Loc = tuple[str | int, ...]
 
@@ -147,15 +158,17 @@ class _GuardrailBase(_Strict):
     name: str
     applies_to: list[GuardrailPhase]
     min_samples: int
-    confidence: float = 0.95
+    # Ignored, kept so older specs load: each guardrail's level now comes from the spec's false_rollback_rate,
+    # split across guardrails and phases (`monitoring.rollout.guardrails.alpha_per_look_set`).
+    confidence: float | None = None
 
     _name = field_validator("name")(_non_empty)
     _samples = field_validator("min_samples")(_at_least_one)
 
     @field_validator("confidence")
     @classmethod
-    def _confidence(cls, value: float) -> float:
-        if not 0.5 <= value < 1:
+    def _confidence(cls, value: float | None) -> float | None:
+        if value is not None and not 0.5 <= value < 1:
             raise ValueError(f"must be in [0.5, 1), got {value}")
         return value
 
@@ -235,16 +248,19 @@ class LatencyP99Guardrail(_GuardrailBase):
 
 
 class ScoreShiftGuardrail(_GuardrailBase):
-    """Challenger scores must not shift from the champion's: KS significant AND PSI > `max_psi` fails."""
+    """Score shift in the decision region: the share of scores >= threshold/2 and >= 2 x threshold may change by
+    at most `max_mass_change` (relative) from the champion's. PSI over `bins` champion quantiles plus the edges
+    threshold/2, threshold, 2 x threshold is reported, not judged: a shift where no decision changes is no
+    regression."""
 
     SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow", "canary")
     UNSUPPORTED_WHY: ClassVar[str] = "after promotion there is no champion to compare scores with"
 
     kind: Literal["score_shift"]
-    max_psi: float = 0.2
+    max_mass_change: float = 0.5
     bins: int = 10
 
-    _psi = field_validator("max_psi")(_positive)
+    _mass = field_validator("max_mass_change")(_positive)
 
     @field_validator("bins")
     @classmethod
@@ -255,17 +271,35 @@ class ScoreShiftGuardrail(_GuardrailBase):
 
 
 class ShadowAgreementGuardrail(_GuardrailBase):
-    """The shadow challenger must take the champion's decision on at least `min_agreement` of requests."""
+    """Chance-corrected agreement in shadow: of the requests either model declines, at least
+    `min_decline_overlap` must be declined by both (the overlap of the two decline sets, Jaccard). A challenger
+    whose decisions are independent of the champion's has an overlap near the decline rate (~0.01)."""
 
     SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow",)
     UNSUPPORTED_WHY: ClassVar[str] = "only the shadow phase scores the same requests with both models"
 
     kind: Literal["shadow_agreement"]
-    min_agreement: float = 0.95
+    min_decline_overlap: float = 0.5
 
-    @field_validator("min_agreement")
+    @field_validator("min_decline_overlap")
     @classmethod
-    def _agreement(cls, value: float) -> float:
+    def _overlap(cls, value: float) -> float:
+        return _fraction(value)  # type: ignore[return-value]
+
+
+class DeclineRateGuardrail(_GuardrailBase):
+    """The challenger's decline rate (share of scores >= the decision threshold; no labels needed) may differ
+    from the champion's by at most `max_change` relative, either way."""
+
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow", "canary")
+    UNSUPPORTED_WHY: ClassVar[str] = "after promotion there is no champion to compare decline rates with"
+
+    kind: Literal["decline_rate"]
+    max_change: float = 0.3
+
+    @field_validator("max_change")
+    @classmethod
+    def _change(cls, value: float) -> float:
         return _fraction(value)  # type: ignore[return-value]
 
 
@@ -387,6 +421,7 @@ GuardrailConfig = Annotated[
     | LatencyP99Guardrail
     | ScoreShiftGuardrail
     | ShadowAgreementGuardrail
+    | DeclineRateGuardrail
     | OnlineRecallGuardrail
     | OnlineLogLossGuardrail,
     Field(discriminator="kind"),
@@ -403,11 +438,22 @@ class RolloutSpec(_Strict):
     post_promotion_watch_s: float
     guardrails: list[GuardrailConfig]
     hooks: list[Hook] = []
+    # The rollout-level guarantee: the probability that a challenger within every margin is rolled back by a
+    # failing guardrail, at any look of any phase or of the watch, is at most this. Split evenly (Bonferroni)
+    # over the (guardrail, phase) pairs that are judged; see monitoring.rollout.guardrails.
+    false_rollback_rate: float = 0.01
 
     _name = field_validator("name")(_non_empty)
     _interval = field_validator("analysis_interval_s")(_positive)
     _failures = field_validator("failure_limit")(_at_least_one)
     _watch = field_validator("post_promotion_watch_s")(_non_negative)
+
+    @field_validator("false_rollback_rate")
+    @classmethod
+    def _budget(cls, value: float) -> float:
+        if not 0 < value < 0.5:
+            raise ValueError(f"must be in (0, 0.5), got {value}: an error budget <= 0 cannot be guaranteed")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> RolloutSpec:
