@@ -665,7 +665,8 @@ def rollout_watch(
     interval: Annotated[float, typer.Option(help="seconds between refreshes")] = 0.5,
     wait: Annotated[float, typer.Option(help="seconds to wait for a rollout to become active")] = 60.0,
 ) -> None:
-    """A live view of the rollout until its decision: exit 0 when promoted, 1 when rolled back."""
+    """A live view of the rollout until its decision: exit 0 when promoted, 1 when rolled back or aborted, 2
+    when no rollout becomes active within --wait seconds."""
     from control_plane.tokens import resolve_token
     from mlops.watch import watch
 

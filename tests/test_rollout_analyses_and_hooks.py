@@ -286,3 +286,25 @@ def test_the_readme_spec_with_hooks_and_a_gate_loads_and_gates_the_phase_before_
     gated = [p.name for p in plan.phases if p.require_approval]
     assert gated == ["canary-50"] and plan.pre_rollout_timeout_s == 900
     assert plan.phases[1].on_approval_timeout == "rollback"  # the confirm-promotion hook's outcome applies
+
+
+def test_the_watch_view_shows_phase_weight_times_guardrails_and_a_pause_and_ends_with_the_right_code() -> None:
+    from rich.console import Console
+
+    from mlops.watch import outcome_code, render
+
+    plan = make_plan()
+    state = step(plan, initial_state(plan, 0.0), Start(at=100.0))[0]
+    view = {"rollout_id": "r1", "plan": plan.to_dict(), "state": {**state.to_dict(), "paused": True}}
+    values = {"error-rate": {"value": 0.012, "baseline": 0.01, "lower": -0.01, "upper": 0.004, "limit": 0.03,
+                             "verdict": "inconclusive", "samples": 80, "min_samples": 100}}  # fmt: skip
+    analysis = {"seq": 3, "at": 160.0, "phase_index": 0, "samples": 80, "values": values}
+    console = Console(record=True, width=160)
+    console.print(render(view, analysis, now=190.0))
+    text = console.export_text()
+    assert "phase shadow (1/2, shadow)" in text and "weight 0%" in text
+    assert "in phase 1m30s" in text and "elapsed 1m30s" in text and "PAUSED" in text
+    assert "error-rate" in text and "[-0.01, 0.004]" in text and "inconclusive" in text and "80/100" in text
+    assert [outcome_code(s) for s in ("shadow", "promoted_watching", "succeeded", "rolled_back", "aborted")] == [
+        None, 0, 0, 1, 1,
+    ]  # fmt: skip

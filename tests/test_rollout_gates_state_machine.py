@@ -317,3 +317,11 @@ def test_random_sequences_with_gates_pauses_and_approvals_keep_the_invariants(se
         assert promotions <= 1 and rollbacks <= 1
         assert roundtrip(state) == state
     assert {"paused", "resumed", "awaiting-approval"} <= seen
+
+
+def test_a_description_shows_wall_clock_times_as_times_not_epoch_numbers():
+    plan = make_plan()
+    state = started(plan, at=1_796_300_000.0)
+    line = describe(state, plan)
+    assert "since 2026-12-03 " in line and "UTC" in line, line
+    assert "e+09" not in line and "1796300000" not in line

@@ -164,7 +164,10 @@ class Tmux:
         return self.run("capture-pane", "-p", *(["-e"] if ansi else []))
 
     def stop(self) -> None:
+        found = subprocess.run(["tmux", "-L", self.socket, "display", "-p", "#{socket_path}"], capture_output=True)
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+        if found.returncode == 0 and found.stdout.strip():
+            Path(found.stdout.decode().strip()).unlink(missing_ok=True)  # leave no socket behind
 
 
 def test_gates_hooks_recorded_analyses_and_the_live_view_on_a_real_controller(world: dict, tmp_path: Path) -> None:

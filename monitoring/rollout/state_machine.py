@@ -59,6 +59,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from datetime import UTC, datetime
 from typing import Any, Literal, TypeAlias
 
 from core.aliases import CHALLENGER, CHAMPION, PREVIOUS
@@ -1056,6 +1057,14 @@ def _on_slot_down(plan: RolloutPlan, state: RolloutState, event: SlotDown) -> _R
     )
 
 
+def _when(at: float) -> str:
+    """A time for a person: an epoch timestamp as a UTC time (formatting only, no clock read), a small (test)
+    clock as ``t=...``."""
+    if at >= 1e9:
+        return datetime.fromtimestamp(at, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"t={at:g}"
+
+
 def describe(state: RolloutState, plan: RolloutPlan | None = None) -> str:
     """One line for the CLI."""
     where = state.status
@@ -1065,15 +1074,15 @@ def describe(state: RolloutState, plan: RolloutPlan | None = None) -> str:
             phase = plan.phases[state.phase_index]
             where += f"/{len(plan.phases)} {phase.name!r}"
             where += " (shadow)" if phase.kind == "shadow" else f" ({phase.weight:.0%} to challenger)"
-        where += f" since t={state.phase_started_at:g}"
+        where += f" since {_when(state.phase_started_at)}"
         if state.paused:
             where += " PAUSED"
-        if state.awaiting_approval:
-            where += f" AWAITING APPROVAL since t={state.awaiting_approval_since:g}"
+        if state.awaiting_approval_since is not None:
+            where += f" AWAITING APPROVAL since {_when(state.awaiting_approval_since)}"
     elif state.status == "promoted_watching":
-        where += f" since t={state.phase_started_at:g}"
+        where += f" since {_when(state.phase_started_at)}"
         if plan is not None:
-            where += f" until t={state.phase_started_at + plan.post_promotion_watch_s:g}"
+            where += f" until {_when(state.phase_started_at + plan.post_promotion_watch_s)}"
     limit = f"/{plan.failure_limit}" if plan is not None else ""
     line = (
         f"{state.rollout_id}: {where}, failures {state.consecutive_failures}{limit}, "
