@@ -53,6 +53,9 @@ disable_created_metrics()  # `_created` series only clutter dashboards
 JSON = "application/json"
 
 
+SLOT_KEEPALIVE_S = 2.0  # below the slots' server keep-alive (uvicorn: 5 s); see Gateway.start
+
+
 class SlotFailure(Exception):
     """The slot did not give a usable answer in time."""
 
@@ -170,7 +173,10 @@ class Gateway:
         # Labels for requests served before a restart are still accepted: reload their ids.
         await asyncio.to_thread(self.known_ids.load, self.predictions.directory)
         await asyncio.to_thread(self.labels.load, self.feedback.directory)  # labelled ids stay labelled
-        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=30)
+        # Idle connections are dropped well before the slots' server closes them (uvicorn's keep-alive is 5 s):
+        # reusing one the server is closing at that moment fails the request ("Server disconnected"), which
+        # hit slots whose traffic had just thinned out (the old champion during the watch, then a rollback).
+        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=SLOT_KEEPALIVE_S)
         self.session = aiohttp.ClientSession(connector=connector)
         self._tasks = [
             asyncio.create_task(self.watch_policy()),
@@ -227,21 +233,32 @@ class Gateway:
     # --- slots ------------------------------------------------------------------------------------
 
     async def _post(self, slot: str, path: str, payload: bytes, timeout_s: float) -> bytes:
-        """POST to a slot; anything but a 200 in time is a `SlotFailure`."""
+        """POST to a slot; anything but a 200 in time is a `SlotFailure`.
+
+        A connection the slot closed before answering (a pooled keep-alive connection it was closing as we
+        reused it) is retried once on a new connection within the same deadline: scoring is idempotent, and
+        the slot never saw the request."""
         assert self.session is not None
-        try:
-            async with self.session.post(
-                f"{self.slot_urls[slot]}{path}",
-                data=payload,
-                headers={"content-type": JSON},
-                timeout=aiohttp.ClientTimeout(total=timeout_s),
-            ) as response:
-                reply = await response.read()
-                if response.status != 200:
-                    raise SlotFailure(f"slot {slot} answered {response.status}: {reply[:200]!r}")
-                return reply
-        except (aiohttp.ClientError, TimeoutError) as error:
-            raise SlotFailure(f"slot {slot}: {type(error).__name__} {error}") from None
+        deadline = time.monotonic() + timeout_s
+        for attempt in (1, 2):
+            try:
+                async with self.session.post(
+                    f"{self.slot_urls[slot]}{path}",
+                    data=payload,
+                    headers={"content-type": JSON},
+                    timeout=aiohttp.ClientTimeout(total=max(deadline - time.monotonic(), 0.001)),
+                ) as response:
+                    reply = await response.read()
+                    if response.status != 200:
+                        raise SlotFailure(f"slot {slot} answered {response.status}: {reply[:200]!r}")
+                    return reply
+            except aiohttp.ServerDisconnectedError as error:
+                if attempt == 2 or time.monotonic() >= deadline:
+                    raise SlotFailure(f"slot {slot}: {type(error).__name__} {error}") from None
+                log.debug("slot %s closed a pooled connection before answering; retrying once", slot)
+            except (aiohttp.ClientError, TimeoutError) as error:
+                raise SlotFailure(f"slot {slot}: {type(error).__name__} {error}") from None
+        raise AssertionError("unreachable")
 
     async def call_slot(self, slot: str, body: bytes, timeout_s: float) -> SlotAnswer:
         started = time.perf_counter()
