@@ -13,7 +13,17 @@ from typing import Any
 
 import pandas as pd
 
-from core.prediction_log import read_feedback, read_window, served_times
+from core.prediction_log import (
+    MODEL_VERSION,
+    REQUEST_ID,
+    SHADOW_MODEL_VERSION,
+    SHADOW_STATUS,
+    STATUS,
+    VARIANT,
+    read_feedback,
+    read_window,
+    served_times,
+)
 from monitoring.rollout.guardrails import GuardrailResult, evaluate_guardrails
 from monitoring.rollout.spec import RolloutSpec
 from monitoring.rollout.state_machine import AnalysisResult
@@ -29,13 +39,13 @@ def rows_of_versions(predictions: pd.DataFrame, versions: dict[str, str]) -> pd.
     version are marked `other_version`, which the guardrails and the sample count leave out."""
     if predictions.empty:
         return predictions
-    version = predictions["model_version"]
-    expected = predictions["variant"].map(versions)
-    keep = version.isna() | (version == expected) | (predictions["status"] == "fallback")
+    version = predictions[MODEL_VERSION]
+    expected = predictions[VARIANT].map(versions)
+    keep = version.isna() | (version == expected) | (predictions[STATUS] == "fallback")
     frame = predictions[keep].copy()
-    if "shadow_status" in frame and "challenger" in versions:
-        stale = (frame["shadow_status"] == "ok") & (frame["shadow_model_version"] != versions["challenger"])
-        frame.loc[stale, "shadow_status"] = "other_version"
+    if SHADOW_STATUS in frame and "challenger" in versions:
+        stale = (frame[SHADOW_STATUS] == "ok") & (frame[SHADOW_MODEL_VERSION] != versions["challenger"])
+        frame.loc[stale, SHADOW_STATUS] = "other_version"
     return frame.reset_index(drop=True)
 
 
@@ -63,7 +73,7 @@ def analyse(
     if versions is not None:
         predictions = rows_of_versions(predictions, versions)
     feedback = read_feedback(
-        log_dir / "feedback", predictions.get("request_id", pd.Series(dtype=str)), served_times(predictions)
+        log_dir / "feedback", predictions.get(REQUEST_ID, pd.Series(dtype=str)), served_times(predictions)
     )
     if predictions.empty:
         return AnalysisResult(at=at, phase_index=phase_index, samples=0, verdicts={}, values={})
@@ -74,7 +84,7 @@ def analyse(
 def phase_samples(phase_kind: str, predictions: pd.DataFrame) -> int:
     """What the phase's `min_samples` counts: challenger-served requests, or shadow-scored ones."""
     if phase_kind == "shadow":
-        return int((predictions.get("shadow_status") == "ok").sum()) if "shadow_status" in predictions else 0
+        return int((predictions.get(SHADOW_STATUS) == "ok").sum()) if SHADOW_STATUS in predictions else 0
     if phase_kind == "canary":
-        return int(((predictions["variant"] == "challenger") | (predictions["status"] == "fallback")).sum())
+        return int(((predictions[VARIANT] == "challenger") | (predictions[STATUS] == "fallback")).sum())
     return len(predictions)

@@ -68,6 +68,19 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from core.prediction_log import (
+    ACCOUNT_ID,
+    LABEL,
+    LATENCY_MS,
+    RECEIVED_AT,
+    REQUEST_ID,
+    SCORE,
+    SHADOW_PREFIX,
+    SHADOW_STATUS,
+    STATUS,
+    TS,
+    VARIANT,
+)
 from monitoring.rollout.spec import (
     DeclineRateGuardrail,
     ErrorRateGuardrail,
@@ -301,28 +314,28 @@ def _floats(series: pd.Series) -> np.ndarray:
 
 def _labels(predictions: pd.DataFrame, feedback: pd.DataFrame | None) -> pd.Series:
     """Label per prediction row (NaN where none): the latest feedback per request_id, 0/1 only."""
-    if feedback is None or feedback.empty or "label" not in feedback.columns or "request_id" not in predictions:
+    if feedback is None or feedback.empty or LABEL not in feedback.columns or REQUEST_ID not in predictions:
         return pd.Series(np.nan, index=predictions.index)
-    latest = feedback.sort_values("received_at", kind="stable") if "received_at" in feedback.columns else feedback
-    latest = latest.drop_duplicates("request_id", keep="last").set_index("request_id")["label"]
-    label = pd.to_numeric(predictions["request_id"].map(latest), errors="coerce")
+    latest = feedback.sort_values(RECEIVED_AT, kind="stable") if RECEIVED_AT in feedback.columns else feedback
+    latest = latest.drop_duplicates(REQUEST_ID, keep="last").set_index(REQUEST_ID)[LABEL]
+    label = pd.to_numeric(predictions[REQUEST_ID].map(latest), errors="coerce")
     return label.where(label.isin([0, 1]))
 
 
 def _accounts(rows: pd.DataFrame) -> np.ndarray:
-    if "account_id" in rows.columns:
-        return rows["account_id"].astype(str).to_numpy()
+    if ACCOUNT_ID in rows.columns:
+        return rows[ACCOUNT_ID].astype(str).to_numpy()
     return np.arange(len(rows)).astype(str)  # no key: every request its own cluster
 
 
 def _arm(name: str, rows: pd.DataFrame, label: pd.Series, prefix: str = "") -> Arm:
-    status = _column(rows, f"{prefix}status").astype("object")
+    status = _column(rows, f"{prefix}{STATUS}").astype("object")
     ok = (status == "ok").to_numpy()
-    score = _floats(_column(rows, f"{prefix}score", "float64"))
+    score = _floats(_column(rows, f"{prefix}{SCORE}", "float64"))
     return Arm(
         name=name,
         error=~ok,
-        latency_ms=_floats(_column(rows, f"{prefix}latency_ms", "float64")),
+        latency_ms=_floats(_column(rows, f"{prefix}{LATENCY_MS}", "float64")),
         score=np.where(ok, score, np.nan),
         label=label.loc[rows.index].to_numpy(dtype=float, na_value=np.nan),
         account=_accounts(rows),
@@ -341,18 +354,18 @@ def observe(
         raise ValueError(f"phase_kind must be one of {', '.join(PHASE_KINDS)}, got {phase_kind!r}")
     frame = predictions.reset_index(drop=True)
     label = _labels(frame, feedback)
-    variant, status = _column(frame, "variant"), _column(frame, "status")
+    variant, status = _column(frame, VARIANT), _column(frame, STATUS)
     challenger_rows = (variant == "challenger") | (status == "fallback")
     champion = _arm("champion", frame[(variant == "champion") & ~challenger_rows], label)
     if phase_kind == "watch":
         return Observations(phase_kind, champion, None, None, threshold)
     if phase_kind == "canary":
         return Observations(phase_kind, _arm("challenger", frame[challenger_rows], label), champion, None, threshold)
-    shadowed = frame[(variant == "champion") & ~challenger_rows & _column(frame, "shadow_status").isin(["ok", "error"])]
-    shadow = _arm("shadow", shadowed, label, prefix="shadow_")
+    shadowed = frame[(variant == "champion") & ~challenger_rows & _column(frame, SHADOW_STATUS).isin(["ok", "error"])]
+    shadow = _arm("shadow", shadowed, label, prefix=SHADOW_PREFIX)
     own = _arm("champion", shadowed, label)
     both = np.isfinite(own.score) & np.isfinite(shadow.score)
-    ts = _floats(_column(shadowed, "ts", "float64"))
+    ts = _floats(_column(shadowed, TS, "float64"))
     pairs = Pairs(
         scores=np.column_stack([own.score[both], shadow.score[both]]),
         label=own.label[both],
