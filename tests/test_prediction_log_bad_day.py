@@ -131,8 +131,12 @@ def test_a_gateway_whose_log_cannot_be_written_keeps_answering_and_counts_the_un
         ]
         answers = [httpx.post(f"{stack.url('gateway')}/v1/score", content=b, timeout=10) for b in bodies]
         assert {a.status_code for a in answers} == {200}, "every request answered while no batch can be written"
-        wait_for(lambda: log_metric(stack, "gateway_log_rows_unwritten_total") >= 60, timeout=10)
-        assert log_metric(stack, "gateway_log_write_errors_total") == 3  # three batches of 20
+        # A batch is cut when the flush loop (0.1 s tick) sees 20 rows or more, so how the 60 rows fall into
+        # batches depends on how fast they came: at least 40 rows were tried, in batches of at least 20.
+        wait_for(lambda: log_metric(stack, "gateway_log_rows_unwritten_total") >= 40, timeout=10)
+        errors = log_metric(stack, "gateway_log_write_errors_total")
+        assert 1 <= errors <= 3, errors
+        assert log_metric(stack, "gateway_log_rows_unwritten_total") >= 20 * errors  # every failed batch counted
         assert log_metric(stack, "gateway_log_rows_written_total") == 0
         assert not list((stack.home / "prediction-log" / "predictions").glob(".*.tmp")), "no half file left"
         small = [traffic.score(i) for i in range(5)]  # and it still answers ordinary requests
