@@ -45,6 +45,8 @@ SHADOW_SLOT, SHADOW_MODEL_VERSION = "shadow_slot", "shadow_model_version"
 SHADOW_SCORE, SHADOW_LATENCY_MS, SHADOW_STATUS = "shadow_score", "shadow_latency_ms", "shadow_status"
 # ... and of the feedback (labels) log.
 LABEL, RECEIVED_AT = "label", "received_at"
+# True for a request QA sent to a variant on purpose (X-Mlops-Variant): logged, never evidence.
+FORCED = "forced"
 
 PREDICTION_SCHEMA = pa.schema(
     [
@@ -63,6 +65,7 @@ PREDICTION_SCHEMA = pa.schema(
         (SHADOW_SCORE, pa.float64()),
         (SHADOW_LATENCY_MS, pa.float64()),
         (SHADOW_STATUS, pa.string()),
+        (FORCED, pa.bool_()),
         *[(name, pa.float64()) for name in NUMERIC_FEATURES],
         *[(name, pa.string()) for name in CATEGORICAL_FEATURES],
     ]
@@ -236,3 +239,12 @@ def served_times(predictions: pd.DataFrame) -> pd.Series:
     if predictions.empty:
         return pd.Series(dtype=float)
     return predictions.drop_duplicates(REQUEST_ID).set_index(REQUEST_ID)[TS]
+
+
+def without_forced(predictions: pd.DataFrame) -> pd.DataFrame:
+    """The rows that are evidence: requests routed by the policy, not sent to a variant on purpose by QA.
+    Files written before the column existed have no forced rows."""
+    if predictions.empty or FORCED not in predictions.columns:
+        return predictions
+    forced = predictions[FORCED].astype("boolean").fillna(False).to_numpy(dtype=bool)
+    return predictions[~forced].reset_index(drop=True)

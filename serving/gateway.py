@@ -41,11 +41,12 @@ from starlette.routing import Route
 from control_plane.client import AsyncControlPlaneClient, ControlPlaneError, ControlPlaneUnavailable
 from control_plane.labels_token import resolve_labels_token
 from control_plane.models import TrafficPolicy
-from control_plane.tokens import check_bearer
-from core.prediction_log import FEEDBACK_SCHEMA, PREDICTION_SCHEMA, BatchedParquetLog, RecentIds, flush_loop
+from control_plane.tokens import check_bearer, resolve_token
+from core.prediction_log import FEEDBACK_SCHEMA, FORCED, PREDICTION_SCHEMA, BatchedParquetLog, RecentIds, flush_loop
 from core.settings import Settings
 from serving.labels import LabelBook, LabelOutcome
 from serving.requests import RequestError, Transaction, encode, features, parse_feedback, parse_transaction
+from serving.routing import Route as PolicyRoute
 from serving.routing import other_slot, route
 
 log = logging.getLogger("mlops.gateway")
@@ -158,6 +159,7 @@ class Gateway:
         self.known_ids = RecentIds()
         self.labels = LabelBook(self.known_ids.capacity)
         self.labels_token = resolve_labels_token(settings)
+        self.operator_token = resolve_token(settings)  # QA routing (X-Mlops-Variant) is an operator's act
         self.shadow_queue: asyncio.Queue[tuple[dict[str, Any], bytes]] = asyncio.Queue(settings.shadow_queue_size)
         self.session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -274,22 +276,27 @@ class Gateway:
 
     # --- requests ---------------------------------------------------------------------------------
 
-    async def score(self, body: bytes) -> tuple[int, dict[str, Any]]:
+    async def score(self, body: bytes, forced_variant: str | None = None) -> tuple[int, dict[str, Any]]:
         self.client_in_flight += 1
         self.idle.clear()
         try:
-            return await self._score(body)
+            return await self._score(body, forced_variant)
         finally:
             self.client_in_flight -= 1
             if self.client_in_flight == 0:
                 self.idle.set()
 
-    async def _score(self, body: bytes) -> tuple[int, dict[str, Any]]:
+    async def _score(self, body: bytes, forced_variant: str | None = None) -> tuple[int, dict[str, Any]]:
         started = time.perf_counter()
         transaction = parse_transaction(body)  # RequestError → 4xx, handled by the route
         policy = self.policy
         champion = policy.champion_slot
-        chosen = route(transaction.account_id, champion, policy.weights[other_slot(champion)], policy.shadow)
+        if forced_variant is None:
+            chosen = route(transaction.account_id, champion, policy.weights[other_slot(champion)], policy.shadow)
+        else:  # QA asked for this variant: no hash, no shadow copy, and no fallback that would hide its answer
+            chosen = PolicyRoute(
+                forced_variant, champion if forced_variant == "champion" else other_slot(champion), None
+            )
         status, variant, slot = "ok", chosen.variant, chosen.slot
         answer: SlotAnswer | None = None
         try:
@@ -300,7 +307,7 @@ class Gateway:
         except SlotFailure as failure:
             self.metrics.errors.labels(variant).inc()
             log.debug("%s", failure)
-            if variant == "challenger":  # the client still gets an answer: the champion's
+            if variant == "challenger" and forced_variant is None:  # the client still gets an answer: the champion's
                 status, variant, slot = "fallback", "champion", champion
                 with contextlib.suppress(SlotFailure):
                     answer = await self.call_slot(champion, body, self.settings.champion_timeout_ms / 1000)
@@ -309,10 +316,14 @@ class Gateway:
         latency_ms = (time.perf_counter() - started) * 1000
         request_id = transaction.transaction_id or uuid.uuid4().hex
         row = self._row(request_id, transaction, policy, variant, slot, answer, latency_ms, status)
+        row[FORCED] = forced_variant is not None
         self.metrics.requests.labels(variant, status).inc()
         self.metrics.latency.labels(variant).observe(latency_ms / 1000)
         self._log(row, body, chosen.shadow_slot if status != "error" else None)
         if answer is None:
+            if forced_variant is not None:
+                message = f"the {forced_variant} (slot {slot}) could not answer this request"
+                return 503, {"error": message, "request_id": request_id, "variant": variant}
             return 503, {"error": "no model could answer this request", "request_id": request_id}
         return 200, {
             "request_id": request_id,
@@ -430,16 +441,50 @@ class Gateway:
         return 202, {"request_id": feedback.request_id, "accepted": True}
 
 
+VARIANT_HEADER = "x-mlops-variant"
+FORCEABLE_VARIANTS = ("champion", "challenger")
+
+
+def _refuse_forced_variant(value: str, authorization: str | None, token: str) -> Response | None:
+    """A forced variant needs the operator's token and a known name; anything else is refused, never routed by
+    hash instead (QA would be told about a variant that did not answer)."""
+    rejected = check_bearer(authorization, token)
+    if rejected is not None:
+        message = (
+            f"{VARIANT_HEADER} routes to a variant on purpose and needs the control-plane token: {rejected.message}"
+        )
+        body = encode({"error": message, "field": "authorization"})
+        return Response(body, rejected.status, rejected.headers or None, media_type=JSON)
+    if value.strip().lower() not in FORCEABLE_VARIANTS:
+        message = f"{VARIANT_HEADER} must be one of {', '.join(FORCEABLE_VARIANTS)}, got {value!r}"
+        return Response(encode({"error": message, "field": VARIANT_HEADER}), 422, media_type=JSON)
+    return None
+
+
+def _answered_by(body: dict[str, Any]) -> dict[str, str]:
+    """Which variant and which model version answered, on every scored response."""
+    headers = {"X-Mlops-Variant": str(body["variant"])} if body.get("variant") else {}
+    if body.get("model_version") is not None:
+        headers["X-Mlops-Model-Version"] = str(body["model_version"])
+    return headers
+
+
 def create_gateway_app(settings: Settings) -> Starlette:
     gateway = Gateway(settings)
 
     async def score(request: Request) -> Response:
+        forced = request.headers.get(VARIANT_HEADER)
+        if forced is not None:
+            refused = _refuse_forced_variant(forced, request.headers.get("authorization"), gateway.operator_token)
+            if refused is not None:
+                gateway.metrics.invalid.labels(str(refused.status_code)).inc()
+                return refused
         try:
-            status, body = await gateway.score(await request.body())
+            status, body = await gateway.score(await request.body(), forced.strip().lower() if forced else None)
         except RequestError as error:
             gateway.metrics.invalid.labels(str(error.status)).inc()
             return Response(encode(error.body()), error.status, media_type=JSON)
-        return Response(encode(body), status, media_type=JSON)
+        return Response(encode(body), status, _answered_by(body), media_type=JSON)
 
     async def feedback(request: Request) -> Response:
         try:

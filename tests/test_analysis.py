@@ -129,3 +129,14 @@ def test_the_prediction_log_contract_names_every_column_its_readers_use() -> Non
     assert {contract.SHADOW_SCORE, contract.SHADOW_STATUS} <= names
     assert all(name.startswith(contract.SHADOW_PREFIX) for name in names if "shadow" in name)
     assert contract.FEEDBACK_SCHEMA.names == [contract.REQUEST_ID, contract.LABEL, contract.RECEIVED_AT]
+
+
+def test_requests_qa_forced_to_a_variant_are_never_evidence() -> None:
+    import pandas as pd
+
+    from core.prediction_log import without_forced
+
+    rows = pd.DataFrame({"request_id": ["a", "b", "c"], "forced": [False, True, None]})
+    assert list(without_forced(rows)["request_id"]) == ["a", "c"]  # None: a file written before the column
+    older = pd.DataFrame({"request_id": ["a"]})
+    assert list(without_forced(older)["request_id"]) == ["a"]

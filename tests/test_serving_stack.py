@@ -399,3 +399,50 @@ def test_the_slot_answers_a_missing_token_401_and_a_wrong_one_403_like_the_other
     response = httpx.post(f"{stack.url('slot-a')}/v1/fault", content=b"{}", headers=headers)
     assert response.status_code == status
     assert response.json()["field"] == "authorization"
+
+
+def _score_as(stack: LocalStack, traffic: Traffic, headers: dict[str, str]) -> httpx.Response:
+    return httpx.post(
+        f"{stack.url('gateway')}/v1/score", content=json.dumps(traffic.rows[3], default=float), headers=headers
+    )
+
+
+def test_qa_reaches_the_challenger_by_header_and_the_answer_says_who_answered(
+    stack: LocalStack, control: ControlPlaneClient, traffic: Traffic, versions: dict[str, str]
+) -> None:
+    set_policy(stack, control, 0.0, shadow=False)  # the challenger takes no traffic: only QA reaches it
+    qa = {"X-Mlops-Variant": "challenger", "Authorization": "Bearer test-token"}
+    forced = _score_as(stack, traffic, qa)
+    assert forced.status_code == 200, forced.text
+    assert forced.json()["variant"] == "challenger" and forced.json()["model_version"] == versions["v2"]
+    assert forced.headers["x-mlops-variant"] == "challenger"
+    assert forced.headers["x-mlops-model-version"] == versions["v2"]
+    routed = _score_as(stack, traffic, {})
+    assert routed.headers["x-mlops-variant"] == "champion"
+    assert routed.headers["x-mlops-model-version"] == versions["v1"]
+
+    from core.prediction_log import read_window, without_forced
+
+    request_id = forced.json()["request_id"]
+    log_dir = stack.home / "prediction-log" / "predictions"
+    wait_for(lambda: request_id in set(read_window(log_dir, 0).get("request_id", [])), timeout=10)
+    rows = read_window(log_dir, 0)
+    assert bool(rows.loc[rows["request_id"] == request_id, "forced"].iloc[0]) is True  # logged ...
+    assert request_id not in set(without_forced(rows)["request_id"])  # ... and never evidence
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "field"),
+    [
+        ({"X-Mlops-Variant": "challenger"}, 401, "authorization"),
+        ({"X-Mlops-Variant": "challenger", "Authorization": "Bearer wrong"}, 403, "authorization"),
+        ({"X-Mlops-Variant": "canary", "Authorization": "Bearer test-token"}, 422, "x-mlops-variant"),
+    ],
+)
+def test_a_forced_variant_without_the_token_or_with_an_unknown_name_is_refused_not_routed_by_hash(
+    stack: LocalStack, traffic: Traffic, headers: dict[str, str], status: int, field: str
+) -> None:
+    response = _score_as(stack, traffic, headers)
+    assert response.status_code == status
+    assert response.json()["field"] == field and "x-mlops-variant" in response.json()["error"]
+    assert "x-mlops-variant" not in response.headers  # nothing answered
