@@ -52,24 +52,23 @@ from monitoring.rollout.guardrails import (  # noqa: E402
     PASS,
     Judgement,
     Moments,
-    alpha_per_look_set,
     clopper_pearson,
     combine_codes,
     difference,
     judge,
     latency_tail_judgement,
+    levels_for,
     log_losses,
     mass_change_judgement,
     paired,
+    recall_scales,
     score_edges,
 )
 from monitoring.rollout.guardrails import PROPORTION_PSEUDO as PSEUDO  # noqa: E402
-from monitoring.rollout.spec import RolloutSpec, default_spec, fast_spec  # noqa: E402
+from monitoring.rollout.spec import Planning, RolloutSpec, default_spec, fast_spec  # noqa: E402
 from monitoring.rollout.state_machine import Analysis, AnalysisResult, Start, Tick, initial_state, step  # noqa: E402
 
 THRESHOLD = DEFAULT_DECISION_THRESHOLD
-RPS = 200.0
-LABEL_DELAY_S = {"default": 30.0, "fast": 2.0}
 SHADOW_BATCH = 64
 BASE_ERROR = 0.001
 LATENCY_MEDIAN_MS, LATENCY_SIGMA = 20.0, 0.35
@@ -91,6 +90,15 @@ VERDICT = {FAIL: "fail", INCONCLUSIVE: "inconclusive", PASS: "pass"}
 
 
 # ---------------------------------------------------------------- two models trained apart, one pool
+
+
+def _planning(spec: RolloutSpec) -> Planning:
+    """The traffic the spec is planned for (its `planning:`; the defaults where it has none)."""
+    return spec.planning or Planning()
+
+
+def _rps(spec: RolloutSpec) -> float:
+    return _planning(spec).rps
 
 
 def _design(frame: Any) -> np.ndarray:
@@ -143,6 +151,13 @@ def _drop_caught(
     return np.where(lose, 0.8 * THRESHOLD, score)
 
 
+def _share_for(pool: Pool, drop: float) -> float:
+    """The share of the retrain's caught frauds to lose for its recall to be (1 - drop) x the champion's."""
+    recall_b = np.mean(pool.champion[pool.label == 1] >= THRESHOLD)
+    recall_c = np.mean(pool.retrain[pool.label == 1] >= THRESHOLD)
+    return float(np.clip(1 - (1 - drop) * recall_b / recall_c, 0.0, 1.0))
+
+
 def make_case(name: str, spec: RolloutSpec, pool: Pool, rng: np.random.Generator) -> Case:
     recall = next(g for g in spec.guardrails if g.kind == "online_recall")
     errors = next(g for g in spec.guardrails if g.kind == "error_rate")
@@ -150,10 +165,12 @@ def make_case(name: str, spec: RolloutSpec, pool: Pool, rng: np.random.Generator
     if name in ("at_margin", "inside_margin"):
         part = 1.0 if name == "at_margin" else 0.5
         return Case(
-            _drop_caught(c, pool.label, part * recall.max_drop, rng), BASE_ERROR + part * errors.max_increase, 1.0
+            _drop_caught(c, pool.label, _share_for(pool, part * recall.max_drop), rng),
+            BASE_ERROR + part * errors.max_increase,
+            1.0,
         )  # type: ignore[union-attr]
     if name == "recall_drop_20":
-        return Case(_drop_caught(c, pool.label, 0.2, rng), BASE_ERROR, 1.0)
+        return Case(_drop_caught(c, pool.label, _share_for(pool, 0.2), rng), BASE_ERROR, 1.0)
     if name == "p99_x2":
         return Case(c, BASE_ERROR, 2.0)
     if name == "errors_plus_2pt":
@@ -203,7 +220,7 @@ def make_cells(spec: RolloutSpec, pool: Pool, case: Case) -> Cells:
             values["ll_d2"] = mean(d * d)
             values["ll_c"], spread["ll_c"] = mean(ll_c), var(ll_c)
             values["ll_c2"] = mean(ll_c * ll_c)
-    return Cells(RPS * count / count.sum(), values, spread)
+    return Cells(_rps(spec) * count / count.sum(), values, spread)
 
 
 def _cum(x: np.ndarray) -> np.ndarray:
@@ -283,7 +300,6 @@ def shadow_codes(
     spec: RolloutSpec, cells: Cells, case: Case, draws: Draws, looks: np.ndarray, delay: float
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Verdict codes (rollouts, looks) per shadow guardrail, the phase's sample count and labelled frauds."""
-    alpha = alpha_per_look_set(spec)
     x = draws.poisson("cells", cells.rate)
     n_sec = x.sum(axis=2)
     v = cells.values
@@ -294,16 +310,17 @@ def shadow_codes(
     frauds_sec = x @ v["y"]
     frauds = _take(_cum(frauds_sec), labelled_at)
     for cfg in spec.guardrails_for("shadow"):
+        alpha = levels_for(spec, cfg)
         enough = samples >= cfg.min_samples
         if cfg.kind == "error_rate":
-            batches = draws.poisson("failed_batches", RPS / SHADOW_BATCH * case.error)
+            batches = draws.poisson("failed_batches", _rps(spec) / SHADOW_BATCH * case.error)
             err = np.minimum(batches * SHADOW_BATCH, n_sec)
             d = _proportion_at(err, n_sec, at, by_second=True)
             j = judge(*paired(d, cfg.max_increase), alpha, max(cfg.max_increase, 1e-3), enough)
         elif cfg.kind in ("decline_rate", "score_shift"):
             m = cfg.max_change if cfg.kind == "decline_rate" else cfg.max_mass_change
             pairs = [("dec_b", "dec_c")] if cfg.kind == "decline_rate" else [("lo_b", "lo_c"), ("hi_b", "hi_c")]
-            share = alpha if cfg.kind == "decline_rate" else alpha / 2
+            share = alpha if cfg.kind == "decline_rate" else alpha.split(2)
             js: list[Judgement] = []
             for kb, kc in pairs:
                 up = v[kc] - (1 + m) * v[kb]
@@ -325,7 +342,8 @@ def shadow_codes(
             s = _take(_cum(x @ d), labelled_at)
             ss = _take(_cum(x @ (d * d)), labelled_at)
             m = Moments(frauds, s, ss, ss, s, frauds)
-            j = judge(*paired(m), alpha, max(0.6 * cfg.max_drop, 0.01), frauds >= cfg.min_samples)
+            scale, bad = recall_scales(cfg)
+            j = judge(*paired(m), alpha, scale, frauds >= cfg.min_samples, fail_scale=bad)
         elif cfg.kind == "online_log_loss":
             total = x @ v["ll_d"] + np.sqrt(x @ cells.spread["ll_d"]) * draws.normal("ll_noise")
             n = _take(_cum(n_sec), labelled_at)
@@ -355,18 +373,18 @@ def canary_codes(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Verdict codes per canary (or watch) guardrail. At weight 1 (and in the watch) the absolute bounds.
     Errors and successes are independent Poisson counts (a Poisson stream thinned by the error rate)."""
-    alpha = alpha_per_look_set(spec)
     at = looks.astype(int) - 1
-    err_c = draws.poisson("err_c", RPS * weight * case.error)
-    n_c = err_c + draws.poisson("ok_c", RPS * weight * (1 - case.error))
+    err_c = draws.poisson("err_c", _rps(spec) * weight * case.error)
+    n_c = err_c + draws.poisson("ok_c", _rps(spec) * weight * (1 - case.error))
     samples = _cum(n_c)[:, at]
     absolute = watch or weight >= 1
     codes: dict[str, np.ndarray] = {}
     kind = "watch" if watch else "canary"
     if not absolute:
-        err_b = draws.poisson("err_b", RPS * (1 - weight) * BASE_ERROR)
-        n_b = err_b + draws.poisson("ok_b", RPS * (1 - weight) * (1 - BASE_ERROR))
+        err_b = draws.poisson("err_b", _rps(spec) * (1 - weight) * BASE_ERROR)
+        n_b = err_b + draws.poisson("ok_b", _rps(spec) * (1 - weight) * (1 - BASE_ERROR))
     for cfg in spec.guardrails_for(kind):
+        alpha = levels_for(spec, cfg)
         if cfg.kind == "error_rate":
             mc = _proportion_at(err_c, n_c, at)
             if absolute:
@@ -385,12 +403,12 @@ def canary_codes(
                 share = stats.norm.sf(
                     np.log(cfg.max_p99_ms / (LATENCY_MEDIAN_MS * case.latency_factor)) / LATENCY_SIGMA
                 )
-                above = draws.poisson("above_bound", RPS * weight * share)
+                above = draws.poisson("above_bound", _rps(spec) * weight * share)
                 j = latency_tail_judgement(_proportion_at(above, n_c, at), None, 1.0, alpha,
                                            samples >= cfg.min_samples)  # fmt: skip
             else:
-                up_c = _cum(_latency_counts(draws, "lat_c", RPS * weight, case.latency_factor))[:, at]
-                up_b = _cum(_latency_counts(draws, "lat_b", RPS * (1 - weight), 1.0))[:, at]
+                up_c = _cum(_latency_counts(draws, "lat_c", _rps(spec) * weight, case.latency_factor))[:, at]
+                up_b = _cum(_latency_counts(draws, "lat_b", _rps(spec) * (1 - weight), 1.0))[:, at]
                 nb = _cum(n_b)[:, at]
                 nc = samples
                 # the champion's running p99: the first grid threshold with at most 1 % of its requests above
@@ -412,13 +430,13 @@ def watch_quality(
     spec: RolloutSpec, cells: Cells, draws: Draws, looks: np.ndarray, delay: float
 ) -> dict[str, np.ndarray]:
     """The promoted model's recall and log loss against their absolute bounds, labels late."""
-    alpha = alpha_per_look_set(spec)
     x = draws.poisson("cells", cells.rate)
     n_sec = x.sum(axis=2)
     v = cells.values
     idx = _delayed(looks, delay) - 1
     codes: dict[str, np.ndarray] = {}
     for cfg in spec.guardrails_for("watch"):
+        alpha = levels_for(spec, cfg)
         if cfg.kind == "online_recall" and cfg.min_recall is not None:
             n = _take(_cum(x @ v["y"]), idx)
             s = _take(_cum(x @ (v["y"] * v["dec_c"])), idx)
@@ -522,7 +540,7 @@ def run_config(spec: RolloutSpec, case: Case, cells: Cells, interval: int, rollo
     rng = np.random.default_rng(seed)
     plan = plan_for(spec, model_name="bench", challenger_version="2", champion_version="1", champion_slot="a",
                     previous_version=None, rollout_id="bench")  # fmt: skip
-    delay = LABEL_DELAY_S[spec.name]
+    delay = _planning(spec).label_delay_s
     outcomes: list[Outcome] = []
     for first in range(0, rollouts, CHUNK):
         size = min(CHUNK, rollouts - first)

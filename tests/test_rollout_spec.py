@@ -73,7 +73,6 @@ def test_default_spec_has_shadow_then_four_canary_steps_and_every_guardrail_kind
     assert spec.false_rollback_rate == 0.01
     assert all(g.confidence is None for g in spec.guardrails)  # the level comes from the error budget
     assert [g.kind for g in spec.guardrails_for("shadow")] == [
-        "error_rate",
         "score_shift",
         "decline_rate",
         "shadow_agreement",

@@ -11,9 +11,13 @@ A spec is a YAML file (see `monitoring/rollout/specs/`) validated into a frozen 
 - `post_promotion_watch_s`: how long a promoted champion is watched against absolute bounds.
 - `guardrails`: the checks of `monitoring.rollout.guardrails`, each with the phase kinds it applies to
   (`shadow`, `canary`, `watch`), a minimum sample count and kind-specific limits (margins).
-- `false_rollback_rate` (default 0.01): the rollout-level guarantee. Every guardrail keeps an anytime-valid
-  confidence sequence at its share of this budget (split evenly over the judged (guardrail, phase) pairs), so
-  a challenger within every margin is rolled back by a failing guardrail with probability at most this.
+- `false_rollback_rate` (default 0.01): the rollout-level guarantee. Every guardrail's fail side is an
+  anytime-valid bound at its share of this budget (split over the judged (guardrail, phase) pairs by each
+  guardrail's `budget_weight`), so a challenger within every margin is rolled back by a failing guardrail with
+  probability at most this. `false_promotion_rate` (default 0.05): a challenger beyond one guardrail's margin
+  passes it with probability at most this (the pass side).
+- `planning` (optional): the traffic the phases are planned for (`rps`, `fraud_rate`, `label_delay_s`, ...);
+  when given, `monitoring.rollout.planner` refuses phases that cannot decide at that rate.
 - gates: a phase with `require_approval: true` holds after its guardrails pass until `mlops rollout approve`,
   for at most `approval_timeout_s` (then `on_approval_timeout`: `hold` or `rollback`).
 - `hooks`: HTTP receivers (see `Hook`): notifications of the rollout's events, and the gating hooks
@@ -161,9 +165,13 @@ class _GuardrailBase(_Strict):
     # Ignored, kept so older specs load: each guardrail's level now comes from the spec's false_rollback_rate,
     # split across guardrails and phases (`monitoring.rollout.guardrails.alpha_per_look_set`).
     confidence: float | None = None
+    # This guardrail's share of the spec's false_rollback_rate, relative to the others' (a weighted Bonferroni
+    # split over the (guardrail, phase) pairs judged; `monitoring.rollout.guardrails.error_budget`).
+    budget_weight: float = 1.0
 
     _name = field_validator("name")(_non_empty)
     _samples = field_validator("min_samples")(_at_least_one)
+    _weight = field_validator("budget_weight")(_positive)
 
     @field_validator("confidence")
     @classmethod
@@ -416,6 +424,31 @@ class Hook(_Strict):
         return [event for event in self.events if event in HOOK_GATES]
 
 
+class Planning(_Strict):
+    """The traffic a spec is planned for (`monitoring.rollout.planner`): its phases must be able to decide at this
+    rate. The champion's figures are planning assumptions of the power calculation, not measured."""
+
+    rps: float = 200.0
+    fraud_rate: float = 0.02
+    label_delay_s: float = 30.0
+    champion_recall: float = 0.6  # at the decision threshold
+    decline_rate: float = 0.025
+    error_rate: float = 0.001
+
+    _rps = field_validator("rps")(_positive)
+    _delay = field_validator("label_delay_s")(_non_negative)
+
+    @field_validator("fraud_rate", "champion_recall", "decline_rate")
+    @classmethod
+    def _share(cls, value: float) -> float:
+        return _fraction(value)  # type: ignore[return-value]
+
+    @field_validator("error_rate")
+    @classmethod
+    def _errors(cls, value: float) -> float:
+        return _fraction(value, lower_open=False)  # type: ignore[return-value]
+
+
 GuardrailConfig = Annotated[
     ErrorRateGuardrail
     | LatencyP99Guardrail
@@ -442,6 +475,11 @@ class RolloutSpec(_Strict):
     # failing guardrail, at any look of any phase or of the watch, is at most this. Split evenly (Bonferroni)
     # over the (guardrail, phase) pairs that are judged; see monitoring.rollout.guardrails.
     false_rollback_rate: float = 0.01
+    # The pass side: a challenger beyond one guardrail's margin passes that guardrail (and so can be promoted)
+    # with probability at most this. It costs no false rollbacks, so it is not split.
+    false_promotion_rate: float = 0.05
+    # The traffic the phases are planned for; validated by `monitoring.rollout.planner` (None: not planned).
+    planning: Planning | None = None
 
     _name = field_validator("name")(_non_empty)
     _interval = field_validator("analysis_interval_s")(_positive)
@@ -453,6 +491,13 @@ class RolloutSpec(_Strict):
     def _budget(cls, value: float) -> float:
         if not 0 < value < 0.5:
             raise ValueError(f"must be in (0, 0.5), got {value}: an error budget <= 0 cannot be guaranteed")
+        return value
+
+    @field_validator("false_promotion_rate")
+    @classmethod
+    def _pass_level(cls, value: float) -> float:
+        if not 0 < value < 0.5:
+            raise ValueError(f"must be in (0, 0.5), got {value}: a pass error <= 0 can never pass")
         return value
 
     @model_validator(mode="after")
