@@ -583,6 +583,51 @@ def rollout_start(
         _emit_json(view)
 
 
+@rollout_app.command("plan")
+def rollout_plan(
+    spec: Annotated[str, typer.Option("--spec", help="a bundled spec name (default, fast) or a YAML path")] = "default",
+    rps: Annotated[
+        float | None, typer.Option("--rps", help="requests per second (default: the spec's planning)")
+    ] = None,
+    fraud_rate: Annotated[float | None, typer.Option("--fraud-rate")] = None,
+    label_delay: Annotated[float | None, typer.Option("--label-delay", help="seconds until a label arrives")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Per phase, the expected seconds to a decision for an identical challenger and for a 20 % recall drop at the
+    given traffic, and whether each deadline can be met (monitoring/rollout/planner.py). Exit 1 if one cannot."""
+    from monitoring.rollout.planner import plan, plan_problems
+    from monitoring.rollout.spec import Planning, SpecError, format_location, spec_from_setting
+
+    try:
+        loaded = spec_from_setting(spec)
+        base = loaded.planning or Planning()
+        given = {"rps": rps, "fraud_rate": fraud_rate, "label_delay_s": label_delay}
+        planning = Planning(**{**base.model_dump(), **{k: v for k, v in given.items() if v is not None}})
+        problems = plan_problems(loaded.model_copy(update={"planning": planning}))
+    except (SpecError, ValueError) as error:
+        raise _fail(str(error)) from None
+    rows = plan(loaded, planning)
+    shown = lambda value: "-" if value is None or value == float("inf") else f"{value:.0f}"  # noqa: E731
+    if as_json:
+        _emit_json({"spec": loaded.name, "planning": planning.model_dump(),
+                    "phases": [row.__dict__ for row in rows], "problems": [f"{format_location(loc)}: {m}"
+                                                                         for loc, m in problems]})  # fmt: skip
+    else:
+        table = Table(title=f"{loaded.name} at {planning.rps:g} requests/s, {planning.fraud_rate:g} fraud, labels "
+                      f"{planning.label_delay_s:g} s late")  # fmt: skip
+        for column in ("phase", "deadline s", "identical: median s", "identical: sure s", "bottleneck",
+                       "20 % recall drop: median s to fail", "80 % power s"):  # fmt: skip
+            table.add_column(column)
+        for row in rows:
+            table.add_row(row.name, shown(row.deadline_s), shown(row.pass_s), shown(row.sure_pass_s), row.bottleneck,
+                          shown(row.fail_s), shown(row.power_fail_s))  # fmt: skip
+        Console(width=150).print(table)
+        for loc, message in problems:
+            err.print(f"{format_location(loc)}: {message}", style="red", markup=False)
+    if problems:
+        raise typer.Exit(1)
+
+
 @rollout_app.command("status")
 def rollout_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """The active rollout, or the most recent one."""

@@ -505,6 +505,12 @@ class RolloutSpec(_Strict):
         problems = _cross_field_problems(self.model_dump())
         if problems:
             raise _Problems(problems)
+        # Imported here: the planner models the guardrails, which read this module's types.
+        from monitoring.rollout.planner import plan_problems
+
+        planned = plan_problems(self)
+        if planned:
+            raise _Problems(planned)
         return self
 
     @property
@@ -634,6 +640,11 @@ def _format_loc(loc: Loc) -> str:
         else:
             text += f".{item}" if text else item
     return text or "<spec>"
+
+
+def format_location(loc: Loc) -> str:
+    """A problem's location as the spec's problems name it, e.g. `phases[0].max_duration_s`."""
+    return _format_loc(loc)
 
 
 def _problems_from(error: ValidationError) -> list[tuple[Loc, str]]:
