@@ -99,3 +99,15 @@ def test_mlops_rollout_plan_prints_every_phase_and_exits_1_when_a_deadline_canno
                               "--label-delay", "2"])  # fmt: skip
     assert bad.exit_code == 1
     assert "phases[0].max_duration_s" in bad.output
+
+
+def test_a_spec_asking_for_impossible_guarantees_is_refused_with_every_problem_and_its_field() -> None:
+    data = default_spec().model_dump(exclude_none=True)
+    data.update(false_rollback_rate=0.0, false_promotion_rate=-0.1, planning={**data["planning"], "rps": 0})
+    data["guardrails"] = [
+        {**g, "max_increase": -0.01, "budget_weight": 0} if g["name"] == "error-rate" else g for g in data["guardrails"]
+    ]
+    problems = _problems(data)
+    for field in ("false_rollback_rate", "false_promotion_rate", "planning.rps", "guardrails[0].max_increase",
+                  "guardrails[0].budget_weight"):  # fmt: skip
+        assert any(p.startswith(f"{field}: ") for p in problems), (field, problems)

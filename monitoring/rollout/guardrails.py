@@ -63,7 +63,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -957,7 +957,26 @@ def evaluate_guardrails(
     on the given window of the prediction log (the caller picks the window: the current phase's, so each CS
     starts with the phase) and the feedback received so far, each at its share of the error budget."""
     obs = observe(phase_kind, predictions, feedback, threshold=threshold)
-    return [GUARDRAILS[cfg.kind](cfg, obs, levels_for(spec, cfg)) for cfg in spec.guardrails if applies(cfg, obs)]
+    results = [GUARDRAILS[cfg.kind](cfg, obs, levels_for(spec, cfg)) for cfg in spec.guardrails if applies(cfg, obs)]
+    ignored = ignored_labels(predictions, feedback)
+    if not any(ignored.values()):
+        return results
+    note = ", ".join(f"{n} {why}" for why, n in ignored.items() if n)
+    uses_labels = {cfg.name for cfg in spec.guardrails if type(cfg).USES_LABELS}
+    return [replace(r, detail=f"{r.detail} (labels ignored: {note})") if r.name in uses_labels else r for r in results]
+
+
+def ignored_labels(predictions: pd.DataFrame, feedback: pd.DataFrame | None) -> dict[str, int]:
+    """Labels that are no evidence, counted so an analysis says why it saw fewer than it was sent: labels for
+    request ids this window never served, and labels other than 0/1. They never count towards a pass."""
+    if feedback is None or feedback.empty or REQUEST_ID not in feedback.columns:
+        return {"for requests not in this window": 0, "not 0 or 1": 0}
+    known = feedback[REQUEST_ID].isin(set(predictions[REQUEST_ID])) if REQUEST_ID in predictions else False
+    label = pd.to_numeric(feedback[LABEL], errors="coerce") if LABEL in feedback.columns else pd.Series(np.nan)
+    return {
+        "for requests not in this window": int((~np.asarray(known, dtype=bool)).sum()),
+        "not 0 or 1": int((np.asarray(known, dtype=bool) & ~label.isin([0, 1]).to_numpy()).sum()),
+    }
 
 
 def applies(cfg: GuardrailConfig, obs: Observations) -> bool:

@@ -125,6 +125,8 @@ def contrasts(spec: RolloutSpec, phase: Phase | None, planning: Planning) -> lis
             continue  # a purely relative guardrail is left out of the 100 % step
         built = _contrast(cfg, shadow, absolute, weight, rps, fraud, recall, declines, errors, planning)
         if built is not None:
+            if built["bad"] is not None and built["bad"] <= 0:
+                built["bad"] = None  # the drop stays within this guardrail's bound: it cannot see it
             out.append(Contrast(**common, **built))
     return out
 

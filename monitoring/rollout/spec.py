@@ -158,6 +158,7 @@ class _GuardrailBase(_Strict):
     SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow", "canary", "watch")
     UNSUPPORTED_WHY: ClassVar[str] = ""
     WATCH_LIMIT: ClassVar[str | None] = None  # the absolute-bound field a `watch` evaluation needs
+    USES_LABELS: ClassVar[bool] = False  # judged on labelled feedback (its detail counts ignored labels)
 
     name: str
     applies_to: list[GuardrailPhase]
@@ -316,6 +317,7 @@ class OnlineRecallGuardrail(_GuardrailBase):
     watch: >= `min_recall`."""
 
     WATCH_LIMIT: ClassVar[str | None] = "min_recall"
+    USES_LABELS: ClassVar[bool] = True
 
     kind: Literal["online_recall"]
     max_drop: float = 0.1
@@ -336,6 +338,7 @@ class OnlineLogLossGuardrail(_GuardrailBase):
     """Challenger mean log loss may be at most (1 + `max_increase`) x the champion's; watch: <= `max_log_loss`."""
 
     WATCH_LIMIT: ClassVar[str | None] = "max_log_loss"
+    USES_LABELS: ClassVar[bool] = True
 
     kind: Literal["online_log_loss"]
     max_increase: float = 0.1
