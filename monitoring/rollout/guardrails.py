@@ -68,7 +68,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special, stats
 
 from core.prediction_log import (
     ACCOUNT_ID,
@@ -205,7 +205,7 @@ def _optimal_ratio(log_inverse_level: float) -> float:
 def _boundary_grid(alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """For unit effect: log u on a grid of dimensionless information u = I effect^2, and s*(u)/u, where s* is the
     smallest s = S effect (S = I x estimate) at which the e-process reaches 1/alpha (see `one_sided_boundary`)."""
-    log_u = np.linspace(np.log(1e-6), np.log(1e9), 1500)
+    log_u = np.linspace(np.log(1e-6), np.log(1e9), 1500)  # s*/u is smooth in log u: interpolated between points
     u = np.exp(log_u)
     target = np.log(1 / alpha)
     mixtures = []
@@ -219,13 +219,13 @@ def _boundary_grid(alpha: float) -> tuple[np.ndarray, np.ndarray]:
         for weight, r in mixtures:  # Robbins' half-normal mixture over bets lambda > 0, precision r (one-sided)
             mixture = (
                 np.log(weight) + np.log(2) + 0.5 * np.log(r / (u + r)) + s * s / (2 * (u + r))
-                + stats.norm.logcdf(s / np.sqrt(u + r))
+                + special.log_ndtr(s / np.sqrt(u + r))
             )  # fmt: skip
             total = np.logaddexp(total, mixture)
         return total
 
     lo, hi = np.zeros_like(u), u / 2 + np.log(1 / (BET_WEIGHT * alpha))  # the bet alone crosses by hi
-    for _ in range(80):
+    for _ in range(80):  # bisection: the bracket shrinks to 2^-80 of its width
         mid = (lo + hi) / 2
         above = log_e(mid) >= target
         hi, lo = np.where(above, mid, hi), np.where(above, lo, mid)

@@ -26,7 +26,9 @@ a guardrail minimum that cannot be collected before the deadline, and a recall g
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -75,7 +77,7 @@ class Contrast:
     def samples(self, t: float) -> float:
         return self.units_per_s * max(t - self.delay_s, 0.0)
 
-    def _time(self, ok: callable, start: float) -> float:  # type: ignore[valid-type]
+    def _time(self, ok: Callable[[np.ndarray], np.ndarray], start: float) -> float:
         """The first second >= start (on a 1 s grid, then doubling) at which ok(n) holds."""
         t = max(start, 1.0)
         grid = np.unique(np.concatenate([np.arange(t, t + 3600.0), np.geomspace(t + 3600.0, HORIZON_S, 400)]))
@@ -134,7 +136,7 @@ def contrasts(spec: RolloutSpec, phase: Phase | None, planning: Planning) -> lis
 def _contrast(
     cfg: GuardrailConfig, shadow: bool, absolute: bool, weight: float, rps: float, fraud: float, recall: float,
     declines: float, errors: float, planning: Planning,
-) -> dict | None:  # fmt: skip
+) -> dict[str, Any] | None:  # fmt: skip
     """Fields of a `Contrast` for one guardrail (see `contrasts`)."""
     requests = {"units_per_s": rps, "delay_s": 0.0, "unit": "requests"}
     labelled = {"units_per_s": rps, "delay_s": planning.label_delay_s, "unit": "labelled requests"}
@@ -167,9 +169,9 @@ def _contrast(
                 "scale": scale, "fail_scale": scale}  # fmt: skip
     if cfg.kind == "shadow_agreement":
         overlap = 1 - DISCORDANT_DECLINES
-        v = overlap * (1 - overlap)
-        either = {"units_per_s": rps * declines * (1 + DISCORDANT_DECLINES), "delay_s": 0.0, "unit": "declines"}
-        return {**either, "good": cfg.min_decline_overlap - overlap, "bad": None, "variance_good": v,
+        # a proportion over the requests either model declines, in units of paired requests (its min_samples)
+        v = overlap * (1 - overlap) / (declines * (1 + DISCORDANT_DECLINES))
+        return {**requests, "good": cfg.min_decline_overlap - overlap, "bad": None, "variance_good": v,
                 "variance_bad": v, "scale": (1 - cfg.min_decline_overlap) / 2,
                 "fail_scale": (1 - cfg.min_decline_overlap) / 2}  # fmt: skip
     if cfg.kind == "online_recall":

@@ -164,7 +164,7 @@ class _GuardrailBase(_Strict):
     applies_to: list[GuardrailPhase]
     min_samples: int
     # Ignored, kept so older specs load: each guardrail's level now comes from the spec's false_rollback_rate,
-    # split across guardrails and phases (`monitoring.rollout.guardrails.alpha_per_look_set`).
+    # split across guardrails and phases (`monitoring.rollout.guardrails.error_budget`).
     confidence: float | None = None
     # This guardrail's share of the spec's false_rollback_rate, relative to the others' (a weighted Bonferroni
     # split over the (guardrail, phase) pairs judged; `monitoring.rollout.guardrails.error_budget`).
