@@ -111,3 +111,18 @@ def test_a_spec_asking_for_impossible_guarantees_is_refused_with_every_problem_a
     for field in ("false_rollback_rate", "false_promotion_rate", "planning.rps", "guardrails[0].max_increase",
                   "guardrails[0].budget_weight"):  # fmt: skip
         assert any(p.startswith(f"{field}: ") for p in problems), (field, problems)
+
+
+def test_a_phase_without_power_to_stop_a_twenty_percent_recall_drop_is_refused() -> None:
+    """Stopped = failed by a guardrail, or held by the pass side (which lets it through with probability at most
+    false_promotion_rate) until the deadline rolls it back: a shadow too short for the fail side is refused
+    only when the pass side is loose too."""
+    data = default_spec().model_dump(exclude_none=True)
+    phases = [dict(p) for p in data["phases"]]
+    phases[0]["max_duration_s"] = 600  # a healthy retrain passes; at a 15 % margin the fail side needs ~1,000 s
+    recall = [{**g, "max_drop": 0.15} if g["name"] == "online-recall" else g for g in data["guardrails"]]
+    tight = {**data, "phases": phases, "guardrails": recall}
+    assert not [p for p in _problems(tight) if "power" in p]
+    loose = {**tight, "false_promotion_rate": 0.3}
+    power = [p for p in _problems(loose) if p.startswith("phases[0].max_duration_s") and "80% power" in p]
+    assert power and "false_promotion_rate <= 0.2" in power[0], _problems(loose)

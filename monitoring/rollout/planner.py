@@ -19,8 +19,11 @@ account clustering (it widens real intervals) and the one-look delay of `failure
 
 `plan_problems(spec)` turns the plan into spec-validation problems, each naming the field and a value that
 would work: a deadline a good challenger cannot meet with probability 1 - false_rollback_rate / (2 x phases),
-a guardrail minimum that cannot be collected before the deadline, and a recall guardrail that cannot reach
-80 % power against a 20 % drop before the deadline.
+a guardrail minimum that cannot be collected before the deadline, a recall margin that tolerates a 20 % drop,
+and a phase without 80 % power to stop a 20 % drop. Stopping counts both ways a phase stops it: a failing
+guardrail, or a pass side that holds it until the deadline rolls it back. The pass side lets a challenger
+beyond the margin through with probability at most `false_promotion_rate` (anytime-valid), so a phase whose
+fail side cannot reach 80 % power before its deadline is refused only when false_promotion_rate > 20 %.
 """
 
 from __future__ import annotations
@@ -44,9 +47,8 @@ from monitoring.rollout.guardrails import (
 from monitoring.rollout.spec import GuardrailConfig, Phase, Planning, RolloutSpec
 
 # How much two healthy retrains of the same recipe disagree (measured on the benchmark's two models, 2026-12-04:
-# 3.5 % of frauds caught by exactly one, 12 % of declines made by only one, per-request log losses correlated
-# at 0.995).
-DISCORDANT_FRAUDS = 0.035
+# 12 % of declines made by only one, per-request log losses correlated at 0.995; the share of frauds caught by
+# exactly one is the spec's `planning.discordant_frauds`).
 DISCORDANT_DECLINES = 0.12
 LOG_LOSS_MEAN, LOG_LOSS_SD, LOG_LOSS_CORRELATION = 0.07, 0.3, 0.995
 LATENCY_SHARE_ABOVE_BOUND = 0.001  # a healthy model's share of requests above the watch's p99 bound
@@ -184,8 +186,8 @@ def _contrast(
         k = 1 - cfg.max_drop
         scale, bad_scale = recall_scales(cfg)
         if shadow:
-            good_var = _paired_recall_variance(recall, DISCORDANT_FRAUDS, k, 0.0)
-            bad_var = _paired_recall_variance(recall, DISCORDANT_FRAUDS, k, PLANNED_RECALL_DROP)
+            good_var = _paired_recall_variance(recall, planning.discordant_frauds, k, 0.0)
+            bad_var = _paired_recall_variance(recall, planning.discordant_frauds, k, PLANNED_RECALL_DROP)
         else:
             r_bad = recall * (1 - PLANNED_RECALL_DROP)
             good_var = _two_arms(recall * (1 - recall), k * k * recall * (1 - recall), weight)
@@ -298,10 +300,14 @@ def plan_problems(spec: RolloutSpec) -> list[tuple[tuple[str | int, ...], str]]:
                              f"probability {1 - spec.false_rollback_rate / (2 * len(spec.phases)):.4g} only after "
                              f"{_seconds(phase_plan.sure_pass_s)} s {at} (bottleneck: {phase_plan.bottleneck}); "
                              f"must be >= {_seconds(phase_plan.sure_pass_s)}"))  # fmt: skip
-        if phase_plan.power_fail_s is not None and phase_plan.power_fail_s > deadline:
+        stopped = 1 - spec.false_promotion_rate  # the pass side lets a drop beyond the margin through at most this
+        late = phase_plan.power_fail_s is not None and phase_plan.power_fail_s > deadline
+        if late and stopped < POWER:
             problems.append((("phases", index, "max_duration_s"), f"a 20 % recall drop is failed in {phase.name} with "
-                             f"{POWER:.0%} power only after {_seconds(phase_plan.power_fail_s)} s {at}; must be >= "
-                             f"{_seconds(phase_plan.power_fail_s)}"))  # fmt: skip
+                             f"{POWER:.0%} power only after {_seconds(phase_plan.power_fail_s)} s {at}, and "
+                             f"false_promotion_rate {spec.false_promotion_rate:g} lets it pass the deadline with more "
+                             f"than {1 - POWER:.0%}; must be >= {_seconds(phase_plan.power_fail_s)} (or "
+                             f"false_promotion_rate <= {1 - POWER:g})"))  # fmt: skip
     for index, cfg in enumerate(spec.guardrails):
         if cfg.kind == "online_recall" and cfg.max_drop >= PLANNED_RECALL_DROP and "shadow" in cfg.applies_to:
             problems.append((("guardrails", index, "max_drop"), f"must be < {PLANNED_RECALL_DROP:g}: a 20 % recall "
