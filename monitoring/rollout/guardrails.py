@@ -21,7 +21,7 @@ one-sided normal mixtures (Howard, Ramdas, McAuliffe & Sekhon, Ann. Statist. 202
 Gaussian approximation in intrinsic time I = 1 / Var(estimate): the asymptotic confidence sequences of
 Waudby-Smith, Arbour, Sinha, Kennedy & Ramdas ("Time-uniform central limit theory and asymptotic confidence
 sequences", Ann. Statist. 2024). The fail side is tuned for the planned bad challenger (one margin beyond; for
-recall, a 20 % drop), the pass side for a challenger half a margin inside. For two independent arms the
+recall, a 20 % drop), the pass side for a challenger one margin inside. For two independent arms the
 variances add (per-arm n); for paired data (shadow: both models score the same request) the bounds are on the
 per-request differences, whose variance is far smaller. Any tuning fixed before the data keeps the guarantee.
 
@@ -191,6 +191,7 @@ class Levels:
 # The e-process's parts: a fixed bet at the planned effect, and two normal mixtures over bets, one tuned for half the
 # planned effect (smaller effects are still caught) and one for 8x it (much larger ones are caught at once).
 BET_WEIGHT = 0.7
+PASS_TUNING = 1.0  # the pass side is tuned for a challenger this many margins inside (an identical one: 1)
 MIXTURES = ((0.15, 0.5), (0.15, 8.0))  # (weight, effect it is tuned for, relative to the planned effect)
 
 
@@ -256,12 +257,12 @@ def confidence_bounds(
 ) -> tuple[Any, Any]:
     """(lower, upper) of D with Var(estimate) = `variance`: the lower bound holds at every look with probability
     1 - levels.fail, tuned for the planned bad effect `fail_scale` (default: one margin beyond, D = `scale`);
-    the upper bound with 1 - levels.pass_, tuned for half a margin (an acceptable challenger half a margin
-    inside should still pass). `scale`: the margin in units of D. Elementwise."""
+    the upper bound with 1 - levels.pass_, tuned for a challenger one margin inside (an identical one; the
+    mixtures cover half and 8x that). `scale`: the margin in units of D. Elementwise."""
     information = 1.0 / np.maximum(np.asarray(variance, dtype=float), 1e-300)
     estimate = np.asarray(estimate, dtype=float)
     lower = estimate - one_sided_boundary(information, levels.fail, scale if fail_scale is None else fail_scale)
-    upper = estimate + one_sided_boundary(information, levels.pass_, scale / 2)
+    upper = estimate + one_sided_boundary(information, levels.pass_, PASS_TUNING * scale)
     return lower, upper
 
 

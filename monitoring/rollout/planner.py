@@ -38,6 +38,7 @@ from scipy import stats
 
 from monitoring.rollout.guardrails import (
     MASS_SLACK,
+    PASS_TUNING,
     PLANNED_RECALL_DROP,
     Levels,
     levels_for,
@@ -90,7 +91,7 @@ class Contrast:
     def time_to_pass(self, z: float = 0.0, start: float = 0.0) -> float:
         def ok(n: np.ndarray) -> np.ndarray:
             information = np.maximum(n, 1e-9) / self.variance_good
-            bound = one_sided_boundary(information, self.levels.pass_, self.scale / 2)
+            bound = one_sided_boundary(information, self.levels.pass_, PASS_TUNING * self.scale)
             return self.good + bound + z / np.sqrt(information) <= 0
 
         return self._time(ok, start)
