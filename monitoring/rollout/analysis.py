@@ -23,6 +23,7 @@ from core.prediction_log import (
     read_feedback,
     read_window,
     served_times,
+    without_degraded,
     without_forced,
 )
 from monitoring.rollout.guardrails import GuardrailResult, evaluate_guardrails
@@ -70,7 +71,7 @@ def analyse(
     """Guardrails over the prediction log written since the phase started (the window under analysis);
     with `versions` (variant -> model version), over the rows those versions answered only."""
     log_dir = Path(log_dir)
-    predictions = without_forced(read_window(log_dir / "predictions", since, at))
+    predictions = without_degraded(without_forced(read_window(log_dir / "predictions", since, at)))
     if versions is not None:
         predictions = rows_of_versions(predictions, versions)
     feedback = read_feedback(
