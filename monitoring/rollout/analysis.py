@@ -23,6 +23,7 @@ from core.prediction_log import (
     read_feedback,
     read_window,
     served_times,
+    without_degraded,
     without_forced,
 )
 from monitoring.rollout import prometheus_guardrail
@@ -74,7 +75,7 @@ def analyse(
     with `versions` (variant -> model version), over the rows those versions answered only. Prometheus
     guardrails read `prometheus` over the same phase (inconclusive, with the reason, without it)."""
     log_dir = Path(log_dir)
-    predictions = without_forced(read_window(log_dir / "predictions", since, at))
+    predictions = without_degraded(without_forced(read_window(log_dir / "predictions", since, at)))
     if versions is not None:
         predictions = rows_of_versions(predictions, versions)
     feedback = read_feedback(
