@@ -121,6 +121,7 @@ class Controller:
     decision_threshold: float = DEFAULT_DECISION_THRESHOLD  # the process passes settings.decision_threshold
     hook_secret: str = ""  # settings.hook_secret: signs every hook body
     log_flush_s: float = 1.0  # settings.log_flush_seconds: how far behind the gateway's log may normally be
+    prometheus: Any = None  # a PrometheusClient when settings.prometheus_url is set (prometheus guardrails)
     _slot_down: set[str] = field(default_factory=set)
     last_analysis: Any = None  # this process's latest AnalysisResult (the store has every one)
     gates: GateCaller | None = None
@@ -220,6 +221,7 @@ class Controller:
             now,
             threshold=self.decision_threshold,
             versions=versions,
+            prometheus=self.prometheus,
             flush_s=self.log_flush_s,
         )
         self.last_analysis = result
