@@ -166,6 +166,7 @@ class Controller:
             return None
         rollout_id = self.store.active(self.model_name)
         if rollout_id is None:
+            self._finish_decided()
             return None
         plan, state = self._finish_pending(rollout_id)
         gate_event = self._gate_event(plan, state, now)
@@ -262,6 +263,14 @@ class Controller:
             self._do(plan, action)
             self.store.complete_action(rollout_id, index)
         return plan, state
+
+    def _finish_decided(self) -> None:
+        """Actions of a rollout that is decided but whose last actions failed (MLflow or the control plane was
+        down when the decision was taken): no longer active, so the loop above would never see them; finish them
+        here, in order, exactly once (each is marked done as it completes)."""
+        for summary in self.store.list_rollouts(limit=3, model_name=self.model_name):
+            if summary["pending_actions"] and not summary["active"]:
+                self._finish_pending(summary["rollout_id"])
 
     def _do(self, plan: RolloutPlan, action: Action) -> None:
         if isinstance(action, SetTraffic):
