@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     slot_b_url: str = Field("", description="slot b base URL; empty = loopback on slot_b_port")
     challenger_timeout_ms: float = Field(300, gt=0, le=60_000, description="challenger answer deadline")
     champion_timeout_ms: float = Field(2_000, gt=0, le=60_000, description="champion answer deadline")
+    # The client's hard deadline (a card terminal cannot wait): past it, the gateway answers with the default
+    # rule (`serving.fallback`), marked `status: degraded`, instead of making the client wait or fail. A request
+    # may ask for less with `X-Mlops-Budget-Ms`, never for more (clamped). 1.5 s leaves the slow champion of
+    # `post-promotion-regression` (+600 ms) answering, so its latency is still seen as evidence.
+    score_budget_ms: float = Field(1_500, ge=1, le=60_000, description="per-request answer budget")
+    # Client requests waiting on a slot at once; beyond it a request is answered by the rule at once (shed,
+    # `status: degraded`): no queue grows without bound when load exceeds capacity.
+    gateway_max_in_flight: int = Field(128, ge=1, le=100_000, description="client requests in flight to slots")
     shadow_queue_size: int = Field(1_000, ge=1, le=1_000_000, description="pending shadow requests")
     shadow_workers: int = Field(1, ge=1, le=64, description="concurrent shadow batch calls")
     shadow_batch: int = Field(64, ge=1, le=1_000, description="requests per shadow batch call")

@@ -33,6 +33,7 @@ from core.prediction_log import (
     read_feedback,
     read_window,
     served_times,
+    without_degraded,
     without_forced,
 )
 from monitoring.rollout import prometheus_guardrail
@@ -176,10 +177,11 @@ def analyse(
     the gateway's flush interval (`MLOPS_LOG_FLUSH_SECONDS`), how far behind `at` its newest rows may be."""
     log_dir = Path(log_dir)
     window = read_window(log_dir / "predictions", since, at)
+    # Continuity over every row the gateway logged (degraded and forced answers too: they show it was logging).
     continuity = log_continuity(window[TS].to_numpy() if not window.empty else np.array([]), since, at, flush_s)
     if not window.empty and continuity.evidence_from > since:
         window = window[window[TS] >= continuity.evidence_from].reset_index(drop=True)
-    predictions = without_forced(window)
+    predictions = without_degraded(without_forced(window))
     if versions is not None:
         predictions = rows_of_versions(predictions, versions)
     feedback = read_feedback(
