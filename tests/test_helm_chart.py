@@ -875,6 +875,7 @@ FLOWS = [
     (component("gateway"), NAMESPACE, component("drift-monitor"), 8740, False),
     (component("grafana"), NAMESPACE, component("prometheus"), 9090, True),
     (component("slot"), NAMESPACE, component("prometheus"), 9090, False),
+    (component("controller"), NAMESPACE, component("prometheus"), 9090, True),  # prometheus guardrails
     (component("prometheus"), NAMESPACE, component("alertmanager"), 9093, True),
     (component("gateway"), NAMESPACE, component("alertmanager"), 9093, False),
     ({"anything": "x"}, "somewhere", component("gateway"), 8710, True),

@@ -54,6 +54,8 @@ Who is compared with whom (`observe`)
 - canary: rows routed to the challenger (plus `status == "fallback"` rows: the challenger failed and the
   champion answered, so they are challenger errors whose score is not used) vs rows the champion answered.
 - watch (after promotion): the champion's rows alone, against each guardrail's absolute bound.
+- rows answered by the default rule (`status == "degraded"`: the budget ran out or the gateway shed the request)
+  are evidence against neither variant and left out of every phase.
 In a canary phase where the champion has fewer than `min_samples` requests (the 100 % step), a guardrail with
 an absolute bound is held to it instead; a purely relative one is left out there.
 """
@@ -82,6 +84,7 @@ from core.prediction_log import (
     STATUS,
     TS,
     VARIANT,
+    without_degraded,
 )
 from monitoring.rollout.spec import (
     DeclineRateGuardrail,
@@ -299,7 +302,10 @@ def judged_pairs(spec: RolloutSpec) -> list[tuple[str, str]]:
     phases = [(phase.name, phase.kind) for phase in spec.phases]
     if spec.post_promotion_watch_s > 0:
         phases.append(("watch", "watch"))
-    return [(name, cfg.name) for name, kind in phases for cfg in spec.guardrails_for(kind)]
+    # External guardrails (Prometheus) judge point estimates, with no share of the budget to spend.
+    return [
+        (name, cfg.name) for name, kind in phases for cfg in spec.guardrails_for(kind) if cfg.kind not in EXTERNAL_KINDS
+    ]
 
 
 def error_budget(spec: RolloutSpec) -> dict[str, float]:
@@ -461,7 +467,7 @@ def observe(
     """Split the prediction log into the arms a phase compares (see the module docstring)."""
     if phase_kind not in PHASE_KINDS:
         raise ValueError(f"phase_kind must be one of {', '.join(PHASE_KINDS)}, got {phase_kind!r}")
-    frame = predictions.reset_index(drop=True)
+    frame = without_degraded(predictions).reset_index(drop=True)  # answered by the rule: evidence against neither
     label = _labels(frame, feedback)
     variant, status = _column(frame, VARIANT), _column(frame, STATUS)
     challenger_rows = (variant == "challenger") | (status == "fallback")
@@ -944,6 +950,8 @@ GUARDRAILS: dict[str, Callable[[Any, Observations, float], GuardrailResult]] = {
     "online_recall": online_recall,
     "online_log_loss": online_log_loss,
 }
+# Kinds judged from another system's data by the caller (monitoring.rollout.analysis), not from the log here.
+EXTERNAL_KINDS = ("prometheus",)
 
 
 def evaluate_guardrails(
@@ -958,7 +966,11 @@ def evaluate_guardrails(
     on the given window of the prediction log (the caller picks the window: the current phase's, so each CS
     starts with the phase) and the feedback received so far, each at its share of the error budget."""
     obs = observe(phase_kind, predictions, feedback, threshold=threshold)
-    results = [GUARDRAILS[cfg.kind](cfg, obs, levels_for(spec, cfg)) for cfg in spec.guardrails if applies(cfg, obs)]
+    results = [
+        GUARDRAILS[cfg.kind](cfg, obs, levels_for(spec, cfg))
+        for cfg in spec.guardrails
+        if cfg.kind not in EXTERNAL_KINDS and applies(cfg, obs)
+    ]
     ignored = ignored_labels(predictions, feedback)
     if not any(ignored.values()):
         return results
