@@ -382,7 +382,7 @@ def test_the_confidence_sequence_holds_at_every_look_at_once() -> None:
     assert (upper < 0.02).any(axis=1).mean() < 0.16
     fixed = 1.96 * np.sqrt(m.variance_of_mean())
     assert ((m.mean - fixed > 0.02) | (m.mean + fixed < 0.02)).any(axis=1).mean() > 0.2
-    # ...and holds its level once the first look has ~20 events (why fast's recall minimum is 60 frauds, not 30).
+    # ...and holds its level once the first look has ~20 events (why fast's recall minimum is 100 frauds).
     later = Moments(n[900:], s[:, 900:], s[:, 900:], s[:, 900:], s[:, 900:], n[900:], pseudo=PROPORTION_PSEUDO)
     _, upper = confidence_bounds(later.mean, later.variance_of_mean(), Levels(0.025, 0.05), 0.01)
     assert (upper < 0.02).any(axis=1).mean() <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / 2000)
