@@ -116,7 +116,13 @@ def gateway_counts(gateway: str) -> dict[str, float]:
 
 
 def overload_case(
-    gateway: str, workdir: Path, capacity_rps: float, overload_s: int, window_s: int, connections: int
+    gateway: str,
+    workdir: Path,
+    capacity_rps: float,
+    overload_s: int,
+    window_s: int,
+    connections: int,
+    max_in_flight: int | None = None,
 ) -> dict[str, Any]:
     """Half the capacity (p99 before), twice the capacity for `overload_s`, half again (p99 after); see the module
     docstring. Returns the three phases' wrk figures, what the gateway answered with, and the verdicts."""
@@ -150,6 +156,7 @@ def overload_case(
         "overload_s": overload_s,
         "window_s": window_s,
         "overload_connections": connections,
+        "gateway_max_in_flight": max_in_flight,
         "before": before,
         "during": {**during, "answered": answered},
         "after": after,
@@ -188,6 +195,9 @@ def main() -> int:
     parser.add_argument("--overload", type=int, default=60, help="seconds at twice the capacity (0: skip the case)")
     parser.add_argument("--window", type=int, default=10, help="seconds of half-capacity load before and after")
     parser.add_argument("--overload-connections", type=int, default=256)
+    parser.add_argument(
+        "--gateway-max-in-flight", type=int, default=None, help="MLOPS_GATEWAY_MAX_IN_FLIGHT (default: the setting's)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     ensure_wrk()
@@ -196,7 +206,12 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         root = Path(tmp)
-        stack = LocalStack(root / "home", token="bench-token")
+        bound = (
+            {}
+            if args.gateway_max_in_flight is None
+            else {"MLOPS_GATEWAY_MAX_IN_FLIGHT": str(args.gateway_max_in_flight)}
+        )
+        stack = LocalStack(root / "home", token="bench-token", extra_env=bound)
         settings = Settings(home=root / "home")
         versions = [register_model(settings, root, seed) for seed in (0, 1)]
         model_dir = root / "m0"
@@ -261,7 +276,13 @@ def main() -> int:
                 time.sleep(1.0)
                 capacity = statistics.median(r["rps"] for r in rounds["gateway"])
                 overload = overload_case(
-                    stack.url("gateway"), root, capacity, args.overload, args.window, args.overload_connections
+                    stack.url("gateway"),
+                    root,
+                    capacity,
+                    args.overload,
+                    args.window,
+                    args.overload_connections,
+                    args.gateway_max_in_flight or Settings().gateway_max_in_flight,
                 )
         finally:
             stop_process(bare)
