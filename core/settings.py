@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     mlflow_port: int = Field(8750, ge=1, le=65_535, description="port of the MLflow server `mlops up` starts")
     controller_url: str = Field("http://127.0.0.1:8730", description="rollout controller API base URL")
     rollout_spec: str = Field("default", description="rollout spec: default, fast, or a YAML file path")
+    prometheus_url: str = Field(
+        "", description="Prometheus server the prometheus guardrails read; empty = none (such a spec is refused)"
+    )
 
     # Drift monitor: Evidently over sliding windows of the prediction log, retraining when drift crosses the line.
     drift_monitor_url: str = Field("http://127.0.0.1:8740", description="drift monitor API and metrics base URL")
@@ -113,6 +116,16 @@ class Settings(BaseSettings):
         if value and not value.startswith(("http://", "https://", "sqlite:///", "file:", "postgresql")):
             raise ValueError("must start with http://, https://, sqlite:///, file: or postgresql")
         return value
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _prometheus_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if value and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ValueError(f"must be an http(s) URL with a host, e.g. http://127.0.0.1:9090, got {value!r}")
+        return value.rstrip("/")
 
     # Derived locations: one place decides where each kind of state lives under `home`.
     @property

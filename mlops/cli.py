@@ -515,10 +515,14 @@ def serve_controller(
     from urllib.parse import urlsplit
 
     from monitoring.rollout.process import serve
+    from monitoring.rollout.spec import SpecError
 
     settings = _settings()
     settings.ensure_dirs()
-    serve(settings, host, port or urlsplit(settings.controller_url).port or 8730)
+    try:
+        serve(settings, host, port or urlsplit(settings.controller_url).port or 8730)
+    except SpecError as error:  # e.g. a prometheus guardrail without MLOPS_PROMETHEUS_URL: refused at start
+        raise _fail(str(error)) from None
 
 
 @serve_app.command("drift-monitor")

@@ -25,7 +25,9 @@ from core.prediction_log import (
     served_times,
     without_forced,
 )
+from monitoring.rollout import prometheus_guardrail
 from monitoring.rollout.guardrails import GuardrailResult, evaluate_guardrails
+from monitoring.rollout.prometheus_guardrail import PrometheusClient
 from monitoring.rollout.spec import RolloutSpec
 from monitoring.rollout.state_machine import AnalysisResult
 from monitoring.rollout.verdicts import Verdict
@@ -66,9 +68,11 @@ def analyse(
     *,
     threshold: float,
     versions: dict[str, str] | None = None,
+    prometheus: PrometheusClient | None = None,
 ) -> AnalysisResult:
     """Guardrails over the prediction log written since the phase started (the window under analysis);
-    with `versions` (variant -> model version), over the rows those versions answered only."""
+    with `versions` (variant -> model version), over the rows those versions answered only. Prometheus
+    guardrails read `prometheus` over the same phase (inconclusive, with the reason, without it)."""
     log_dir = Path(log_dir)
     predictions = without_forced(read_window(log_dir / "predictions", since, at))
     if versions is not None:
@@ -79,6 +83,8 @@ def analyse(
     if predictions.empty:
         return AnalysisResult(at=at, phase_index=phase_index, samples=0, verdicts={}, values={})
     results = evaluate_guardrails(spec, phase_kind, predictions, feedback, threshold=threshold)
+    champion_serves = bool((predictions[VARIANT] == "champion").any())
+    results += prometheus_guardrail.evaluate(spec, phase_kind, champion_serves, prometheus, since, at)
     return to_analysis(results, phase_index, at, samples=phase_samples(phase_kind, predictions))
 
 

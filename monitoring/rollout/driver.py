@@ -120,6 +120,7 @@ class Controller:
     slot_ready_timeout_s: float = 60.0
     decision_threshold: float = DEFAULT_DECISION_THRESHOLD  # the process passes settings.decision_threshold
     hook_secret: str = ""  # settings.hook_secret: signs every hook body
+    prometheus: Any = None  # a PrometheusClient when settings.prometheus_url is set (prometheus guardrails)
     _slot_down: set[str] = field(default_factory=set)
     last_analysis: Any = None  # this process's latest AnalysisResult (the store has every one)
     gates: GateCaller | None = None
@@ -219,6 +220,7 @@ class Controller:
             now,
             threshold=self.decision_threshold,
             versions=versions,
+            prometheus=self.prometheus,
         )
         self.last_analysis = result
         return Analysis(result=result)

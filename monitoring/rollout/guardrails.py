@@ -209,7 +209,8 @@ def alpha_per_look_set(spec: RolloutSpec) -> float:
     """The error budget of one guardrail in one phase: `false_rollback_rate` / the number of (guardrail, phase)
     pairs judged over the rollout (every phase, plus the watch when it lasts), Bonferroni."""
     kinds = [phase.kind for phase in spec.phases] + (["watch"] if spec.post_promotion_watch_s > 0 else [])
-    pairs = sum(len(spec.guardrails_for(kind)) for kind in kinds)
+    # External guardrails (Prometheus) judge point estimates, with no share of the budget to spend.
+    pairs = sum(1 for kind in kinds for g in spec.guardrails_for(kind) if g.kind not in EXTERNAL_KINDS)
     return spec.false_rollback_rate / max(pairs, 1)
 
 
@@ -832,6 +833,8 @@ GUARDRAILS: dict[str, Callable[[Any, Observations, float], GuardrailResult]] = {
     "online_recall": online_recall,
     "online_log_loss": online_log_loss,
 }
+# Kinds judged from another system's data by the caller (monitoring.rollout.analysis), not from the log here.
+EXTERNAL_KINDS = ("prometheus",)
 
 
 def evaluate_guardrails(
@@ -850,7 +853,11 @@ def evaluate_guardrails(
     obs = observe(phase_kind, predictions, feedback, threshold=threshold)
     alpha = alpha_per_look_set(spec)
     kinds = GUARDRAILS | SLICE_GUARDRAILS
-    return [kinds[cfg.kind](cfg, obs, alpha) for cfg in spec.guardrails if applies(cfg, obs)]
+    return [
+        kinds[cfg.kind](cfg, obs, alpha)
+        for cfg in spec.guardrails
+        if cfg.kind not in EXTERNAL_KINDS and applies(cfg, obs)
+    ]
 
 
 def applies(cfg: GuardrailConfig, obs: Observations) -> bool:
