@@ -315,3 +315,12 @@ def test_business_guardrail_without_labels_or_champion_is_inconclusive() -> None
     assert "too few samples" in found["fraud-amount-caught"].detail
     assert fraud_amount_caught(BY_KIND["fraud_amount_caught"], Observations("watch", None, None, None, 0.5),  # type: ignore[arg-type]
                                0.01).verdict == "inconclusive"  # fmt: skip
+
+
+def test_the_prediction_log_carries_every_column_the_slice_and_business_guardrails_read() -> None:
+    from core.prediction_log import PREDICTION_SCHEMA
+    from monitoring.rollout.guardrails import SLICE_LOGGED
+
+    spec_columns = {column for g in default_spec().guardrails for column in getattr(g, "slices", [])}
+    assert spec_columns <= set(SLICE_LOGGED) <= set(PREDICTION_SCHEMA.names)
+    assert "amount" in SLICE_LOGGED

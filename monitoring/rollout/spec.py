@@ -10,7 +10,10 @@ A spec is a YAML file (see `monitoring/rollout/specs/`) validated into a frozen 
 - `failure_limit`: consecutive failed analyses that trigger a rollback (Argo Rollouts' failureLimit).
 - `post_promotion_watch_s`: how long a promoted champion is watched against absolute bounds.
 - `guardrails`: the checks of `monitoring.rollout.guardrails`, each with the phase kinds it applies to
-  (`shadow`, `canary`, `watch`), a minimum sample count and kind-specific limits (margins).
+  (`shadow`, `canary`, `watch`), a minimum sample count and kind-specific limits (margins); the slice kinds
+  (`slice_recall`, `slice_decline_rate`, `slice_agreement`, with `slices`: categorical columns of the data
+  schema, refused at load otherwise) and the business kind `fraud_amount_caught` are judged by
+  `monitoring.rollout.slice_guardrails`.
 - `false_rollback_rate` (default 0.01): the rollout-level guarantee. Every guardrail keeps an anytime-valid
   confidence sequence at its share of this budget (split evenly over the judged (guardrail, phase) pairs), so
   a challenger within every margin is rolled back by a failing guardrail with probability at most this.
