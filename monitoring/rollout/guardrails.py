@@ -53,6 +53,8 @@ Who is compared with whom (`observe`)
 - canary: rows routed to the challenger (plus `status == "fallback"` rows: the challenger failed and the
   champion answered, so they are challenger errors whose score is not used) vs rows the champion answered.
 - watch (after promotion): the champion's rows alone, against each guardrail's absolute bound.
+- rows answered by the default rule (`status == "degraded"`: the budget ran out or the gateway shed the request)
+  are evidence against neither variant and left out of every phase.
 In a canary phase where the champion has fewer than `min_samples` requests (the 100 % step), a guardrail with
 an absolute bound is held to it instead; a purely relative one is left out there.
 """
@@ -81,6 +83,7 @@ from core.prediction_log import (
     STATUS,
     TS,
     VARIANT,
+    without_degraded,
 )
 from core.schema import CATEGORICAL_FEATURES
 from monitoring.rollout.spec import (
@@ -363,7 +366,7 @@ def observe(
     """Split the prediction log into the arms a phase compares (see the module docstring)."""
     if phase_kind not in PHASE_KINDS:
         raise ValueError(f"phase_kind must be one of {', '.join(PHASE_KINDS)}, got {phase_kind!r}")
-    frame = predictions.reset_index(drop=True)
+    frame = without_degraded(predictions).reset_index(drop=True)  # answered by the rule: evidence against neither
     label = _labels(frame, feedback)
     variant, status = _column(frame, VARIANT), _column(frame, STATUS)
     challenger_rows = (variant == "challenger") | (status == "fallback")

@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from control_plane.http_errors import EXCEPTION_HANDLERS
 from control_plane.tokens import check_bearer
 from monitoring.rollout.driver import Controller
 from monitoring.rollout.hooks import HookSender
@@ -223,6 +224,7 @@ def create_controller_app(controller: Controller, token: str, run_loop: bool = T
             Route("/readyz", healthz),
         ],
         lifespan=lifespan,
+        exception_handlers=EXCEPTION_HANDLERS,  # 404/405 as JSON naming the method and path
     )
 
 
