@@ -58,6 +58,10 @@ class Defect:
       independent of the request, and so of the champion's decision: a model that lost its signal, or one
       that answers with random decisions;
     - `flip_share`: this share of requests gets `1 - score` (a model that disagrees with the champion);
+    - `random_decisions`: every request is declined with this probability, at random (0: off): a score that
+      disagrees with the coin is redrawn uniformly on the coin's side of the decision threshold, so the
+      decisions are independent of the request, and so of the champion's, at a decline rate you choose (the
+      champion's, ~0.025, makes raw agreement look fine: ~95 %);
     - `score_scale_above`: a score at or above the decision threshold is multiplied by this (1: off), so a
       share of the declines falls below the threshold: fewer declines and a lower recall, nothing else changes;
     - `slice`: the defect applies only to requests in this slice, `{column: category}` (categorical columns
@@ -71,12 +75,13 @@ class Defect:
     decorrelate: float = 0.0
     flip_share: float = 0.0
     score_scale_above: float = 1.0
+    random_decisions: float = 0.0
     slice: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0 <= self.extra_latency_ms <= 60_000:
             raise ValueError(f"extra_latency_ms must be within [0, 60000], got {self.extra_latency_ms}")
-        for name in ("error_rate", "decorrelate", "flip_share", "score_scale_above"):
+        for name in ("error_rate", "decorrelate", "flip_share", "score_scale_above", "random_decisions"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
         problem = slice_problem(self.slice)
@@ -101,9 +106,9 @@ class Defect:
 
     @property
     def active(self) -> bool:
-        return any((self.extra_latency_ms, self.error_rate, self.decorrelate, self.flip_share)) or (
-            self.score_scale_above != 1.0
-        )
+        return any(
+            (self.extra_latency_ms, self.error_rate, self.decorrelate, self.flip_share, self.random_decisions)
+        ) or (self.score_scale_above != 1.0)
 
     def applies_to(self, row: dict[str, Any]) -> bool:
         """Whether a request (its features) is in the defect's slice (every request when there is none)."""
@@ -191,6 +196,12 @@ def _degrade(state: SlotState, defect: Defect, scores: list[float], inside: list
             score = 1.0 - score
         if score >= state.threshold:
             score *= defect.score_scale_above
+        if defect.random_decisions:
+            declined = random.random() < defect.random_decisions
+            if declined and score < state.threshold:
+                score = state.threshold + (1.0 - state.threshold) * random.random()
+            elif not declined and score >= state.threshold:
+                score = state.threshold * random.random()
         out.append(score)
     return out
 

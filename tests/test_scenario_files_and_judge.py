@@ -251,3 +251,13 @@ def test_a_defect_slice_outside_the_data_schema_is_refused_naming_the_field() ->
     with pytest.raises(ScenarioError, match="score_scale_above must be within"):
         parse_scenario({"name": "s", "challenger": {"defect": {"score_scale_above": 2}},
                         "expect": {"outcome": "rolled_back"}})  # fmt: skip
+
+
+def test_random_decisions_decline_at_the_given_rate_independently_of_the_score() -> None:
+    random.seed(3)
+    state = SlotState("b")
+    state.threshold = 0.2
+    scores = [0.9] * 10_000 + [0.01] * 10_000  # the model would decline exactly the first half
+    declined = [s >= 0.2 for s in _degrade(state, Defect(random_decisions=0.05), scores)]
+    first, second = sum(declined[:10_000]) / 10_000, sum(declined[10_000:]) / 10_000
+    assert 0.04 < first < 0.06 and 0.04 < second < 0.06  # the same rate whatever the model's own decision
