@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     train_batch_size: int = Field(512, ge=16, le=65_536, description="per-worker batch size")
     train_learning_rate: float = Field(3e-3, gt=0, lt=1, description="AdamW learning rate")
     train_max_failures: int = Field(2, ge=1, le=20, description="worker-group restarts Ray may do")
+    # A dead worker is Ray Train's to restart (train_max_failures); a dead cluster is the step's: it starts a new
+    # one and resumes from the last checkpoint (components.train_attempts; on kind the RayJob's backoffLimit).
+    train_cluster_retries: int = Field(
+        2, ge=0, le=10, description="new Ray clusters a training step may start after losing one"
+    )
     demo_rows: int = Field(50_000, ge=1_000, le=5_000_000, description="rows `make demo` generates")
 
     # Offline gate against the champion.

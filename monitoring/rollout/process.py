@@ -38,6 +38,7 @@ def build_controller(settings: Settings) -> Controller:
         model_name=settings.model_name,
         decision_threshold=settings.decision_threshold,
         hook_secret=settings.hook_secret,
+        log_flush_s=settings.log_flush_seconds,
         prometheus=PrometheusClient(settings.prometheus_url) if settings.prometheus_url else None,
     )
 
