@@ -79,6 +79,10 @@ def test_default_spec_has_shadow_then_four_canary_steps_and_every_guardrail_kind
         "shadow_agreement",
         "online_recall",
         "online_log_loss",
+        "slice_recall",
+        "slice_decline_rate",
+        "slice_agreement",
+        "fraud_amount_caught",
     ]
     assert [g.kind for g in spec.guardrails_for("canary")] == ["error_rate", "latency_p99"]
 

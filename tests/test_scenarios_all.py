@@ -16,7 +16,7 @@ from tests.test_stack_commands import stack_env
 
 pytestmark = pytest.mark.slow
 
-TEN = {
+EXPECTED = {
     "healthy-promotion",
     "worse-quality",
     "latency-regression",
@@ -27,13 +27,17 @@ TEN = {
     "post-promotion-regression",
     "drift-retrain",
     "no-drift",
+    "slice-regression",
+    "decline-shift",
+    "random-decisions",
+    "within-tolerance",
 }
 
 
 def test_every_scenario_reaches_its_expected_outcome_and_the_stack_is_stopped_after(
     cli_env: dict[str, str], home: Path
 ) -> None:
-    assert set(available()) >= TEN
+    assert set(available()) >= EXPECTED
     env = {**stack_env(cli_env), "MLOPS_MODEL_NAME": "fraud-scenarios"}
     result = run_cli(["scenario", "all", "--json"], env, timeout=2400)
     report = result.json
@@ -50,6 +54,9 @@ def test_every_scenario_reaches_its_expected_outcome_and_the_stack_is_stopped_af
         assert (summary["decision_seconds"] is None) == (summary["outcome"] == "none")
     assert by_name["latency-regression"]["reason"].count("latency")
     assert by_name["post-promotion-regression"]["outcome"] == "rolled_back_after_promotion"
+    # A regression confined to one slice: the decision names the slice; a little worse but in margin: promoted.
+    assert "merchant_category=electronics" in by_name["slice-regression"]["reason"]
+    assert by_name["within-tolerance"]["outcome"] == "promoted"
 
     # The command started the stack, so it stopped it: nothing listens on the stack's ports any more.
     urls = (env["MLOPS_CONTROL_PLANE_URL"], env["MLOPS_CONTROLLER_URL"], env["MLOPS_DRIFT_MONITOR_URL"])
