@@ -807,6 +807,8 @@ def scenario(
         "MLOPS_RETRAIN_COOLDOWN_S": "900",
         "MLOPS_RETRAIN_EPOCHS": "3",
         "MLOPS_TRAIN_WORKERS": "1",
+        # The hook scenarios' receiver checks every body's signature with the controller's key.
+        "MLOPS_HOOK_SECRET": "scenario-hook-secret",
     }.items():
         os.environ.setdefault(name, value)
     settings = _settings()

@@ -113,7 +113,7 @@ def make_plan(on_inconclusive: str = "advance", require_approval: bool = False) 
         phases=(
             PhaseSpec(
                 "replay", "replay", 0.0, 0.0, 500, on_inconclusive=on_inconclusive, require_approval=require_approval
-            ),  # fmt: skip
+            ),
             PhaseSpec("shadow", "shadow", 0.0, 5.0, 100),
             PhaseSpec("canary-100", "canary", 1.0, 5.0, 100),
         ),
