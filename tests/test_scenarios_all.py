@@ -16,7 +16,7 @@ from tests.test_stack_commands import stack_env
 
 pytestmark = pytest.mark.slow
 
-TEN = {
+SCENARIOS = {
     "healthy-promotion",
     "worse-quality",
     "latency-regression",
@@ -27,13 +27,18 @@ TEN = {
     "post-promotion-regression",
     "drift-retrain",
     "no-drift",
+    # a rollout spec of their own (issue 13): a replay phase, a manual gate, hooks on a real local receiver
+    "replay-catches",
+    "approval-gate",
+    "hook-veto",
+    "dead-hook",
 }
 
 
 def test_every_scenario_reaches_its_expected_outcome_and_the_stack_is_stopped_after(
     cli_env: dict[str, str], home: Path
 ) -> None:
-    assert set(available()) >= TEN
+    assert set(available()) >= SCENARIOS
     env = {**stack_env(cli_env), "MLOPS_MODEL_NAME": "fraud-scenarios"}
     result = run_cli(["scenario", "all", "--json"], env, timeout=2400)
     report = result.json
@@ -50,6 +55,9 @@ def test_every_scenario_reaches_its_expected_outcome_and_the_stack_is_stopped_af
         assert (summary["decision_seconds"] is None) == (summary["outcome"] == "none")
     assert by_name["latency-regression"]["reason"].count("latency")
     assert by_name["post-promotion-regression"]["outcome"] == "rolled_back_after_promotion"
+    assert "replay" in by_name["replay-catches"]["reason"] and by_name["replay-catches"]["outcome"] == "rolled_back"
+    assert "not approved within" in by_name["hook-veto"]["reason"]
+    assert by_name["approval-gate"]["outcome"] == by_name["dead-hook"]["outcome"] == "promoted"
 
     # The command started the stack, so it stopped it: nothing listens on the stack's ports any more.
     urls = (env["MLOPS_CONTROL_PLANE_URL"], env["MLOPS_CONTROLLER_URL"], env["MLOPS_DRIFT_MONITOR_URL"])

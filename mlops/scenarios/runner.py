@@ -270,14 +270,16 @@ class ScenarioRunner:
             time.sleep(POLL_S)
 
     def _settled_deliveries(self, rollout_id: str, timeout: float = 20.0) -> list[dict[str, Any]]:
-        """The rollout's hook deliveries once none is still pending (the sender retries off the loop)."""
+        """The rollout's hook deliveries once none is still pending (the sender retries off the loop) and the
+        final decision's actions have run (they queue its notifications: a terminal status is saved first)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
+                actions_left = self.controller.rollout(rollout_id)["pending_actions"]
                 rows = self.controller.deliveries(rollout_id)
             except ControllerUnavailable:
-                rows = []
-            if rows and all(row["status"] not in ("pending", "calling") for row in rows):
+                actions_left, rows = 1, []
+            if not actions_left and rows and all(row["status"] not in ("pending", "calling") for row in rows):
                 return rows
             if time.monotonic() > deadline:
                 return rows
