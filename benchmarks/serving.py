@@ -1,10 +1,18 @@
-"""Serving benchmark: bare Starlette ceiling vs slot vs gateway→slot vs gateway with 100 % shadow.
+"""Serving benchmark: bare Starlette ceiling vs slot vs gateway→slot vs gateway with 100 % shadow, and the gateway
+under overload.
 
 Load comes from wrk (Debian package) in its own process, on loopback, at a fixed concurrency; every
 server is a real process started the way users start it (`mlops serve ...`). One invocation measures
-all four cases side by side. With --json the last stdout line is one JSON object.
+all cases side by side. With --json the last stdout line is one JSON object.
 
-    .venv/bin/python benchmarks/serving.py --json [--duration 10] [--connections 16]
+The overload case (`gateway_overload`, after the rounds): the gateway's capacity is case (c)'s throughput. A paced
+load at half of it for `--window` s gives the p99 before; then `--overload-connections` paced connections offer
+twice the capacity for `--overload` s (60 by default); then the same half-capacity load for `--window` s right
+after gives the p99 after. It passes when the gateway stayed up, failed no request, and the p99 of the window
+right after the overload is within 20 % of the one before (the issue asks for it within 10 s of the end: the
+whole first `--window` s after the end count).
+
+    .venv/bin/python benchmarks/serving.py --json [--duration 10] [--connections 16] [--overload 60]
 """
 
 from __future__ import annotations
@@ -30,10 +38,18 @@ from core.schema import FEATURES  # noqa: E402
 from core.synthetic import generate_transactions  # noqa: E402
 from mlops.local_stack import LocalStack  # noqa: E402
 
-TARGETS = {"slot_vs_bare": 0.25, "gateway_vs_slot": 0.5, "gateway_added_p50_ms": 1.5, "shadow_p99_increase": 0.20}
+TARGETS = {
+    "slot_vs_bare": 0.25,
+    "gateway_vs_slot": 0.5,
+    "gateway_added_p50_ms": 1.5,
+    "shadow_p99_increase": 0.20,
+    "overload_p99_after_vs_before": 1.20,
+}
 
 
-def lua_script(path: Path, endpoint: str, rows: int = 500) -> Path:
+def lua_script(path: Path, endpoint: str, rows: int = 500, delay_ms: float | None = None) -> Path:
+    """A wrk script cycling through `rows` synthetic transactions; with `delay_ms`, each connection waits that
+    long before each request (a paced, think-time load instead of a closed loop as fast as answers come)."""
     frame = generate_transactions(rows, seed=5)
     bodies = [
         json.dumps({"account_id": r["account_id"], **{k: r[k] for k in FEATURES}}, default=float)
@@ -44,6 +60,7 @@ def lua_script(path: Path, endpoint: str, rows: int = 500) -> Path:
         f"local bodies = {{\n{table}\n}}\nlocal n = #bodies\nlocal i = 0\n"
         'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
         f'request = function()\n  i = i % n + 1\n  return wrk.format(nil, "{endpoint}", nil, bodies[i])\nend\n'
+        + (f"delay = function()\n  return {delay_ms:.3f}\nend\n" if delay_ms is not None else "")
     )
     return path
 
@@ -73,6 +90,72 @@ def run_wrk(url: str, script: Path, duration: int, connections: int) -> dict[str
     }
 
 
+def paced_delay_ms(rate_rps: float, connections: int, latency_ms: float) -> float:
+    """Per-connection wait before each request so that `connections` connections offer `rate_rps` in all, when
+    an answer takes `latency_ms` (each connection sends one request per delay + latency)."""
+    return max(0.0, 1000.0 * connections / rate_rps - latency_ms)
+
+
+def gateway_counts(gateway: str) -> dict[str, float]:
+    """Requests answered by a model vs by the default rule, by reason, from the gateway's metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[str, float] = {"model": 0.0, "degraded_overload": 0.0, "degraded_budget": 0.0, "errors": 0.0}
+    for family in text_string_to_metric_families(httpx.get(f"{gateway}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "gateway_requests_total" and sample.labels["status"] in ("ok", "fallback"):
+                counts["model"] += sample.value
+            elif sample.name == "gateway_degraded_total" and f"degraded_{sample.labels['reason']}" in counts:
+                counts[f"degraded_{sample.labels['reason']}"] += sample.value
+            elif sample.name == "gateway_variant_errors_total":
+                counts["errors"] += sample.value
+    return counts
+
+
+def overload_case(
+    gateway: str, workdir: Path, capacity_rps: float, overload_s: int, window_s: int, connections: int
+) -> dict[str, Any]:
+    """Half the capacity (p99 before), twice the capacity for `overload_s`, half again (p99 after); see the module
+    docstring. Returns the three phases' wrk figures, what the gateway answered with, and the verdicts."""
+    import httpx
+
+    half = capacity_rps / 2
+    probe = run_wrk(gateway, lua_script(workdir / "probe.lua", "/v1/score"), 2, 4)
+    calm_connections = 4
+    calm = lua_script(
+        workdir / "calm.lua", "/v1/score", delay_ms=paced_delay_ms(half, calm_connections, probe["p50_ms"])
+    )
+    flood = lua_script(
+        workdir / "flood.lua", "/v1/score", delay_ms=paced_delay_ms(2 * capacity_rps, connections, probe["p50_ms"])
+    )
+    before = run_wrk(gateway, calm, window_s, calm_connections)
+    counts_before = gateway_counts(gateway)
+    during = run_wrk(gateway, flood, overload_s, connections)
+    counts_during = gateway_counts(gateway)
+    after = run_wrk(gateway, calm, window_s, calm_connections)
+    alive = httpx.get(f"{gateway}/healthz", timeout=5).status_code == 200
+    answered = {k: counts_during[k] - counts_before[k] for k in counts_during}
+    ratio = after["p99_ms"] / before["p99_ms"] if before["p99_ms"] else float("inf")
+    return {
+        "capacity_rps": round(capacity_rps, 1),
+        "offered_rps": round(2 * capacity_rps, 1),
+        "overload_s": overload_s,
+        "window_s": window_s,
+        "overload_connections": connections,
+        "before": before,
+        "during": {**during, "answered": answered},
+        "after": after,
+        "p99_after_vs_before": round(ratio, 3),
+        "gateway_alive": alive,
+        "meets": {
+            "stays_up": alive,
+            "no_failed_request": before["errors"] + during["errors"] + after["errors"] == 0,
+            "p99_recovered": ratio <= TARGETS["overload_p99_after_vs_before"],
+        },
+    }
+
+
 def shadow_counts(gateway: str) -> dict[str, float]:
     """Shadow work done vs shed during the run, from the gateway's own Prometheus metrics."""
     import httpx
@@ -94,6 +177,9 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--overload", type=int, default=60, help="seconds at twice the capacity (0: skip the case)")
+    parser.add_argument("--window", type=int, default=10, help="seconds of half-capacity load before and after")
+    parser.add_argument("--overload-connections", type=int, default=256)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     ensure_wrk()
@@ -161,6 +247,14 @@ def main() -> int:
                 shadow = run_wrk(stack.url("gateway"), score, args.duration, args.connections)
                 after = shadow_counts(stack.url("gateway"))
                 rounds["gateway_shadow"].append({**shadow, **{k: after[k] - before[k] for k in after}})
+            overload = None
+            if args.overload > 0:
+                stack.cli("policy", "set", "--challenger-weight", "0", "--champion-slot", "a", "--reason", "bench")
+                time.sleep(1.0)
+                capacity = statistics.median(r["rps"] for r in rounds["gateway"])
+                overload = overload_case(
+                    stack.url("gateway"), root, capacity, args.overload, args.window, args.overload_connections
+                )
         finally:
             stop_process(bare)
             stack.stop()
@@ -177,6 +271,7 @@ def main() -> int:
         "gateway_added_p50_ms": ratios["gateway_added_p50_ms"] <= TARGETS["gateway_added_p50_ms"],
         "shadow_p99_increase": ratios["shadow_p99_increase"] <= TARGETS["shadow_p99_increase"],
         "shadow_zero_errors": cases["gateway_shadow"]["errors"] == 0,
+        **({f"overload_{k}": v for k, v in overload["meets"].items()} if overload else {}),
     }
     report = {
         "benchmark": "serving",
@@ -184,7 +279,7 @@ def main() -> int:
         "duration_s": args.duration,
         "rounds": args.rounds,
         "cpus": os.cpu_count(),
-        "cases": cases,
+        "cases": {**cases, **({"gateway_overload": overload} if overload else {})},
         "ratios": ratios,
         "targets": TARGETS,
         "meets": meets,

@@ -91,6 +91,8 @@ def train_entry_args(
     ]  # fmt: skip
     if params.inject_failure_at_epoch:
         args += ["--inject-failure-at-epoch", str(params.inject_failure_at_epoch)]
+    if params.inject_error_at_epoch:
+        args += ["--inject-error-at-epoch", str(params.inject_error_at_epoch)]
     return args
 
 
@@ -508,9 +510,15 @@ class RayJobTraining:
     runner: RayJobRunner | None = None
     storage_uri: str = "s3://checkpoints"
     secret_name: str = PLATFORM_SECRET
-    backoff_limit: int = 2
+    backoff_limit: int | None = None  # None: the setting `train_cluster_retries` (MLOPS_TRAIN_CLUSTER_RETRIES)
     active_deadline_seconds: int = 3600
     on_progress: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
+
+    def __post_init__(self) -> None:
+        # A new Ray cluster after a lost one: KubeRay's retry of the RayJob is what `train_in_fresh_clusters`
+        # does locally, so both follow the one setting.
+        if self.backoff_limit is None:
+            self.backoff_limit = self.settings.train_cluster_retries
 
     @property
     def namespace(self) -> str:
@@ -537,7 +545,7 @@ class RayJobTraining:
             outcome_uri=outcome_uri,
             secret_name=self.secret_name,
             s3_endpoint=f"http://minio.{domain}:9000",
-            backoff_limit=self.backoff_limit,
+            backoff_limit=int(self.backoff_limit or 0),
             active_deadline_seconds=self.active_deadline_seconds,
         )
 
@@ -550,7 +558,7 @@ class RayJobTraining:
         how = runner.submit(manifest)
         self.on_progress(f"rayjob {self.namespace}/{name} {how}: {params.workers} Ray Train workers, run {run_name}")
         # Long enough for every attempt KubeRay may make, each bounded by activeDeadlineSeconds.
-        timeout = self.active_deadline_seconds * (self.backoff_limit + 1) + 600
+        timeout = self.active_deadline_seconds * (int(self.backoff_limit or 0) + 1) + 600
         outcome = runner.wait(name, timeout, on_progress=self.on_progress)
         copy_tree(outcome["model_dir"], model_dir)
         runner.delete(name)  # success: nothing left to inspect (a failed RayJob is kept for `kubectl describe`)

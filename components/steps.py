@@ -18,7 +18,7 @@ import pandas as pd
 
 from components.dataset import file_sha256, read_transactions, split_by_account, write_transactions
 from components.evaluate import GateTolerances, compute_metrics, offline_gate, slice_gaps, slice_metrics
-from components.train import TrainOutcome, TrainParams, train_model
+from components.train import TrainOutcome, TrainParams
 from core.model import FraudScorer
 from core.schema import FEATURES, LABEL
 from core.settings import Settings
@@ -152,12 +152,24 @@ class TrainingBackend(Protocol):
 
 @dataclass
 class LocalTraining:
-    """The embedded default: Ray on this machine, checkpoints under `MLOPS_HOME/checkpoints`."""
+    """The embedded default: Ray on this machine, checkpoints under `MLOPS_HOME/checkpoints`. Each attempt starts
+    a Ray cluster of its own; one that loses it is followed by a new cluster resuming from the last checkpoint,
+    `MLOPS_TRAIN_CLUSTER_RETRIES` times at most (`components.train_attempts` says which errors are retried)."""
 
     settings: Settings
 
     def train(self, data_path: str | Path, run_name: str, params: TrainParams, model_dir: str | Path) -> TrainOutcome:
-        return train_model(data_path, self.settings.checkpoint_root, run_name, params, model_dir)
+        from components.train_attempts import train_in_fresh_clusters
+
+        return train_in_fresh_clusters(
+            data_path,
+            self.settings.checkpoint_root,
+            run_name,
+            params,
+            model_dir,
+            self.settings.train_cluster_retries,
+            self.settings.logs_dir,
+        )
 
 
 def training_backend(settings: Settings) -> TrainingBackend:

@@ -41,6 +41,7 @@ class TrainParams:
     seed: int = 0
     validation_fraction: float = 0.1
     inject_failure_at_epoch: int | None = None  # 1-based epoch in which one worker process dies
+    inject_error_at_epoch: int | None = None  # 1-based epoch in which the training loop raises (a bug)
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def __post_init__(self) -> None:
@@ -50,6 +51,8 @@ class TrainParams:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.inject_failure_at_epoch is not None and not 1 <= self.inject_failure_at_epoch <= self.epochs:
             raise ValueError(f"inject_failure_at_epoch must be in 1..{self.epochs}, got {self.inject_failure_at_epoch}")
+        if self.inject_error_at_epoch is not None and not 1 <= self.inject_error_at_epoch <= self.epochs:
+            raise ValueError(f"inject_error_at_epoch must be in 1..{self.epochs}, got {self.inject_error_at_epoch}")
         if self.inject_failure_at_epoch is not None and self.max_failures < 1:
             raise ValueError("injecting a worker failure needs max_failures >= 1 to recover")
 
@@ -68,6 +71,7 @@ class TrainOutcome:
     train_rows: int
     rows_per_second: float
     params: dict[str, Any]
+    attempts: int = 1  # Ray clusters the step used (components.train_attempts); 1 when none was lost
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -239,6 +243,8 @@ def train_fn(config: dict[str, Any]) -> None:
             total += float(loss)
             if step == len(batches) // 2:
                 _maybe_inject_failure(config, params, epoch + 1, rank, world, step)
+                if params.inject_error_at_epoch == epoch + 1:
+                    raise RuntimeError(f"injected training-loop error at epoch {epoch + 1} (a bug, not a lost cluster)")
         metrics = {
             "epoch": epoch + 1,
             "train_loss": total / len(batches),

@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 from components.train import TrainOutcome, TrainParams, copy_tree, is_s3, train_model, write_text
@@ -40,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-failures", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--inject-failure-at-epoch", type=int, default=0, help="0: none")
+    parser.add_argument("--inject-error-at-epoch", type=int, default=0, help="0: none; the loop raises (tests)")
     return parser.parse_args(argv)
 
 
@@ -52,6 +54,7 @@ def params_from(args: argparse.Namespace) -> TrainParams:
         max_failures=args.max_failures,
         seed=args.seed,
         inject_failure_at_epoch=args.inject_failure_at_epoch or None,
+        inject_error_at_epoch=args.inject_error_at_epoch or None,
     )
 
 
@@ -80,7 +83,19 @@ def run(args: argparse.Namespace) -> TrainOutcome:
 
 
 def main(argv: list[str] | None = None) -> int:
-    outcome = run(parse_args(argv))
+    """Exit 0 when trained; `EXIT_CLUSTER_LOST` (75) when the Ray cluster went away under the driver, which a
+    new attempt on a new cluster can recover from; `EXIT_TRAINING_FAILED` (3) for any other error (a bug in the
+    training loop, bad data): see `components.train_attempts`."""
+    from components.train_attempts import exit_code_for
+
+    args = parse_args(argv)
+    try:
+        outcome = run(args)
+    except Exception as error:
+        traceback.print_exc()
+        code = exit_code_for(error)
+        print(f"train_entry: {type(error).__name__}; exit {code}", file=sys.stderr, flush=True)
+        return code
     sys.stdout.flush()
     print(json.dumps(outcome.to_dict()), flush=True)
     return 0

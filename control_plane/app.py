@@ -30,6 +30,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from control_plane.http_errors import http_error
 from control_plane.store import (
     SLOTS,
     ControlPlaneStore,
@@ -106,11 +107,6 @@ async def _unknown_slot(_request: Request, exc: Exception) -> Response:
 async def _unavailable(_request: Request, exc: Exception) -> Response:
     logger.warning("store unavailable: %s", exc)
     return _error(503, "control-plane store unavailable; retry later")
-
-
-async def _http_error(_request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    return _error(exc.status_code, exc.detail, headers=exc.headers)
 
 
 async def _internal_error(_request: Request, exc: Exception) -> Response:
@@ -481,7 +477,7 @@ def create_app(store: ControlPlaneStore, token: str) -> Starlette:
             UnknownSlot: _unknown_slot,
             StoreContention: _unavailable,
             SQLAlchemyError: _unavailable,
-            HTTPException: _http_error,
+            HTTPException: http_error,
             Exception: _internal_error,
         },
     )

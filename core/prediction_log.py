@@ -47,6 +47,10 @@ SHADOW_SCORE, SHADOW_LATENCY_MS, SHADOW_STATUS = "shadow_score", "shadow_latency
 LABEL, RECEIVED_AT = "label", "received_at"
 # True for a request QA sent to a variant on purpose (X-Mlops-Variant): logged, never evidence.
 FORCED = "forced"
+# The decision the client got (approve/decline), and for a `status == DEGRADED` row why the default rule gave it:
+# budget (no model answered in time), overload (shed by the gateway). A degraded row is evidence against neither
+# variant; a row whose slots failed on their own keeps `status == "error"` (evidence against the failed variant).
+DECISION, DEGRADED_REASON, DEGRADED = "decision", "degraded_reason", "degraded"
 
 PREDICTION_SCHEMA = pa.schema(
     [
@@ -66,6 +70,8 @@ PREDICTION_SCHEMA = pa.schema(
         (SHADOW_LATENCY_MS, pa.float64()),
         (SHADOW_STATUS, pa.string()),
         (FORCED, pa.bool_()),
+        (DECISION, pa.string()),
+        (DEGRADED_REASON, pa.string()),
         *[(name, pa.float64()) for name in NUMERIC_FEATURES],
         *[(name, pa.string()) for name in CATEGORICAL_FEATURES],
     ]
@@ -248,3 +254,11 @@ def without_forced(predictions: pd.DataFrame) -> pd.DataFrame:
         return predictions
     forced = predictions[FORCED].astype("boolean").fillna(False).to_numpy(dtype=bool)
     return predictions[~forced].reset_index(drop=True)
+
+
+def without_degraded(predictions: pd.DataFrame) -> pd.DataFrame:
+    """The rows some model was given its chance to answer: requests the default rule answered because the budget
+    ran out or the gateway shed them (`status == "degraded"`) are evidence against neither variant."""
+    if predictions.empty or STATUS not in predictions.columns:
+        return predictions
+    return predictions[predictions[STATUS] != DEGRADED].reset_index(drop=True)

@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     train_batch_size: int = Field(512, ge=16, le=65_536, description="per-worker batch size")
     train_learning_rate: float = Field(3e-3, gt=0, lt=1, description="AdamW learning rate")
     train_max_failures: int = Field(2, ge=1, le=20, description="worker-group restarts Ray may do")
+    # A dead worker is Ray Train's to restart (train_max_failures); a dead cluster is the step's: it starts a new
+    # one and resumes from the last checkpoint (components.train_attempts; on kind the RayJob's backoffLimit).
+    train_cluster_retries: int = Field(
+        2, ge=0, le=10, description="new Ray clusters a training step may start after losing one"
+    )
     demo_rows: int = Field(50_000, ge=1_000, le=5_000_000, description="rows `make demo` generates")
 
     # Offline gate against the champion.
@@ -72,6 +77,14 @@ class Settings(BaseSettings):
     slot_b_url: str = Field("", description="slot b base URL; empty = loopback on slot_b_port")
     challenger_timeout_ms: float = Field(300, gt=0, le=60_000, description="challenger answer deadline")
     champion_timeout_ms: float = Field(2_000, gt=0, le=60_000, description="champion answer deadline")
+    # The client's hard deadline (a card terminal cannot wait): past it, the gateway answers with the default
+    # rule (`serving.fallback`), marked `status: degraded`, instead of making the client wait or fail. A request
+    # may ask for less with `X-Mlops-Budget-Ms`, never for more (clamped). 1.5 s leaves the slow champion of
+    # `post-promotion-regression` (+600 ms) answering, so its latency is still seen as evidence.
+    score_budget_ms: float = Field(1_500, ge=1, le=60_000, description="per-request answer budget")
+    # Client requests waiting on a slot at once; beyond it a request is answered by the rule at once (shed,
+    # `status: degraded`): no queue grows without bound when load exceeds capacity.
+    gateway_max_in_flight: int = Field(128, ge=1, le=100_000, description="client requests in flight to slots")
     shadow_queue_size: int = Field(1_000, ge=1, le=1_000_000, description="pending shadow requests")
     shadow_workers: int = Field(1, ge=1, le=64, description="concurrent shadow batch calls")
     shadow_batch: int = Field(64, ge=1, le=1_000, description="requests per shadow batch call")
@@ -81,6 +94,9 @@ class Settings(BaseSettings):
     mlflow_port: int = Field(8750, ge=1, le=65_535, description="port of the MLflow server `mlops up` starts")
     controller_url: str = Field("http://127.0.0.1:8730", description="rollout controller API base URL")
     rollout_spec: str = Field("default", description="rollout spec: default, fast, or a YAML file path")
+    prometheus_url: str = Field(
+        "", description="Prometheus server the prometheus guardrails read; empty = none (such a spec is refused)"
+    )
 
     # Drift monitor: Evidently over sliding windows of the prediction log, retraining when drift crosses the line.
     drift_monitor_url: str = Field("http://127.0.0.1:8740", description="drift monitor API and metrics base URL")
@@ -113,6 +129,16 @@ class Settings(BaseSettings):
         if value and not value.startswith(("http://", "https://", "sqlite:///", "file:", "postgresql")):
             raise ValueError("must start with http://, https://, sqlite:///, file: or postgresql")
         return value
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _prometheus_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if value and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ValueError(f"must be an http(s) URL with a host, e.g. http://127.0.0.1:9090, got {value!r}")
+        return value.rstrip("/")
 
     # Derived locations: one place decides where each kind of state lives under `home`.
     @property

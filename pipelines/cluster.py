@@ -69,6 +69,7 @@ def cluster_env(settings: Settings) -> dict[str, str]:
         "MLOPS_MODEL_NAME": settings.model_name,
         "MLOPS_EXPERIMENT_NAME": settings.experiment_name,
         "MLOPS_TRAIN_MAX_FAILURES": str(settings.train_max_failures),
+        "MLOPS_TRAIN_CLUSTER_RETRIES": str(settings.train_cluster_retries),
         "MLOPS_RECALL_AT_PRECISION": str(settings.recall_at_precision),
         "MLOPS_DECISION_THRESHOLD": str(settings.decision_threshold),
         "HOME": "/tmp",

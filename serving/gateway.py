@@ -39,13 +39,33 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from control_plane.client import AsyncControlPlaneClient, ControlPlaneError, ControlPlaneUnavailable
+from control_plane.http_errors import EXCEPTION_HANDLERS
 from control_plane.labels_token import resolve_labels_token
 from control_plane.models import TrafficPolicy
 from control_plane.tokens import check_bearer, resolve_token
-from core.prediction_log import FEEDBACK_SCHEMA, FORCED, PREDICTION_SCHEMA, BatchedParquetLog, RecentIds, flush_loop
+from core.prediction_log import (
+    DECISION,
+    DEGRADED_REASON,
+    FEEDBACK_SCHEMA,
+    FORCED,
+    PREDICTION_SCHEMA,
+    BatchedParquetLog,
+    RecentIds,
+    flush_loop,
+)
 from core.settings import Settings
+from serving.fallback import fallback_decision
 from serving.labels import LabelBook, LabelOutcome
-from serving.requests import RequestError, Transaction, encode, features, parse_feedback, parse_transaction
+from serving.requests import (
+    BUDGET_HEADER,
+    RequestError,
+    Transaction,
+    encode,
+    features,
+    parse_budget,
+    parse_feedback,
+    parse_transaction,
+)
 from serving.routing import Route as PolicyRoute
 from serving.routing import other_slot, route
 
@@ -59,6 +79,19 @@ SLOT_KEEPALIVE_S = 2.0  # below the slots' server keep-alive (uvicorn: 5 s); see
 
 class SlotFailure(Exception):
     """The slot did not give a usable answer in time."""
+
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out  # the deadline passed (vs. the slot answered a failure or was unreachable)
+
+
+@dataclass
+class Attempt:
+    answer: SlotAnswer | None
+    blamed: bool  # a failure that is the slot's own (not the request's budget running out first)
+
+
+RULE_VARIANT = "rule"  # who answered a degraded request: the default rule, no model
 
 
 @dataclass
@@ -104,6 +137,12 @@ class GatewayMetrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r,
         )
+        # reason: budget (no model answered within the request's budget), overload (shed: over the in-flight
+        # bound), slot_error (the slots failed on their own); each answered by the default rule
+        self.degraded = Counter(
+            "gateway_degraded_total", "Requests answered by the default rule", ["reason"], registry=r
+        )
+        self.in_flight = Gauge("gateway_requests_in_flight", "Client requests waiting on a slot", registry=r)
         self.invalid = Counter("gateway_invalid_requests_total", "Requests refused (4xx)", ["status"], registry=r)
         self.shadow = Counter("gateway_shadow_requests_total", "Shadow calls", ["status"], registry=r)
         self.shadow_dropped = Counter("gateway_shadow_dropped_total", "Shadow work dropped (queue full)", registry=r)
@@ -258,36 +297,71 @@ class Gateway:
                 if attempt == 2 or time.monotonic() >= deadline:
                     raise SlotFailure(f"slot {slot}: {type(error).__name__} {error}") from None
                 log.debug("slot %s closed a pooled connection before answering; retrying once", slot)
-            except (aiohttp.ClientError, TimeoutError) as error:
+            except TimeoutError as error:  # before ClientError: aiohttp's ServerTimeoutError is both
+                raise SlotFailure(f"slot {slot}: no answer in {timeout_s * 1000:.0f} ms ({error!r})", True) from None
+            except aiohttp.ClientError as error:
                 raise SlotFailure(f"slot {slot}: {type(error).__name__} {error}") from None
         raise AssertionError("unreachable")
 
     async def call_slot(self, slot: str, body: bytes, timeout_s: float) -> SlotAnswer:
         started = time.perf_counter()
-        reply = _decode_reply(await self._post(slot, "/v1/predict", body, timeout_s))
+        try:
+            reply = _decode_reply(await self._post(slot, "/v1/predict", body, timeout_s))
+        except msgspec.MsgspecError as error:  # a 200 that is not a score is a failed slot, not a gateway crash
+            raise SlotFailure(f"slot {slot} answered an unreadable score: {error}") from None
         return SlotAnswer(reply.score, reply.model_version, (time.perf_counter() - started) * 1000)
 
     async def call_slot_batch(self, slot: str, bodies: list[bytes], timeout_s: float) -> BatchAnswer:
         """Score many already-validated request bodies in one call (their JSON is spliced, not re-encoded)."""
         started = time.perf_counter()
         payload = b'{"instances":[' + b",".join(bodies) + b"]}"
-        decoded = _decode_batch_reply(await self._post(slot, "/v1/predict/batch", payload, timeout_s))
+        try:
+            decoded = _decode_batch_reply(await self._post(slot, "/v1/predict/batch", payload, timeout_s))
+        except msgspec.MsgspecError as error:
+            raise SlotFailure(f"slot {slot} answered unreadable scores: {error}") from None
         return BatchAnswer(decoded.scores, decoded.model_version, (time.perf_counter() - started) * 1000)
 
     # --- requests ---------------------------------------------------------------------------------
 
-    async def score(self, body: bytes, forced_variant: str | None = None) -> tuple[int, dict[str, Any]]:
+    async def score(
+        self, body: bytes, forced_variant: str | None = None, budget_ms: float | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """Answer one scoring request within its budget (`MLOPS_SCORE_BUDGET_MS`, or less if the client asked).
+
+        Tiers: the routed variant; for a challenger that failed on its own, the champion (`fallback`); and when no
+        model answered, the default rule (`serving.fallback`), `status: degraded`. Over `gateway_max_in_flight`
+        requests already waiting on slots, a request is answered by the rule at once (shed): the wait never grows
+        without bound."""
+        budget_ms = self.settings.score_budget_ms if budget_ms is None else budget_ms
+        if self.client_in_flight >= self.settings.gateway_max_in_flight:
+            return self._shed(body, forced_variant, budget_ms)
         self.client_in_flight += 1
+        self.metrics.in_flight.set(self.client_in_flight)
         self.idle.clear()
         try:
-            return await self._score(body, forced_variant)
+            return await self._score(body, forced_variant, budget_ms)
         finally:
             self.client_in_flight -= 1
+            self.metrics.in_flight.set(self.client_in_flight)
             if self.client_in_flight == 0:
                 self.idle.set()
 
-    async def _score(self, body: bytes, forced_variant: str | None = None) -> tuple[int, dict[str, Any]]:
+    async def _attempt(self, slot: str, body: bytes, timeout_ms: float, deadline: float) -> Attempt:
+        """One slot call, bounded by the variant's own deadline and by what is left of the request's budget."""
+        remaining_ms = (deadline - time.monotonic()) * 1000
+        if remaining_ms <= 0:
+            return Attempt(None, blamed=False)
+        try:
+            return Attempt(await self.call_slot(slot, body, min(timeout_ms, remaining_ms) / 1000), blamed=False)
+        except SlotFailure as failure:
+            log.debug("%s", failure)
+            # Blame the variant unless the budget, not the variant's own deadline, cut it short: a client asking
+            # for 1 ms must not be able to manufacture a challenger's timeouts (evidence for a rollback).
+            return Attempt(None, blamed=not (failure.timed_out and remaining_ms < timeout_ms))
+
+    async def _score(self, body: bytes, forced_variant: str | None, budget_ms: float) -> tuple[int, dict[str, Any]]:
         started = time.perf_counter()
+        deadline = time.monotonic() + budget_ms / 1000
         transaction = parse_transaction(body)  # RequestError → 4xx, handled by the route
         policy = self.policy
         champion = policy.champion_slot
@@ -298,42 +372,85 @@ class Gateway:
                 forced_variant, champion if forced_variant == "champion" else other_slot(champion), None
             )
         status, variant, slot = "ok", chosen.variant, chosen.slot
-        answer: SlotAnswer | None = None
-        try:
-            timeout = (
-                self.settings.challenger_timeout_ms if variant == "challenger" else self.settings.champion_timeout_ms
-            )
-            answer = await self.call_slot(slot, body, timeout / 1000)
-        except SlotFailure as failure:
-            self.metrics.errors.labels(variant).inc()
-            log.debug("%s", failure)
-            if variant == "challenger" and forced_variant is None:  # the client still gets an answer: the champion's
-                status, variant, slot = "fallback", "champion", champion
-                with contextlib.suppress(SlotFailure):
-                    answer = await self.call_slot(champion, body, self.settings.champion_timeout_ms / 1000)
+        timeout = self.settings.challenger_timeout_ms if variant == "challenger" else self.settings.champion_timeout_ms
+        attempt = await self._attempt(slot, body, timeout, deadline)
+        answer, reason = attempt.answer, None
         if answer is None:
-            status = "error"
+            if attempt.blamed:
+                self.metrics.errors.labels(variant).inc()
+            if variant == "challenger" and attempt.blamed and forced_variant is None:
+                # The challenger failed on its own: the champion answers (evidence against the challenger).
+                second = await self._attempt(champion, body, self.settings.champion_timeout_ms, deadline)
+                if second.blamed:
+                    self.metrics.errors.labels("champion").inc()
+                if second.answer is not None:
+                    answer, status, variant, slot = second.answer, "fallback", "champion", champion
+            if answer is None:
+                # `error`: a variant failed on its own and the row is evidence against it (a challenger's
+                # failure stays the challenger's even when the champion then had no time left); `degraded`: the
+                # budget ran out first, evidence against neither (see `core.prediction_log.without_degraded`).
+                status = "error" if attempt.blamed else "degraded"
+                reason = "slot_error" if attempt.blamed else "budget"
         latency_ms = (time.perf_counter() - started) * 1000
         request_id = transaction.transaction_id or uuid.uuid4().hex
         row = self._row(request_id, transaction, policy, variant, slot, answer, latency_ms, status)
         row[FORCED] = forced_variant is not None
         self.metrics.requests.labels(variant, status).inc()
-        self.metrics.latency.labels(variant).observe(latency_ms / 1000)
-        self._log(row, body, chosen.shadow_slot if status != "error" else None)
+        self.metrics.latency.labels(variant if answer is not None else "rule").observe(latency_ms / 1000)
+        if answer is None and forced_variant is not None:
+            self._log(row, body, None)
+            message = f"the {forced_variant} (slot {slot}) could not answer this request within {budget_ms:g} ms"
+            return 503, {"error": message, "request_id": request_id, "variant": variant}
         if answer is None:
-            if forced_variant is not None:
-                message = f"the {forced_variant} (slot {slot}) could not answer this request"
-                return 503, {"error": message, "request_id": request_id, "variant": variant}
-            return 503, {"error": "no model could answer this request", "request_id": request_id}
+            return self._degraded(row, body, transaction, reason or "budget", budget_ms)
+        row[DECISION] = "decline" if answer.score >= self.settings.decision_threshold else "approve"
+        self._log(row, body, chosen.shadow_slot)
         return 200, {
             "request_id": request_id,
             "score": answer.score,
-            "decision": "decline" if answer.score >= self.settings.decision_threshold else "approve",
+            "decision": row[DECISION],
             "variant": variant,
             "status": status,  # "fallback": routed to the challenger, answered by the champion
             "model_version": answer.model_version,
             "policy_generation": policy.generation,
         }
+
+    def _degraded(
+        self, row: dict[str, Any], body: bytes, transaction: Transaction, reason: str, budget_ms: float
+    ) -> tuple[int, dict[str, Any]]:
+        """The last tier: the default rule's decision, at once, marked degraded and counted by reason."""
+        decision = fallback_decision(transaction.merchant_category, transaction.amount_to_avg_ratio)
+        row.update({DECISION: decision, DEGRADED_REASON: reason})
+        self.metrics.degraded.labels(reason).inc()
+        self._log(row, body, None)
+        return 200, {
+            "request_id": row["request_id"],
+            "score": None,
+            "decision": decision,
+            "variant": RULE_VARIANT,
+            "status": "degraded",
+            "reason": reason,  # budget: no model answered in time; overload: shed; slot_error: the slots failed
+            "budget_ms": budget_ms,
+            "model_version": None,
+            "policy_generation": row["policy_generation"],
+        }
+
+    def _shed(self, body: bytes, forced_variant: str | None, budget_ms: float) -> tuple[int, dict[str, Any]]:
+        """Over the in-flight bound: no slot call, no wait. Evidence against neither variant."""
+        transaction = parse_transaction(body)
+        policy = self.policy
+        champion = policy.champion_slot
+        chosen = route(transaction.account_id, champion, policy.weights[other_slot(champion)], False)
+        request_id = transaction.transaction_id or uuid.uuid4().hex
+        row = self._row(request_id, transaction, policy, chosen.variant, chosen.slot, None, 0.0, "degraded")
+        row[FORCED] = forced_variant is not None
+        self.metrics.requests.labels(chosen.variant, "degraded").inc()
+        if forced_variant is not None:
+            self.metrics.degraded.labels("overload").inc()
+            self._log(row, body, None)
+            message = f"the gateway is over its {self.settings.gateway_max_in_flight} requests in flight; retry"
+            return 503, {"error": message, "request_id": request_id, "variant": forced_variant}
+        return self._degraded(row, body, transaction, "overload", budget_ms)
 
     def _row(
         self,
@@ -480,7 +597,10 @@ def create_gateway_app(settings: Settings) -> Starlette:
                 gateway.metrics.invalid.labels(str(refused.status_code)).inc()
                 return refused
         try:
-            status, body = await gateway.score(await request.body(), forced.strip().lower() if forced else None)
+            budget_ms = parse_budget(request.headers.get(BUDGET_HEADER), settings.score_budget_ms)
+            status, body = await gateway.score(
+                await request.body(), forced.strip().lower() if forced else None, budget_ms
+            )
         except RequestError as error:
             gateway.metrics.invalid.labels(str(error.status)).inc()
             return Response(encode(error.body()), error.status, media_type=JSON)
@@ -527,6 +647,7 @@ def create_gateway_app(settings: Settings) -> Starlette:
             Route("/metrics", metrics),
         ],
         lifespan=lifespan,
+        exception_handlers=EXCEPTION_HANDLERS,  # 404/405 as JSON naming the method and path
     )
     app.state.gateway = gateway
     return app

@@ -123,3 +123,22 @@ def features(transaction: Transaction) -> dict[str, Any]:
 
 
 encode = msgspec.json.encode
+
+
+BUDGET_HEADER = "x-mlops-budget-ms"
+
+
+def parse_budget(value: str | None, bound_ms: float) -> float:
+    """The request's answer budget in ms: `bound_ms` (MLOPS_SCORE_BUDGET_MS) without the header; with it, a
+    positive number of ms, clamped to the bound (a terminal that can wait longer than the operator allows just
+    gets its answer sooner, so asking for more is not an error). Anything else is a 422 naming the header."""
+    if value is None:
+        return bound_ms
+    try:
+        budget = float(value.strip())
+    except ValueError:
+        budget = math.nan
+    if not math.isfinite(budget) or budget <= 0:
+        message = f"{BUDGET_HEADER} must be a positive, finite number of milliseconds, got {value[:40]!r}"
+        raise RequestError(422, message, BUDGET_HEADER)
+    return min(budget, bound_ms)

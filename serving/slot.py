@@ -34,6 +34,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from control_plane.client import AsyncControlPlaneClient, ControlPlaneError, ControlPlaneUnavailable
+from control_plane.http_errors import EXCEPTION_HANDLERS
 from control_plane.tokens import check_bearer, resolve_token
 from core.model import FraudScorer
 from core.settings import Settings
@@ -236,6 +237,7 @@ def create_slot_app(
             Route("/metrics", metrics),
         ],
         lifespan=lifespan,
+        exception_handlers=EXCEPTION_HANDLERS,  # 404/405 as JSON naming the method and path
     )
     app.state.slot = state
     return app

@@ -296,17 +296,17 @@ def test_the_backend_is_chosen_by_the_target(tmp_path: Path) -> None:
     assert isinstance(training_backend(Settings(target="kind", home=tmp_path)), RayJobTraining)
 
 
-def test_local_training_is_train_model_under_the_checkpoint_root(
+def test_local_training_is_attempts_under_the_checkpoint_root_with_the_cluster_retries_setting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import components.steps as steps
+    import components.train_attempts as attempts
 
     calls: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(steps, "train_model", lambda *args: calls.append(args) or "outcome")
-    settings = Settings(target="local", home=tmp_path)
+    monkeypatch.setattr(attempts, "train_in_fresh_clusters", lambda *args: calls.append(args) or "outcome")
+    settings = Settings(target="local", home=tmp_path, train_cluster_retries=3)
     params = TrainParams(workers=1, epochs=1)
     assert LocalTraining(settings).train("data.parquet", "train-x", params, "model") == "outcome"
-    assert calls == [("data.parquet", settings.checkpoint_root, "train-x", params, "model")]
+    assert calls == [("data.parquet", settings.checkpoint_root, "train-x", params, "model", 3, settings.logs_dir)]
 
 
 # --- KFP: submit, follow, outcome (fake KFP client) ------------------------------------------------------

@@ -366,6 +366,7 @@ def test_default_render_has_every_workload(default_docs: list[dict[str, Any]]) -
         "slot-a",
         "slot-b",
         "prometheus",
+        "alertmanager",
         "grafana",
     }
     assert names(default_docs, "StatefulSet") == {"postgres"}
@@ -874,6 +875,9 @@ FLOWS = [
     (component("gateway"), NAMESPACE, component("drift-monitor"), 8740, False),
     (component("grafana"), NAMESPACE, component("prometheus"), 9090, True),
     (component("slot"), NAMESPACE, component("prometheus"), 9090, False),
+    (component("controller"), NAMESPACE, component("prometheus"), 9090, True),  # prometheus guardrails
+    (component("prometheus"), NAMESPACE, component("alertmanager"), 9093, True),
+    (component("gateway"), NAMESPACE, component("alertmanager"), 9093, False),
     ({"anything": "x"}, "somewhere", component("gateway"), 8710, True),
     (KFP_POD, "kuberay-system", RAY_POD, 8265, True),
     (component("gateway"), NAMESPACE, RAY_POD, 6379, True),

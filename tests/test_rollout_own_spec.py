@@ -41,6 +41,16 @@ def test_a_start_request_with_a_bad_spec_is_refused_naming_each_field_and_nothin
         )
         assert not_a_spec.status_code == 422 and not_a_spec.json()["field"] == "spec"
         assert client.post("/v1/rollouts", json={"challenger_version": "7", "spec": SPEC}).status_code == 401
+        business = {"name": "chargebacks", "kind": "prometheus", "applies_to": ["canary"], "min_samples": 10,
+                    "query": 'good_ratio{variant="{variant}"}', "samples_query": 'n{variant="{variant}"}',
+                    "max_relative_increase": 0.1}  # fmt: skip
+        unjudgeable = client.post(
+            "/v1/rollouts",
+            json={"challenger_version": "7", "spec": {**SPEC, "guardrails": [*SPEC["guardrails"], business]}},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        assert unjudgeable.status_code == 422, unjudgeable.text
+        assert "(chargebacks).kind: prometheus needs a Prometheus server" in unjudgeable.json()["problems"][0]
     assert store.list_rollouts() == []
 
 
@@ -48,7 +58,7 @@ def test_a_rollout_runs_under_the_spec_stored_with_it_and_others_under_the_contr
     store = RolloutStore(f"sqlite:///{tmp_path / 'cp.db'}")
     own = load_spec(SPEC)
     plan = plan_for(own, "fraud", "7", "6", "a", None, rollout_id="r-own")
-    store.create(plan, initial_state(plan, 0.0), spec=own.model_dump(mode="json"))
+    store.create(plan, initial_state(plan, 0.0), spec=own.model_dump(mode="json", exclude_none=True))
     other = plan_for(fast_spec(), "fraud", "8", "6", "a", None, rollout_id="r-default")
     store.create(other, replace(initial_state(other, 0.0), status="aborted"))  # finished: not the active one
     controller = Controller(spec=fast_spec(), store=RolloutStore(store.url), effects=None, log_dir=tmp_path,

@@ -266,7 +266,7 @@ def test_the_hook_scenarios_carry_their_own_specs() -> None:
     replay = load_scenario(Path("scenarios/replay-catches.yaml"))
     assert replay.rollout.validated().phases[0].kind == "replay" and replay.traffic.warmup_s > 0
     approval = load_scenario(Path("scenarios/approval-gate.yaml"))
-    assert [p.require_approval for p in approval.rollout.validated().phases] == [False, True, False]
+    assert [p.require_approval for p in approval.rollout.validated().phases] == [False, False, True, False]
 
 
 def test_where_the_decision_was_taken_the_gate_hold_and_the_hooks_are_judged() -> None:

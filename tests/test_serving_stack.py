@@ -212,6 +212,32 @@ def test_shadow_mode_answers_with_the_champion_and_does_not_wait_for_a_slow_chal
     wait_for(lambda: slot_version(stack, "b") == versions["v2"])
 
 
+def test_a_budget_shorter_than_a_slow_slot_gets_the_rule_answer_in_time_and_a_longer_one_the_model_s(
+    stack: LocalStack, control: ControlPlaneClient, traffic: Traffic, versions: dict[str, str]
+) -> None:
+    control.assign("b", versions["slow"])  # 150 ms per request, inside the challenger's own 300 ms deadline
+    wait_for(lambda: slot_version(stack, "b") == versions["slow"])
+    set_policy(stack, control, 1.0, shadow=False)
+    url = f"{stack.url('gateway')}/v1/score"
+    for i in range(10):
+        started = time.perf_counter()
+        row = json.dumps(traffic.rows[i], default=float)
+        answer = httpx.post(url, content=row, headers={"X-Mlops-Budget-Ms": "60"})
+        took = time.perf_counter() - started
+        assert answer.status_code == 200 and answer.json()["status"] == "degraded", answer.text
+        assert answer.json()["reason"] == "budget" and answer.headers["X-Mlops-Variant"] == "rule"
+        assert took < 0.06 + 0.08  # the budget plus the client's and the gateway's own overhead
+        unhurried = traffic.score(i).json()
+        assert (unhurried["status"], unhurried["model_version"]) == ("ok", versions["slow"])
+    metrics = httpx.get(f"{stack.url('gateway')}/metrics").text
+    assert 'gateway_degraded_total{reason="budget"} 10.0' in metrics
+    refused = httpx.post(url, content=json.dumps(traffic.rows[0], default=float), headers={"X-Mlops-Budget-Ms": "x"})
+    assert refused.status_code == 422 and refused.json()["field"] == "x-mlops-budget-ms"
+    set_policy(stack, control, 0.0, shadow=False)
+    control.assign("b", versions["v2"])
+    wait_for(lambda: slot_version(stack, "b") == versions["v2"])
+
+
 def test_hot_swap_under_load_fails_no_request(
     stack: LocalStack, control: ControlPlaneClient, traffic: Traffic, versions: dict[str, str]
 ) -> None:

@@ -1,9 +1,9 @@
 """The models a scenario needs: a trained champion, and a challenger built from a trained model.
 
-Training is real (Ray Train, the same `components.train.train_model` the pipeline runs) but done once per
-seed and cached under `MLOPS_HOME/scenarios/models`, so a second scenario run costs seconds. A challenger
-with a deliberate defect is a wrapper of a trained model: the same weights plus `defect.json`, which the slot
-honours (`serving.slot.Defect`). Every challenger is registered as a new MLflow version.
+Training is real (Ray Train, the same `components.train_attempts.train_in_fresh_clusters` the pipeline runs)
+but done once per seed and cached under `MLOPS_HOME/scenarios/models`, so a second scenario run costs seconds.
+A challenger with a deliberate defect is a wrapper of a trained model: the same weights plus `defect.json`, which
+the slot honours (`serving.slot.Defect`). Every challenger is registered as a new MLflow version.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from components.dataset import write_transactions
-from components.train import TrainParams, train_model
+from components.train import TrainParams
+from components.train_attempts import train_in_fresh_clusters
 from core.aliases import CHAMPION
 from core.registry import alias_version, connect, log_training_run, register_version
 from core.settings import Settings
@@ -39,7 +40,17 @@ def trained_model(settings: Settings, seed: int, on_progress: Any = print) -> tu
         workers=1, epochs=TRAIN_EPOCHS, seed=seed, batch_size=settings.train_batch_size, max_failures=1
     )
     with tempfile.TemporaryDirectory(prefix="scenario-train-") as storage:
-        outcome = train_model(data_path, storage, f"scenario-seed-{seed}", params, root / "staging")
+        # A lost Ray cluster (an OOM kill of its raylet) is retried on a new one, as the pipeline's step does.
+        outcome = train_in_fresh_clusters(
+            data_path,
+            storage,
+            f"scenario-seed-{seed}",
+            params,
+            root / "staging",
+            settings.train_cluster_retries,
+            settings.logs_dir,
+            on_progress,
+        )
     shutil.rmtree(model_dir, ignore_errors=True)
     Path(outcome.model_dir).rename(model_dir)
     summary = {"seed": seed, "metrics": outcome.metrics, "history": outcome.history, "params": outcome.params}

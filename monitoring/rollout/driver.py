@@ -123,6 +123,8 @@ class Controller:
     slot_ready_timeout_s: float = 60.0
     decision_threshold: float = DEFAULT_DECISION_THRESHOLD  # the process passes settings.decision_threshold
     hook_secret: str = ""  # settings.hook_secret: signs every hook body
+    log_flush_s: float = 1.0  # settings.log_flush_seconds: how far behind the gateway's log may normally be
+    prometheus: Any = None  # a PrometheusClient when settings.prometheus_url is set (prometheus guardrails)
     _slot_down: set[str] = field(default_factory=set)
     last_analysis: Any = None  # this process's latest AnalysisResult (the store has every one)
     gates: GateCaller | None = None
@@ -153,7 +155,7 @@ class Controller:
             raise ValueError(f"version {challenger_version} is already the champion")
         chosen = spec or self.spec
         plan = plan_for(chosen, self.model_name, challenger_version, champion_version, champion_slot, previous)
-        stored = None if spec is None else spec.model_dump(mode="json")
+        stored = None if spec is None else spec.model_dump(mode="json", exclude_none=True)
         self.store.create(plan, initial_state(plan, self.clock()), spec=stored)
         self._specs[plan.rollout_id] = chosen
         if not chosen.hooks_for("pre-rollout"):
@@ -184,6 +186,7 @@ class Controller:
             return None
         rollout_id = self.store.active(self.model_name)
         if rollout_id is None:
+            self._finish_decided()
             return None
         plan, state = self._finish_pending(rollout_id)
         spec = self.spec_for(rollout_id)
@@ -242,6 +245,8 @@ class Controller:
             now,
             threshold=self.decision_threshold,
             versions=versions,
+            prometheus=self.prometheus,
+            flush_s=self.log_flush_s,
         )
         self.last_analysis = result
         return Analysis(result=result)
@@ -311,6 +316,14 @@ class Controller:
             self._do(plan, action)
             self.store.complete_action(rollout_id, index)
         return plan, state
+
+    def _finish_decided(self) -> None:
+        """Actions of a rollout that is decided but whose last actions failed (MLflow or the control plane was
+        down when the decision was taken): no longer active, so the loop above would never see them; finish them
+        here, in order, exactly once (each is marked done as it completes)."""
+        for summary in self.store.list_rollouts(limit=3, model_name=self.model_name):
+            if summary["pending_actions"] and not summary["active"]:
+                self._finish_pending(summary["rollout_id"])
 
     def _do(self, plan: RolloutPlan, action: Action) -> None:
         if isinstance(action, SetTraffic):

@@ -54,6 +54,8 @@ Who is compared with whom (`observe`)
 - canary: rows routed to the challenger (plus `status == "fallback"` rows: the challenger failed and the
   champion answered, so they are challenger errors whose score is not used) vs rows the champion answered.
 - watch (after promotion): the champion's rows alone, against each guardrail's absolute bound.
+- rows answered by the default rule (`status == "degraded"`: the budget ran out or the gateway shed the request)
+  are evidence against neither variant and left out of every phase.
 In a canary phase where the champion has fewer than `min_samples` requests (the 100 % step), a guardrail with
 an absolute bound is held to it instead; a purely relative one is left out there.
 """
@@ -81,6 +83,7 @@ from core.prediction_log import (
     STATUS,
     TS,
     VARIANT,
+    without_degraded,
 )
 from monitoring.rollout.spec import (
     DeclineRateGuardrail,
@@ -206,7 +209,8 @@ def alpha_per_look_set(spec: RolloutSpec) -> float:
     """The error budget of one guardrail in one phase: `false_rollback_rate` / the number of (guardrail, phase)
     pairs judged over the rollout (every phase, plus the watch when it lasts), Bonferroni."""
     kinds = [phase.kind for phase in spec.phases] + (["watch"] if spec.post_promotion_watch_s > 0 else [])
-    pairs = sum(len(spec.guardrails_for(kind)) for kind in kinds)
+    # External guardrails (Prometheus) judge point estimates, with no share of the budget to spend.
+    pairs = sum(1 for kind in kinds for g in spec.guardrails_for(kind) if g.kind not in EXTERNAL_KINDS)
     return spec.false_rollback_rate / max(pairs, 1)
 
 
@@ -353,7 +357,7 @@ def observe(
     """Split the prediction log into the arms a phase compares (see the module docstring)."""
     if phase_kind not in PHASE_KINDS:
         raise ValueError(f"phase_kind must be one of {', '.join(PHASE_KINDS)}, got {phase_kind!r}")
-    frame = predictions.reset_index(drop=True)
+    frame = without_degraded(predictions).reset_index(drop=True)  # answered by the rule: evidence against neither
     label = _labels(frame, feedback)
     variant, status = _column(frame, VARIANT), _column(frame, STATUS)
     challenger_rows = (variant == "challenger") | (status == "fallback")
@@ -822,6 +826,8 @@ GUARDRAILS: dict[str, Callable[[Any, Observations, float], GuardrailResult]] = {
     "online_recall": online_recall,
     "online_log_loss": online_log_loss,
 }
+# Kinds judged from another system's data by the caller (monitoring.rollout.analysis), not from the log here.
+EXTERNAL_KINDS = ("prometheus",)
 
 
 def evaluate_guardrails(
@@ -837,7 +843,11 @@ def evaluate_guardrails(
     starts with the phase) and the feedback received so far, each at its share of the error budget."""
     obs = observe(phase_kind, predictions, feedback, threshold=threshold)
     alpha = alpha_per_look_set(spec)
-    return [GUARDRAILS[cfg.kind](cfg, obs, alpha) for cfg in spec.guardrails if applies(cfg, obs)]
+    return [
+        GUARDRAILS[cfg.kind](cfg, obs, alpha)
+        for cfg in spec.guardrails
+        if cfg.kind not in EXTERNAL_KINDS and applies(cfg, obs)
+    ]
 
 
 def applies(cfg: GuardrailConfig, obs: Observations) -> bool:

@@ -12,12 +12,17 @@ from control_plane.tokens import resolve_token
 from core.settings import Settings
 from monitoring.rollout.driver import Controller
 from monitoring.rollout.effects import LiveEffects
+from monitoring.rollout.prometheus_guardrail import PrometheusClient, source_problems
 from monitoring.rollout.service import create_controller_app
-from monitoring.rollout.spec import spec_from_setting
+from monitoring.rollout.spec import SpecError, spec_from_setting
 from monitoring.rollout.store import RolloutStore
 
 
 def build_controller(settings: Settings) -> Controller:
+    spec = spec_from_setting(settings.rollout_spec)
+    problems = source_problems(spec, settings.prometheus_url)
+    if problems:  # refused before the controller serves: a guardrail that could never judge is a spec error
+        raise SpecError(problems, settings.rollout_spec)
     token = resolve_token(settings)
     effects = LiveEffects(
         ControlPlaneClient(settings.control_plane_url, token=token),
@@ -26,13 +31,15 @@ def build_controller(settings: Settings) -> Controller:
         settings.slot_urls,
     )
     return Controller(
-        spec=spec_from_setting(settings.rollout_spec),
+        spec=spec,
         store=RolloutStore(settings.control_plane_db),
         effects=effects,
         log_dir=settings.prediction_log_dir,
         model_name=settings.model_name,
         decision_threshold=settings.decision_threshold,
         hook_secret=settings.hook_secret,
+        log_flush_s=settings.log_flush_seconds,
+        prometheus=PrometheusClient(settings.prometheus_url) if settings.prometheus_url else None,
     )
 
 

@@ -30,9 +30,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from control_plane.http_errors import EXCEPTION_HANDLERS
 from control_plane.tokens import check_bearer
 from monitoring.rollout.driver import Controller
 from monitoring.rollout.hooks import HookSender
+from monitoring.rollout.prometheus_guardrail import source_problems
 from monitoring.rollout.spec import RolloutSpec, SpecError, load_spec
 from monitoring.rollout.state_machine import (
     Approve,
@@ -137,6 +139,10 @@ def create_controller_app(controller: Controller, token: str, run_loop: bool = T
                 return JSONResponse({"error": "spec must be a rollout spec (a JSON object)", "field": "spec"}, 422)
             try:
                 spec = load_spec(body["spec"])
+                # A guardrail that could never judge here is a spec error, as for the controller's own spec.
+                problems = source_problems(spec, "configured" if controller.prometheus is not None else "")
+                if problems:
+                    raise SpecError(problems, "spec")
             except SpecError as error:
                 return JSONResponse({"error": str(error), "field": "spec", "problems": error.problems}, 422)
 
@@ -241,6 +247,7 @@ def create_controller_app(controller: Controller, token: str, run_loop: bool = T
             Route("/readyz", healthz),
         ],
         lifespan=lifespan,
+        exception_handlers=EXCEPTION_HANDLERS,  # 404/405 as JSON naming the method and path
     )
 
 

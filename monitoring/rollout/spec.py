@@ -51,6 +51,7 @@ GUARDRAIL_KINDS = (
     "decline_rate",
     "online_recall",
     "online_log_loss",
+    "prometheus",
 )
 
 Loc = tuple[str | int, ...]
@@ -377,6 +378,58 @@ class OnlineLogLossGuardrail(_GuardrailBase):
         return None if value is None else _positive(value)
 
 
+class PrometheusGuardrail(_GuardrailBase):
+    """A business metric another system exports, read from Prometheus (monitoring.rollout.prometheus_guardrail):
+    `query` with a `{variant}` placeholder (or `query_champion` and `query_challenger`) must return one series;
+    canary: challenger <= (1 + `max_relative_increase`) x champion (`higher_is_better`: >= (1 - it) x champion);
+    watch, and a canary step the champion no longer serves: the value against `bound`. `samples_query` (same
+    placeholder) counts each variant's evidence against `min_samples`. A point estimate, no confidence
+    sequence: it passes or fails only when the bound holds, or breaks, at each of `looks` evaluation points
+    `step_s` apart within the phase."""
+
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("canary", "watch")
+    UNSUPPORTED_WHY: ClassVar[str] = "in shadow the challenger serves no one, so a business metric has no value for it"
+    WATCH_LIMIT: ClassVar[str | None] = "bound"
+
+    kind: Literal["prometheus"]
+    query: str | None = None
+    query_champion: str | None = None
+    query_challenger: str | None = None
+    samples_query: str
+    higher_is_better: bool = False
+    max_relative_increase: float | None = None
+    bound: float | None = None
+    looks: int = 3
+    step_s: float = 15.0
+
+    _looks = field_validator("looks")(_at_least_one)
+    _step = field_validator("step_s")(_positive)
+
+    @field_validator("max_relative_increase")
+    @classmethod
+    def _margin(cls, value: float | None) -> float | None:
+        return None if value is None else _non_negative(value)
+
+    @model_validator(mode="after")
+    def _queries(self) -> PrometheusGuardrail:
+        problems: list[tuple[Loc, str]] = []
+        pair = (self.query_champion, self.query_challenger)
+        per_variant = "query_champion and query_challenger"
+        if self.query is not None and any(pair):
+            problems.append((("query",), f"give query (with {{variant}}) or {per_variant}, not both"))
+        elif self.query is None and not all(pair):
+            problems.append((("query",), f"required: a PromQL query with {{variant}}, or {per_variant}"))
+        elif self.query is not None and "{variant}" not in self.query:
+            problems.append((("query",), f"must contain the {{variant}} placeholder (or give {per_variant})"))
+        if "{variant}" not in self.samples_query:
+            problems.append((("samples_query",), "must contain the {variant} placeholder: each variant's samples"))
+        if self.max_relative_increase is None and self.bound is None:
+            problems.append((("max_relative_increase",), "give a relative margin, an absolute bound, or both"))
+        if problems:
+            raise _Problems(problems)
+        return self
+
+
 GateOutcome = Literal["hold", "rollback"]
 HOOK_NOTIFICATIONS = (
     "rollout-started",
@@ -459,7 +512,8 @@ GuardrailConfig = Annotated[
     | ShadowAgreementGuardrail
     | DeclineRateGuardrail
     | OnlineRecallGuardrail
-    | OnlineLogLossGuardrail,
+    | OnlineLogLossGuardrail
+    | PrometheusGuardrail,
     Field(discriminator="kind"),
 ]
 

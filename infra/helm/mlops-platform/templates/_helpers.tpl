@@ -114,6 +114,11 @@ seccompProfile:
   value: http://slot-b:8722
 - name: MLOPS_KFP_HOST
   value: {{ include "mlops.kfpHost" . | quote }}
+{{- if .Values.prometheus.enabled }}
+# The chart's Prometheus: what the rollout spec's `kind: prometheus` guardrails read.
+- name: MLOPS_PROMETHEUS_URL
+  value: http://prometheus:9090
+{{- end }}
 - name: MLOPS_IMAGE
   value: {{ include "mlops.projectImage" . | quote }}
 - name: MLOPS_NAMESPACE
