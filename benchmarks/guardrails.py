@@ -18,9 +18,15 @@ What is simulated, per rollout (200 requests/s, 2 % fraud):
   fed to `step` in order, plus a `Tick` at the phase deadline and at the end of the post-promotion watch, so a
   rollout ends rolled back (in a phase or after promotion) or succeeded.
 
-Not simulated (stated, not hidden): account-level clustering across seconds (requests are independent given
-the second), and latency or quality cases at the margin of every guardrail at once (`at_margin` and
-`inside_margin` put recall and errors at, or at half, their tolerances).
+- Slice guardrails per merchant category (the category is part of the request type), each slice at its
+  Bonferroni share over all 22 slices of its columns; the fraud amount caught from the pool's amounts (per-cell
+  mean and within-cell variance, like log loss).
+
+Not simulated (stated, not hidden): country slices (their budget share is still taken: each merchant slice is
+judged at 1/22 of its guardrail's share; more judged slices could only add fails to `identical` and catches to
+the slice cases), account-level clustering across seconds (requests are independent given the second), and
+latency or quality cases at the margin of every guardrail at once (`at_margin` and `inside_margin` put recall
+and errors at, or at half, their tolerances).
 
     .venv/bin/python benchmarks/guardrails.py [--rollouts 1000] [--seed 0] [--cases a,b] [--pool-rows 200000]
 
@@ -42,7 +48,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from core.schema import CATEGORICAL_FEATURES, NUMERIC_FEATURES  # noqa: E402
+from core.schema import CATEGORICAL_FEATURES, MERCHANT_CATEGORIES, NUMERIC_FEATURES  # noqa: E402
 from core.settings import DEFAULT_DECISION_THRESHOLD  # noqa: E402
 from core.synthetic import generate_transactions  # noqa: E402
 from monitoring.rollout.driver import plan_for  # noqa: E402
@@ -64,6 +70,7 @@ from monitoring.rollout.guardrails import (  # noqa: E402
     score_edges,
 )
 from monitoring.rollout.guardrails import PROPORTION_PSEUDO as PSEUDO  # noqa: E402
+from monitoring.rollout.slice_guardrails import SLICE_GUARDRAILS, slice_alpha  # noqa: E402
 from monitoring.rollout.spec import RolloutSpec, default_spec, fast_spec  # noqa: E402
 from monitoring.rollout.state_machine import Analysis, AnalysisResult, Start, Tick, initial_state, step  # noqa: E402
 
@@ -108,6 +115,7 @@ class Pool:
     retrain: np.ndarray  # a healthy challenger's scores: the same recipe, trained on another draw
     label: np.ndarray
     category: np.ndarray
+    amount: np.ndarray  # EUR, for the fraud amount caught
 
 
 def build_pool(rows: int = 200_000) -> Pool:
@@ -122,7 +130,8 @@ def build_pool(rows: int = 200_000) -> Pool:
         x = _design(both)
         model = LogisticRegression(C=1.0, max_iter=400).fit(x[: len(train)], train["is_fraud"].to_numpy())
         scores.append(model.predict_proba(x[len(train) :])[:, 1])
-    return Pool(scores[0], scores[1], pool["is_fraud"].to_numpy(), pool["merchant_category"].astype(str).to_numpy())
+    return Pool(scores[0], scores[1], pool["is_fraud"].to_numpy(), pool["merchant_category"].astype(str).to_numpy(),
+                pool["amount"].to_numpy(dtype=float))  # fmt: skip
 
 
 # ---------------------------------------------------------------- cases: the challenger per spec
@@ -187,6 +196,11 @@ def make_cells(spec: RolloutSpec, pool: Pool, case: Case) -> Cells:
     lo, hi = score_edges(THRESHOLD)
     bits = np.column_stack([b >= THRESHOLD, c >= THRESHOLD, b >= lo, c >= lo, b >= hi, c >= hi, y == 1]).astype(int)
     code = bits @ (1 << np.arange(bits.shape[1]))
+    categories = list(MERCHANT_CATEGORIES)
+    sliced = any(cfg.kind in SLICE_GUARDRAILS and cfg.kind != "fraud_amount_caught" for cfg in spec.guardrails)
+    if sliced:
+        # Slice guardrails: the merchant category is part of the request type (country slices: not simulated).
+        code = code * len(categories) + np.searchsorted(categories, pool.category, sorter=np.argsort(categories))
     cells, index = np.unique(code, return_inverse=True)
     count = np.bincount(index).astype(float)
     mean = lambda v: np.bincount(index, weights=v) / count  # noqa: E731
@@ -196,6 +210,12 @@ def make_cells(spec: RolloutSpec, pool: Pool, case: Case) -> Cells:
     spread: dict[str, np.ndarray] = {}
     bit = {name: (cells >> i) & 1 for i, name in enumerate(("dec_b", "dec_c", "lo_b", "lo_c", "hi_b", "hi_c", "y"))}
     values.update({k: v.astype(float) for k, v in bit.items()})
+    if sliced:  # the category is coded in: decode it and the bits
+        bit = {k: ((cells // len(categories)) >> i) & 1 for i, k in enumerate(bit)}
+        values.update({k: v.astype(float) for k, v in bit.items()})
+        order = np.argsort(categories)
+        for position, name in enumerate(np.array(categories)[order]):
+            values[f"cat={name}"] = (cells % len(categories) == position).astype(float)
     for cfg in spec.guardrails:
         if cfg.kind == "online_log_loss":
             d = ll_c - (1 + cfg.max_increase) * ll_b
@@ -203,6 +223,11 @@ def make_cells(spec: RolloutSpec, pool: Pool, case: Case) -> Cells:
             values["ll_d2"] = mean(d * d)
             values["ll_c"], spread["ll_c"] = mean(ll_c), var(ll_c)
             values["ll_c2"] = mean(ll_c * ll_c)
+        if cfg.kind == "fraud_amount_caught":  # per request (k A_b - A_c) / mean fraud amount, frauds only
+            k = 1 - cfg.max_drop
+            a = pool.amount * y / pool.amount[y == 1].mean()
+            d = a * (k * (b >= THRESHOLD) - (c >= THRESHOLD))
+            values["amt_d"], spread["amt_d"], values["amt_d2"] = mean(d), var(d), mean(d * d)
     return Cells(RPS * count / count.sum(), values, spread)
 
 
@@ -333,10 +358,53 @@ def shadow_codes(
             ss = _take(_cum(x @ v["ll_d2"]), labelled_at)
             j = judge(*paired(Moments(n, s, ss, ss, s, n)), alpha, max(0.06 * cfg.max_increase, 1e-3),
                       n >= cfg.min_samples)  # fmt: skip
+        elif cfg.kind == "fraud_amount_caught":
+            total = x @ v["amt_d"] + np.sqrt(x @ cells.spread["amt_d"]) * draws.normal("amt_noise")
+            s = _take(_cum(total), labelled_at)
+            ss = _take(_cum(x @ v["amt_d2"]), labelled_at)
+            j = judge(*paired(Moments(frauds, s, ss, ss, s, frauds)), alpha, max(0.6 * cfg.max_drop, 0.01),
+                      frauds >= cfg.min_samples)  # fmt: skip
+        elif cfg.kind in SLICE_GUARDRAILS:
+            codes[cfg.name] = slice_codes(cfg, v, x, at, labelled_at, slice_alpha(alpha, cfg.slices))
+            continue
         else:
             raise ValueError(f"benchmark does not simulate {cfg.kind} in shadow")
         codes[cfg.name] = np.asarray(j.code)
     return codes, samples, frauds
+
+
+def slice_codes(
+    cfg: Any, v: dict[str, np.ndarray], x: np.ndarray, at: np.ndarray, labelled_at: np.ndarray, alpha: float
+) -> np.ndarray:
+    """A slice guardrail in shadow, per merchant category (each at `alpha`, its Bonferroni share over all the
+    slices of its columns): fail if any judged slice fails, pass once one is judged and none fails."""
+    failed = judged = np.zeros((x.shape[0], len(at)), dtype=bool)
+    for key in (k for k in v if k.startswith("cat=")):
+        inside = v[key]
+        if cfg.kind == "slice_recall":
+            d = (1 - cfg.max_drop) * v["dec_b"] - v["dec_c"]
+            n = _take(_cum(x @ (v["y"] * inside)), labelled_at)
+            s = _take(_cum(x @ (d * v["y"] * inside)), labelled_at)
+            ss = _take(_cum(x @ (d * d * v["y"] * inside)), labelled_at)
+            enough = n >= cfg.min_samples
+            code = judge(*paired(Moments(n, s, ss, ss, s, n)), alpha, max(0.6 * cfg.max_drop, 0.01), enough).code
+        elif cfg.kind == "slice_decline_rate":
+            m = cfg.max_change
+            up, down = (v["dec_c"] - (1 + m) * v["dec_b"]) * inside, ((1 - m) * v["dec_b"] - v["dec_c"]) * inside
+            n_sec = x @ inside
+            enough = _cum(n_sec)[:, at] >= cfg.min_samples
+            hi = _moments_at(x @ up, x @ (up * up), at, n_sec)
+            lo = _moments_at(x @ down, x @ (down * down), at, n_sec)
+            code = combine_codes(*mass_change_judgement(None, None, hi, lo, m, alpha, 0.02 * m, enough))
+        else:  # slice_agreement
+            either = np.maximum(v["dec_b"], v["dec_c"]) * inside
+            m_ = _proportion_at(x @ (v["dec_b"] * v["dec_c"] * inside), x @ either, at)
+            enough = m_.n >= cfg.min_samples
+            code = judge(cfg.min_decline_overlap - m_.mean, m_.variance_of_mean(), alpha,
+                         (1 - cfg.min_decline_overlap) / 2, enough).code  # fmt: skip
+        failed = failed | (np.asarray(code) == FAIL)
+        judged = judged | np.asarray(enough)
+    return np.where(failed, FAIL, np.where(judged, PASS, INCONCLUSIVE))
 
 
 def _latency_counts(draws: Draws, name: str, lam: float, factor: float) -> np.ndarray:

@@ -35,8 +35,19 @@ SPEC = load_spec(
         **DEFAULT.model_dump(exclude={"guardrails"}),
         "phases": [p.model_dump(exclude_none=True) for p in DEFAULT.phases],
         "guardrails": [
-            {**g.model_dump(exclude_none=True), "applies_to": list(type(g).SUPPORTED)} for g in DEFAULT.guardrails
+            {**g.model_dump(exclude_none=True), "applies_to": list(type(g).SUPPORTED)}
+            for g in DEFAULT.guardrails
+            if g.kind in GUARDRAILS  # the slice and business guardrails: tests/test_slice_guardrails.py
         ],
+    }
+)
+
+# The default spec without the slice and business guardrails (their logs carry no slice columns here).
+CORE = load_spec(
+    {
+        **DEFAULT.model_dump(exclude={"guardrails"}),
+        "phases": [p.model_dump(exclude_none=True) for p in DEFAULT.phases],
+        "guardrails": [g.model_dump(exclude_none=True) for g in DEFAULT.guardrails if g.kind in GUARDRAILS],
     }
 )
 
@@ -263,12 +274,12 @@ def test_a_healthy_challenger_can_pass_the_full_weight_step() -> None:
 
 
 def shadow(predictions: pd.DataFrame, feedback: pd.DataFrame) -> dict[str, GuardrailResult]:
-    return by_name(evaluate_guardrails(DEFAULT, "shadow", predictions, feedback, threshold=THRESHOLD))
+    return by_name(evaluate_guardrails(CORE, "shadow", predictions, feedback, threshold=THRESHOLD))
 
 
 def test_identical_shadow_challenger_passes_and_dropped_shadow_calls_are_not_its_errors() -> None:
     results = shadow(*shadow_log(np.random.default_rng(11), 6000, dropped=0.2))
-    assert set(results) == {g.name for g in DEFAULT.guardrails_for("shadow")}
+    assert set(results) == {g.name for g in CORE.guardrails_for("shadow")}
     assert {r.verdict for r in results.values()} == {"pass"}, {n: r.detail for n, r in results.items()}
     assert results["shadow-agreement"].value == 1.0
     assert results["error-rate"].value == 0.0
@@ -332,7 +343,7 @@ def test_results_serialise_to_plain_dicts() -> None:
     assert data["name"] == "error-rate" and isinstance(data["value"], float)
     assert set(data) == {
         "name", "verdict", "value", "baseline", "limit", "samples", "min_samples", "test", "confidence",
-        "p_value", "detail", "lower", "upper",
+        "p_value", "detail", "lower", "upper", "slice",
     }  # fmt: skip
 
 
@@ -342,7 +353,10 @@ def test_unknown_phase_kind_is_refused() -> None:
 
 
 def test_registry_covers_every_guardrail_kind() -> None:
-    assert set(GUARDRAILS) == {g.kind for g in SPEC.guardrails}
+    from monitoring.rollout.slice_guardrails import SLICE_GUARDRAILS
+
+    assert set(GUARDRAILS) | set(SLICE_GUARDRAILS) == {g.kind for g in DEFAULT.guardrails}
+    assert not set(GUARDRAILS) & set(SLICE_GUARDRAILS)
 
 
 # ------------------------------------------------------------- the confidence sequence and the budget
@@ -381,7 +395,7 @@ def test_the_error_budget_is_split_over_every_judged_guardrail_and_phase() -> No
         kinds = [p.kind for p in spec.phases] + ["watch"]
         pairs = sum(len(spec.guardrails_for(kind)) for kind in kinds)
         assert alpha_per_look_set(spec) == pytest.approx(spec.false_rollback_rate / pairs)
-    assert alpha_per_look_set(DEFAULT) == pytest.approx(0.01 / 24)  # 6 replay, 6 shadow, 2 x 4 canary, 4 watch
+    assert alpha_per_look_set(DEFAULT) == pytest.approx(0.01 / 28)  # 6 replay, 10 shadow, 2 x 4 canary, 4 watch
 
 
 def test_cohens_kappa_is_one_for_equal_decisions_and_near_zero_for_independent_ones() -> None:

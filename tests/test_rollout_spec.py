@@ -70,7 +70,14 @@ def test_default_spec_has_replay_then_shadow_then_four_canary_steps_and_every_gu
     replay = spec.replay_phase
     assert replay is not None and (replay.requests, replay.min_samples, replay.label_delay_s) == (10000, 2000, 60)
     assert replay.min_duration_s == 0 and replay.on_inconclusive == "advance"
-    assert [g.kind for g in spec.guardrails_for("replay")] == [g.kind for g in spec.guardrails_for("shadow")]
+    assert [g.kind for g in spec.guardrails_for("replay")] == [
+        "error_rate",
+        "score_shift",
+        "decline_rate",
+        "shadow_agreement",
+        "online_recall",
+        "online_log_loss",
+    ]
     assert spec.phases[1].min_duration_s == 60 and spec.phases[1].min_samples == 500
     assert all(p.min_duration_s == 60 and p.min_samples == 300 for p in spec.canary_phases)
     assert (spec.analysis_interval_s, spec.failure_limit, spec.post_promotion_watch_s) == (5, 2, 120)
@@ -85,6 +92,10 @@ def test_default_spec_has_replay_then_shadow_then_four_canary_steps_and_every_gu
         "shadow_agreement",
         "online_recall",
         "online_log_loss",
+        "slice_recall",
+        "slice_decline_rate",
+        "slice_agreement",
+        "fraud_amount_caught",
     ]
     assert [g.kind for g in spec.guardrails_for("canary")] == ["error_rate", "latency_p99"]
 

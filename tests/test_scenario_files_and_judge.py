@@ -309,3 +309,42 @@ def test_every_delivery_to_the_dead_receiver_must_have_failed_after_all_its_atte
         "delivery of promoted to the dead receiver: status pending"
     )
     assert failures(delivery("failed", 3, 2))[0].endswith("3 attempt(s), 2 recorded; expected failed after 3")
+
+
+def test_a_defect_confined_to_a_slice_touches_only_that_slices_requests() -> None:
+    random.seed(2)
+    defect = Defect.from_dict({"slice": {"merchant_category": "electronics"}, "flip_share": 1.0})
+    rows = [{"merchant_category": "electronics"}, {"merchant_category": "grocery"}] * 500
+    inside = [defect.applies_to(row) for row in rows]
+    degraded = _degrade(SlotState("b"), defect, [0.1] * len(rows), inside)
+    assert degraded[0::2] == [0.9] * 500 and degraded[1::2] == [0.1] * 500
+
+
+def test_score_scale_above_scales_only_the_scores_at_or_above_the_decision_threshold() -> None:
+    state = SlotState("b")
+    state.threshold = 0.2
+    degraded = _degrade(state, Defect(score_scale_above=0.5), [0.05, 0.19, 0.2, 0.3, 0.9])
+    assert degraded == pytest.approx([0.05, 0.19, 0.1, 0.15, 0.45])
+    assert Defect(score_scale_above=0.5).active and not Defect().active
+
+
+def test_a_defect_slice_outside_the_data_schema_is_refused_naming_the_field() -> None:
+    with pytest.raises(ScenarioError, match=r"slice\.merchant: not a categorical column"):
+        parse_scenario({"name": "s", "challenger": {"defect": {"slice": {"merchant": "x"}, "score_scale_above": 0.3}},
+                        "expect": {"outcome": "rolled_back"}})  # fmt: skip
+    with pytest.raises(ScenarioError, match=r"slice\.country: unknown category 'XX'"):
+        parse_scenario({"name": "s", "challenger": {"defect": {"slice": {"country": "XX"}}},
+                        "expect": {"outcome": "rolled_back"}})  # fmt: skip
+    with pytest.raises(ScenarioError, match="score_scale_above must be within"):
+        parse_scenario({"name": "s", "challenger": {"defect": {"score_scale_above": 2}},
+                        "expect": {"outcome": "rolled_back"}})  # fmt: skip
+
+
+def test_random_decisions_decline_at_the_given_rate_independently_of_the_score() -> None:
+    random.seed(3)
+    state = SlotState("b")
+    state.threshold = 0.2
+    scores = [0.9] * 10_000 + [0.01] * 10_000  # the model would decline exactly the first half
+    declined = [s >= 0.2 for s in _degrade(state, Defect(random_decisions=0.05), scores)]
+    first, second = sum(declined[:10_000]) / 10_000, sum(declined[10_000:]) / 10_000
+    assert 0.04 < first < 0.06 and 0.04 < second < 0.06  # the same rate whatever the model's own decision

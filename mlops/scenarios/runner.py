@@ -165,7 +165,7 @@ class ScenarioRunner:
         except (httpx.HTTPError, ValueError):
             return None
 
-    def _set_fault(self, slot: str, defect: dict[str, float]) -> None:
+    def _set_fault(self, slot: str, defect: dict[str, Any]) -> None:
         url = f"{self.settings.slot_urls[slot]}/v1/fault"
         response = self.http.post(url, json=defect, headers={"Authorization": f"Bearer {self.token}"})
         response.raise_for_status()

@@ -9,7 +9,8 @@ Example::
     expect: {outcome: rolled_back, within_s: 120, reason_contains: latency}
 
 - `challenger.seed`: the trained model the challenger is built from (trained once, then cached);
-  `defect` bakes a deliberate fault into a wrapper of it (`serving.slot.Defect`); `fault: {when, defect}`
+  `defect` bakes a deliberate fault into a wrapper of it (`serving.slot.Defect`), optionally confined to one
+  slice: `defect: {slice: {merchant_category: electronics}, score_scale_above: 0.3}`; `fault: {when, defect}`
   switches one on in the challenger's slot at run time, once the rollout reaches status `when` (e.g. a
   model that degrades after its promotion).
 - `chaos.kill`: `challenger-slot` or `controller`, killed (SIGKILL, with every child) as soon as the rollout
@@ -39,6 +40,7 @@ Validation reports every problem at once, each with its location.
 from __future__ import annotations
 
 import copy
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,11 +49,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mlops.traffic import TrafficPlan
 from monitoring.rollout.spec import SPECS_DIR, RolloutSpec, SpecError, load_spec
+from serving.slot import Defect
 
 REPO_SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
 Outcome = Literal["promoted", "rolled_back", "rolled_back_after_promotion", "decided", "none"]
 DECIDED = ("promoted", "rolled_back", "rolled_back_after_promotion")
-DEFECT_FIELDS = ("extra_latency_ms", "error_rate", "decorrelate", "flip_share")
+DEFECT_FIELDS = tuple(f.name for f in fields(Defect))
 
 
 class ScenarioError(ValueError):
@@ -62,16 +65,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _check_defect(value: dict[str, float] | None) -> dict[str, float] | None:
+def _check_defect(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The slot's own checks (`serving.slot.Defect`), so a scenario file and the slot never disagree."""
     if value is None:
         return None
     unknown = set(value) - set(DEFECT_FIELDS)
     if unknown:
         raise ValueError(f"unknown defect field(s) {', '.join(sorted(unknown))}; known: {', '.join(DEFECT_FIELDS)}")
-    for name, number in value.items():
-        upper = 60_000 if name == "extra_latency_ms" else 1
-        if not 0 <= number <= upper:
-            raise ValueError(f"{name} must be within [0, {upper}], got {number}")
+    try:
+        Defect.from_dict(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(str(error)) from None
     return value
 
 
@@ -79,7 +83,7 @@ class FaultSpec(_Strict):
     """A defect switched on in the challenger's slot once the rollout reaches `when`."""
 
     when: Literal["shadow", "canary", "promoted_watching"]
-    defect: dict[str, float]
+    defect: dict[str, Any]
 
     _defect = field_validator("defect")(_check_defect)
 
@@ -89,7 +93,7 @@ class ChallengerSpec(_Strict):
         "trained", description="trained: built here from `seed`; retrained: the drift monitor must produce it"
     )
     seed: int = Field(2, ge=0, description="seed of the trained model the challenger is built from")
-    defect: dict[str, float] | None = None
+    defect: dict[str, Any] | None = None
     fault: FaultSpec | None = None
 
     _defect = field_validator("defect")(_check_defect)

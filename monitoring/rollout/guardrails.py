@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -73,6 +73,7 @@ from scipy import stats
 
 from core.prediction_log import (
     ACCOUNT_ID,
+    AMOUNT,
     LABEL,
     LATENCY_MS,
     RECEIVED_AT,
@@ -85,6 +86,7 @@ from core.prediction_log import (
     VARIANT,
     without_degraded,
 )
+from core.schema import CATEGORICAL_FEATURES
 from monitoring.rollout.spec import (
     DeclineRateGuardrail,
     ErrorRateGuardrail,
@@ -107,6 +109,8 @@ PROPORTION_PSEUDO = 1.0
 # slack a region both models leave empty (D = 0 exactly) could never pass.
 MASS_SLACK = 0.002
 _CODE_VERDICT: dict[int, Verdict] = {FAIL: "fail", INCONCLUSIVE: "inconclusive", PASS: "pass"}
+# Logged request columns carried into the arms for the slice and business guardrails (slice_guardrails.py).
+SLICE_LOGGED: tuple[str, ...] = (*CATEGORICAL_FEATURES, AMOUNT)
 
 
 # ---------------------------------------------------------------- sufficient statistics
@@ -257,6 +261,8 @@ class GuardrailResult:
     detail: str
     lower: float | None = None
     upper: float | None = None
+    # A slice guardrail's failing (else worst) slice, e.g. "merchant_category=electronics": the decision names it.
+    slice: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -272,6 +278,8 @@ class Arm:
     score: np.ndarray  # float; NaN on an error (a fallback row's score is the champion's, so NaN too)
     label: np.ndarray  # float 0/1 from the feedback log; NaN while unlabelled
     account: np.ndarray  # the sticky routing key: the cluster of a request
+    # Logged request columns the slice and business guardrails read (`SLICE_LOGGED`), one entry per request.
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def requests(self) -> int:
@@ -293,6 +301,7 @@ class Pairs:
     account: np.ndarray
     error: np.ndarray
     second: np.ndarray
+    columns: dict[str, np.ndarray] = field(default_factory=dict)  # as Arm.columns, for the scored pairs
 
 
 @dataclass(frozen=True)
@@ -344,6 +353,7 @@ def _arm(name: str, rows: pd.DataFrame, label: pd.Series, prefix: str = "") -> A
         score=np.where(ok, score, np.nan),
         label=label.loc[rows.index].to_numpy(dtype=float, na_value=np.nan),
         account=_accounts(rows),
+        columns={name: rows[name].to_numpy() for name in SLICE_LOGGED if name in rows.columns},
     )
 
 
@@ -377,6 +387,7 @@ def observe(
         account=own.account[both],
         error=np.column_stack([own.error, shadow.error]).astype(float),
         second=np.nan_to_num(np.floor(ts), nan=-1.0).astype(str),
+        columns={name: values[both] for name, values in own.columns.items()},
     )
     return Observations(phase_kind, shadow, champion, pairs, threshold)
 
@@ -841,10 +852,13 @@ def evaluate_guardrails(
     """Every guardrail of `spec` that applies to `phase_kind` ("shadow", "canary" or "watch"), in spec order,
     on the given window of the prediction log (the caller picks the window: the current phase's, so each CS
     starts with the phase) and the feedback received so far, each at its share of the error budget."""
+    from monitoring.rollout.slice_guardrails import SLICE_GUARDRAILS  # built on this module, so imported late
+
     obs = observe(phase_kind, predictions, feedback, threshold=threshold)
     alpha = alpha_per_look_set(spec)
+    kinds = GUARDRAILS | SLICE_GUARDRAILS
     return [
-        GUARDRAILS[cfg.kind](cfg, obs, alpha)
+        kinds[cfg.kind](cfg, obs, alpha)
         for cfg in spec.guardrails
         if cfg.kind not in EXTERNAL_KINDS and applies(cfg, obs)
     ]

@@ -13,7 +13,10 @@ A spec is a YAML file (see `monitoring/rollout/specs/`) validated into a frozen 
 - `failure_limit`: consecutive failed analyses that trigger a rollback (Argo Rollouts' failureLimit).
 - `post_promotion_watch_s`: how long a promoted champion is watched against absolute bounds.
 - `guardrails`: the checks of `monitoring.rollout.guardrails`, each with the phase kinds it applies to
-  (`shadow`, `canary`, `watch`), a minimum sample count and kind-specific limits (margins).
+  (`shadow`, `canary`, `watch`), a minimum sample count and kind-specific limits (margins); the slice kinds
+  (`slice_recall`, `slice_decline_rate`, `slice_agreement`, with `slices`: categorical columns of the data
+  schema, refused at load otherwise) and the business kind `fraud_amount_caught` are judged by
+  `monitoring.rollout.slice_guardrails`.
 - `false_rollback_rate` (default 0.01): the rollout-level guarantee. Every guardrail keeps an anytime-valid
   confidence sequence at its share of this budget (split evenly over the judged (guardrail, phase) pairs), so
   a challenger within every margin is rolled back by a failing guardrail with probability at most this.
@@ -36,6 +39,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core.schema import COLUMNS_BY_NAME, SLICE_COLUMNS
+
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
 
 PhaseKind = Literal["replay", "shadow", "canary"]
@@ -51,6 +56,10 @@ GUARDRAIL_KINDS = (
     "decline_rate",
     "online_recall",
     "online_log_loss",
+    "slice_recall",
+    "slice_decline_rate",
+    "slice_agreement",
+    "fraud_amount_caught",
     "prometheus",
 )
 
@@ -378,6 +387,107 @@ class OnlineLogLossGuardrail(_GuardrailBase):
         return None if value is None else _positive(value)
 
 
+def _slice_column_problems(columns: list[str]) -> list[tuple[Loc, str]]:
+    """Every slice column must be a categorical column of the data schema (core/schema.py): the gateway logs
+    exactly those, so a column it does not have could never be judged."""
+    problems: list[tuple[Loc, str]] = []
+    categorical = [c.name for c in COLUMNS_BY_NAME.values() if c.kind == "categorical"]
+    if not columns:
+        problems.append(((), f"must name at least one column; slice columns: {', '.join(categorical)}"))
+    for index, column in enumerate(columns):
+        if column not in categorical:
+            what = "not a categorical column" if column in COLUMNS_BY_NAME else "not a column"
+            problems.append(
+                (
+                    (index,),
+                    f"{column!r} is {what} of the data schema (core/schema.py); "
+                    f"slice columns: {', '.join(categorical)}",
+                )
+            )
+        elif column in columns[:index]:
+            problems.append(((index,), f"duplicate slice column {column!r}"))
+    return problems
+
+
+class _SliceGuardrailBase(_GuardrailBase):
+    """A guardrail judged per slice: per value of each column in `slices` (categorical columns of the data
+    schema, which the prediction log carries), each slice with its own `min_samples`. The guardrail's share of
+    the error budget is split again, Bonferroni, over every slice its columns can have (the schema's
+    categories), see `monitoring.rollout.slice_guardrails`."""
+
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow", "canary")
+    UNSUPPORTED_WHY: ClassVar[str] = "after promotion there is no champion to compare slices with"
+
+    slices: list[str] = Field(default_factory=lambda: list(SLICE_COLUMNS))
+
+    @field_validator("slices")
+    @classmethod
+    def _slice_columns(cls, value: list[str]) -> list[str]:
+        problems = _slice_column_problems(value)
+        if problems:
+            raise _Problems(problems)
+        return value
+
+
+class SliceRecallGuardrail(_SliceGuardrailBase):
+    """Per slice, challenger recall on labelled frauds at most `max_drop` (relative) below the champion's;
+    `min_samples` counts the slice's labelled frauds."""
+
+    kind: Literal["slice_recall"]
+    max_drop: float = 0.3
+
+    @field_validator("max_drop")
+    @classmethod
+    def _drop(cls, value: float) -> float:
+        return _fraction(value, lower_open=False)  # type: ignore[return-value]
+
+
+class SliceDeclineRateGuardrail(_SliceGuardrailBase):
+    """Per slice, the challenger's decline rate within `max_change` (relative, either way) of the champion's;
+    `min_samples` counts the slice's scored requests (no labels needed)."""
+
+    kind: Literal["slice_decline_rate"]
+    max_change: float = 0.4
+
+    @field_validator("max_change")
+    @classmethod
+    def _change(cls, value: float) -> float:
+        return _fraction(value)  # type: ignore[return-value]
+
+
+class SliceAgreementGuardrail(_SliceGuardrailBase):
+    """Per slice, in shadow: of the requests either model declines, at least `min_decline_overlap` declined by
+    both; `min_samples` counts the slice's requests declined by either model."""
+
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow",)
+    UNSUPPORTED_WHY: ClassVar[str] = "only the shadow phase scores the same requests with both models"
+
+    kind: Literal["slice_agreement"]
+    min_decline_overlap: float = 0.4
+
+    @field_validator("min_decline_overlap")
+    @classmethod
+    def _overlap(cls, value: float) -> float:
+        return _fraction(value)  # type: ignore[return-value]
+
+
+class FraudAmountCaughtGuardrail(_GuardrailBase):
+    """The business guardrail: the fraud amount (EUR, the `amount` of labelled frauds declined) the challenger
+    catches may be at most `max_drop` (relative) below what the champion catches, e.g. 0.05: "roll back if the
+    fraud amount caught drops by more than 5 %". `min_samples` counts labelled frauds."""
+
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow", "canary")
+    UNSUPPORTED_WHY: ClassVar[str] = "after promotion there is no champion to compare the amount caught with"
+
+    kind: Literal["fraud_amount_caught"]
+    max_drop: float = 0.1
+
+    @field_validator("max_drop")
+    @classmethod
+    def _drop(cls, value: float) -> float:
+        return _fraction(value, lower_open=False)  # type: ignore[return-value]
+
+
 class PrometheusGuardrail(_GuardrailBase):
     """A business metric another system exports, read from Prometheus (monitoring.rollout.prometheus_guardrail):
     `query` with a `{variant}` placeholder (or `query_champion` and `query_challenger`) must return one series;
@@ -513,6 +623,10 @@ GuardrailConfig = Annotated[
     | DeclineRateGuardrail
     | OnlineRecallGuardrail
     | OnlineLogLossGuardrail
+    | SliceRecallGuardrail
+    | SliceDeclineRateGuardrail
+    | SliceAgreementGuardrail
+    | FraudAmountCaughtGuardrail
     | PrometheusGuardrail,
     Field(discriminator="kind"),
 ]

@@ -828,6 +828,13 @@ def _on_start(plan: RolloutPlan, state: RolloutState, event: Start) -> _Result:
     return _enter_phase(plan, state, 0, event.at, "rollout started", {"phases": len(plan.phases)})
 
 
+def _named(guardrail: str, values: Any) -> str:
+    """A failed guardrail as a decision names it: a slice guardrail with its slice, e.g.
+    `slice-recall (merchant_category=electronics)`."""
+    where = values.get("slice") if isinstance(values, dict) else None
+    return f"{guardrail} ({where})" if where else guardrail
+
+
 def _on_analysis(plan: RolloutPlan, state: RolloutState, result: AnalysisResult) -> _Result:
     if state.status == "pending":
         return _ignore(state)
@@ -849,7 +856,7 @@ def _on_analysis(plan: RolloutPlan, state: RolloutState, result: AnalysisResult)
         return _on_replay(plan, state, result, metrics)
     combined = combine_verdicts(result.verdicts.values())
     if combined == "fail":
-        failed = sorted(k for k, v in result.verdicts.items() if v == "fail")
+        failed = sorted(_named(k, result.values.get(k)) for k, v in result.verdicts.items() if v == "fail")
         where = "after promotion" if watching else f"in phase {plan.phases[state.phase_index].name}"
         return _count_failure(plan, state, result.at, f"guardrails failed {where}: {', '.join(failed)}", metrics)
     if combined == "inconclusive":
