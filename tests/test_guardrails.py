@@ -395,7 +395,7 @@ def test_the_error_budget_is_split_over_every_judged_guardrail_and_phase() -> No
         kinds = [p.kind for p in spec.phases] + ["watch"]
         pairs = sum(len(spec.guardrails_for(kind)) for kind in kinds)
         assert alpha_per_look_set(spec) == pytest.approx(spec.false_rollback_rate / pairs)
-    assert alpha_per_look_set(DEFAULT) == pytest.approx(0.01 / 22)
+    assert alpha_per_look_set(DEFAULT) == pytest.approx(0.01 / 28)  # 6 replay, 10 shadow, 2 x 4 canary, 4 watch
 
 
 def test_cohens_kappa_is_one_for_equal_decisions_and_near_zero_for_independent_ones() -> None:

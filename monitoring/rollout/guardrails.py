@@ -47,7 +47,8 @@ benchmark measures.
 
 Who is compared with whom (`observe`)
 -------------------------------------
-- shadow: pairs only, the champion's answer and the challenger's shadow answer on the same request
+- shadow (and replay, whose replayed answers are laid out as shadow rows: `monitoring.rollout.replay`): pairs
+  only, the champion's answer and the challenger's shadow answer on the same request
   (`dropped`/`cancelled`/`other_version` shadow calls are the gateway's doing and are left out; `error` counts
   as a challenger error). Error rate, decline rate, score shift, agreement, recall and log loss are paired.
 - canary: rows routed to the challenger (plus `status == "fallback"` rows: the challenger failed and the
@@ -99,7 +100,7 @@ from monitoring.rollout.spec import (
 )
 from monitoring.rollout.verdicts import Verdict, combine_verdicts
 
-PHASE_KINDS = ("shadow", "canary", "watch")
+PHASE_KINDS = ("replay", "shadow", "canary", "watch")
 LOG_LOSS_CLIP = 1e-6  # scores of exactly 0 or 1 cost at most -log(1e-6) = 13.8 nats
 CS_NAME = "asymptotic confidence sequence (Waudby-Smith et al. 2024; normal mixture, Howard et al. 2021)"
 FAIL, INCONCLUSIVE, PASS = -1, 0, 1
