@@ -620,6 +620,14 @@ def run_config(spec: RolloutSpec, case: Case, cells: Cells, interval: int, rollo
             alive = [i for i, s in enumerate(states) if not s.terminal and s.phase_index == index]
             if not alive:
                 break
+            if phase.kind == "replay":
+                # A replay judges logged history, which a simulated rollout has none of: its replay finds no
+                # labelled request and goes on (on_inconclusive), as on a model's first rollout. The live phases
+                # are what is measured; the replay still takes its share of the error budget.
+                for i in alive:
+                    empty = AnalysisResult(at=states[i].phase_started_at, phase_index=index, samples=0, verdicts={})
+                    states[i] = step(plan, states[i], Analysis(empty))[0]
+                continue
             if phase.kind == "canary" and (phase.weight or 0) >= 1:
                 for i in alive:
                     results[i].reached_full = True

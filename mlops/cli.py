@@ -532,10 +532,24 @@ def _latest_rollout_id(client: RolloutsClient) -> str:
 @rollout_app.command("start")
 def rollout_start(
     version: Annotated[str, typer.Argument(help="registered version to roll out")],
+    spec: Annotated[
+        Path | None, typer.Option(help="a rollout spec (YAML) for this rollout only, instead of the controller's")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Start a guarded rollout of VERSION against the current champion."""
-    view = _controller(lambda client: client.start(version))
+    document = None
+    if spec is not None:
+        import yaml
+
+        from monitoring.rollout.spec import SpecError, load_spec
+
+        try:
+            load_spec(spec)  # refused here, naming each field, before the controller is asked
+        except SpecError as error:
+            raise _fail(str(error)) from None
+        document = yaml.safe_load(spec.read_text())
+    view = _controller(lambda client: client.start(version, spec=document))
     err.print(view["description"])
     if as_json:
         _emit_json(view)
@@ -834,6 +848,8 @@ def scenario(
         "MLOPS_RETRAIN_COOLDOWN_S": "900",
         "MLOPS_RETRAIN_EPOCHS": "3",
         "MLOPS_TRAIN_WORKERS": "1",
+        # The hook scenarios' receiver checks every body's signature with the controller's key.
+        "MLOPS_HOOK_SECRET": "scenario-hook-secret",
     }.items():
         os.environ.setdefault(name, value)
     settings = _settings()

@@ -14,6 +14,8 @@ from mlops.cli import app
 from monitoring.rollout.planner import plan, plan_problems
 from monitoring.rollout.spec import Planning, SpecError, default_spec, fast_spec, load_spec
 
+SHADOW_INDEX = [p.kind for p in default_spec().phases].index("shadow")  # after the default's replay phase
+
 
 def test_the_bundled_specs_pass_at_the_rates_they_are_planned_for() -> None:
     for spec in (default_spec(), fast_spec()):
@@ -46,13 +48,14 @@ def test_a_deadline_a_good_challenger_cannot_meet_is_refused_naming_the_field_an
     with pytest.raises(SpecError) as caught:
         load_spec(_with(data, rps=10))
     problems = caught.value.problems
-    deadline = [p for p in problems if p.startswith("phases[0].max_duration_s")]
+    shadow = SHADOW_INDEX
+    deadline = [p for p in problems if p.startswith(f"phases[{shadow}].max_duration_s")]
     assert deadline and re.search(r"must be >= \d+", deadline[0]), problems
     needed = int(re.search(r"must be >= (\d+)", deadline[0]).group(1))  # type: ignore[union-attr]
     phases = [dict(p) for p in data["phases"]]
-    phases[0]["max_duration_s"] = needed * 3
+    phases[shadow]["max_duration_s"] = needed * 3
     fixed = {**_with(data, rps=10), "phases": phases}
-    assert not [p for p in _problems(fixed) if p.startswith("phases[0].max_duration_s: an identical")]
+    assert not [p for p in _problems(fixed) if p.startswith(f"phases[{shadow}].max_duration_s: an identical")]
 
 
 def _problems(data: dict) -> list[str]:
@@ -119,10 +122,12 @@ def test_a_phase_without_power_to_stop_a_twenty_percent_recall_drop_is_refused()
     only when the pass side is loose too."""
     data = default_spec().model_dump(exclude_none=True)
     phases = [dict(p) for p in data["phases"]]
-    phases[0]["max_duration_s"] = 600  # a healthy retrain passes; at a 15 % margin the fail side needs ~1,000 s
+    phases[SHADOW_INDEX]["max_duration_s"] = (
+        600  # a healthy retrain passes; at a 15 % margin the fail side needs ~1,000 s
+    )
     recall = [{**g, "max_drop": 0.15} if g["name"] == "online-recall" else g for g in data["guardrails"]]
     tight = {**data, "phases": phases, "guardrails": recall}
     assert not [p for p in _problems(tight) if "power" in p]
     loose = {**tight, "false_promotion_rate": 0.3}
-    power = [p for p in _problems(loose) if p.startswith("phases[0].max_duration_s") and "80% power" in p]
+    power = [p for p in _problems(loose) if p.startswith(f"phases[{SHADOW_INDEX}].max_duration_s") and "80% power" in p]
     assert power and "false_promotion_rate <= 0.2" in power[0], _problems(loose)

@@ -31,6 +31,11 @@ EXPECTED = {
     "decline-shift",
     "random-decisions",
     "within-tolerance",
+    # a rollout spec of their own (issue 13): a replay phase, a manual gate, hooks on a real local receiver
+    "replay-catches",
+    "approval-gate",
+    "hook-veto",
+    "dead-hook",
 }
 
 
@@ -57,6 +62,9 @@ def test_every_scenario_reaches_its_expected_outcome_and_the_stack_is_stopped_af
     # A regression confined to one slice: the decision names the slice; a little worse but in margin: promoted.
     assert "merchant_category=electronics" in by_name["slice-regression"]["reason"]
     assert by_name["within-tolerance"]["outcome"] == "promoted"
+    assert "replay" in by_name["replay-catches"]["reason"] and by_name["replay-catches"]["outcome"] == "rolled_back"
+    assert "not approved within" in by_name["hook-veto"]["reason"]
+    assert by_name["approval-gate"]["outcome"] == by_name["dead-hook"]["outcome"] == "promoted"
 
     # The command started the stack, so it stopped it: nothing listens on the stack's ports any more.
     urls = (env["MLOPS_CONTROL_PLANE_URL"], env["MLOPS_CONTROLLER_URL"], env["MLOPS_DRIFT_MONITOR_URL"])

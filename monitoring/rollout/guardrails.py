@@ -48,7 +48,8 @@ good challenger meets them at the spec's planning rate, and the benchmark measur
 
 Who is compared with whom (`observe`)
 -------------------------------------
-- shadow: pairs only, the champion's answer and the challenger's shadow answer on the same request
+- shadow (and replay, whose replayed answers are laid out as shadow rows: `monitoring.rollout.replay`): pairs
+  only, the champion's answer and the challenger's shadow answer on the same request
   (`dropped`/`cancelled`/`other_version` shadow calls are the gateway's doing and are left out; `error` counts
   as a challenger error). Error rate, decline rate, score shift, agreement, recall and log loss are paired.
 - canary: rows routed to the challenger (plus `status == "fallback"` rows: the challenger failed and the
@@ -101,7 +102,7 @@ from monitoring.rollout.spec import (
 )
 from monitoring.rollout.verdicts import Verdict, combine_verdicts
 
-PHASE_KINDS = ("shadow", "canary", "watch")
+PHASE_KINDS = ("replay", "shadow", "canary", "watch")
 LOG_LOSS_CLIP = 1e-6  # scores of exactly 0 or 1 cost at most -log(1e-6) = 13.8 nats
 CS_NAME = (
     "one-sided asymptotic confidence sequences (an e-process: fixed bet, Wald 1945, plus normal mixture, Howard et al."

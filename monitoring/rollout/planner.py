@@ -17,6 +17,8 @@ decline and error rates) and the constants below (how much two healthy retrains 
 assumptions, not measurements: `benchmarks/guardrails.py` measures whole rollouts against them. Not modelled:
 account clustering (it widens real intervals) and the one-look delay of `failure_limit`.
 
+A replay phase is judged once, on requests already logged: it is not planned (`live_phases`).
+
 `plan_problems(spec)` turns the plan into spec-validation problems, each naming the field and a value that
 would work: a deadline a good challenger cannot meet with probability 1 - false_rollback_rate / (2 x phases),
 a guardrail minimum that cannot be collected before the deadline, a recall margin that tolerates a 20 % drop,
@@ -244,8 +246,9 @@ class PhasePlan:
 def plan(spec: RolloutSpec, planning: Planning | None = None) -> list[PhasePlan]:
     """The plan of every phase, and of the watch when it lasts (see the module docstring)."""
     planning = planning or spec.planning or Planning()
-    phases: list[Phase | None] = [*spec.phases, None] if spec.post_promotion_watch_s > 0 else list(spec.phases)
-    sure = 1 - spec.false_rollback_rate / (2 * len(spec.phases))
+    live = live_phases(spec)
+    phases: list[Phase | None] = [*live, None] if spec.post_promotion_watch_s > 0 else list(live)
+    sure = 1 - spec.false_rollback_rate / (2 * len(live))
     plans: list[PhasePlan] = []
     for phase in phases:
         parts = contrasts(spec, phase, planning)
@@ -273,6 +276,12 @@ def plan(spec: RolloutSpec, planning: Planning | None = None) -> list[PhasePlan]
     return plans
 
 
+def live_phases(spec: RolloutSpec) -> list[Phase]:
+    """The phases that gather evidence over time: a replay phase is judged once, on requests already logged,
+    so it has no rate to plan for."""
+    return [phase for phase in spec.phases if phase.kind != "replay"] or list(spec.phases)
+
+
 def _seconds(value: float) -> str:
     return "never" if not math.isfinite(value) else f"{math.ceil(value)}"
 
@@ -285,7 +294,9 @@ def plan_problems(spec: RolloutSpec) -> list[tuple[tuple[str | int, ...], str]]:
     at = f"at {p.rps:g} requests/s, {p.fraud_rate:g} fraud, labels {p.label_delay_s:g} s late"
     problems: list[tuple[tuple[str | int, ...], str]] = []
     names = {g.name: i for i, g in enumerate(spec.guardrails)}
-    for index, (phase, phase_plan) in enumerate(zip(spec.phases, plan(spec), strict=False)):
+    live = live_phases(spec)
+    for phase, phase_plan in zip(live, plan(spec), strict=False):
+        index = spec.phases.index(phase)
         deadline = phase.max_duration_s
         if deadline is None:
             continue
@@ -298,7 +309,7 @@ def plan_problems(spec: RolloutSpec) -> list[tuple[tuple[str | int, ...], str]]:
                                  f"or set phases[{index}].max_duration_s >= {math.ceil(need)}"))  # fmt: skip
         if phase_plan.sure_pass_s > deadline:
             problems.append((("phases", index, "max_duration_s"), f"an identical challenger passes {phase.name} with "
-                             f"probability {1 - spec.false_rollback_rate / (2 * len(spec.phases)):.4g} only after "
+                             f"probability {1 - spec.false_rollback_rate / (2 * len(live)):.4g} only after "
                              f"{_seconds(phase_plan.sure_pass_s)} s {at} (bottleneck: {phase_plan.bottleneck}); "
                              f"must be >= {_seconds(phase_plan.sure_pass_s)}"))  # fmt: skip
         stopped = 1 - spec.false_promotion_rate  # the pass side lets a drop beyond the margin through at most this

@@ -2,7 +2,10 @@
 
 A spec is a YAML file (see `monitoring/rollout/specs/`) validated into a frozen pydantic model:
 
-- `phases`: an optional shadow phase first (the challenger scores a copy of the traffic, clients
+- `phases`: an optional replay phase first (the last `requests` labelled requests of the prediction log,
+  served at least `label_delay_s` ago by the champion, are scored by the challenger's slot through its batch
+  endpoint and judged paired against the champion's logged scores: evidence in seconds, before any live
+  request), then an optional shadow phase (the challenger scores a copy of the traffic, clients
   never see its answers), then canary phases with strictly increasing traffic weights in (0, 1].
   Each phase lasts at least `min_duration_s` and `min_samples` challenger requests, and at most
   `max_duration_s` (optional): a phase still undecided then rolls back.
@@ -44,8 +47,11 @@ from core.schema import COLUMNS_BY_NAME, SLICE_COLUMNS
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
 
-PhaseKind = Literal["shadow", "canary"]
-GuardrailPhase = Literal["shadow", "canary", "watch"]
+PhaseKind = Literal["replay", "shadow", "canary"]
+GuardrailPhase = Literal["replay", "shadow", "canary", "watch"]
+ReplayOutcome = Literal["advance", "rollback"]
+# Fields only a replay phase has (refused on the other kinds).
+REPLAY_FIELDS = ("requests", "label_delay_s", "lookback_s", "on_inconclusive")
 GUARDRAIL_KINDS = (
     "error_rate",
     "latency_p99",
@@ -123,13 +129,25 @@ def _fraction(value: float | None, lower_open: bool = True, upper_open: bool = T
 
 
 class Phase(_Strict):
-    """One step of the rollout. Shadow phases have no weight; canary phases send `weight` of the traffic."""
+    """One step of the rollout. Replay and shadow phases have no weight; canary phases send `weight` of the
+    traffic.
+
+    A replay phase is judged once, on a fixed sample: the last `requests` labelled requests the champion
+    answered at least `label_delay_s` ago (labels have had time to arrive) and at most `lookback_s` ago,
+    replayed through the challenger's slot. Any failing guardrail rolls back at once (a second look would
+    replay the same requests); all passing with `min_samples` replayed advances; anything else (too few
+    labelled requests, as on a model's first rollout, or an inconclusive guardrail) does what
+    `on_inconclusive` says: `advance` (the live phases gather the evidence; the default) or `rollback`."""
 
     name: str
     kind: PhaseKind
     weight: float | None = None
     min_duration_s: float
     min_samples: int
+    requests: int | None = None
+    label_delay_s: float | None = None
+    lookback_s: float | None = None
+    on_inconclusive: ReplayOutcome | None = None
     # The progress deadline (like Flagger's progressDeadlineSeconds): a phase whose guardrails still have not
     # all passed after this long rolls back instead of waiting forever on evidence that does not come.
     max_duration_s: float | None = None
@@ -141,6 +159,24 @@ class Phase(_Strict):
     _name = field_validator("name")(_non_empty)
     _duration = field_validator("min_duration_s")(_non_negative)
     _samples = field_validator("min_samples")(_at_least_one)
+    _delays = field_validator("label_delay_s")(lambda v: None if v is None else _non_negative(v))
+    _lookback = field_validator("lookback_s")(lambda v: None if v is None else _positive(v))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replay_defaults(cls, data: Any) -> Any:
+        """A replay phase is judged once, so it has no minimum duration; its other fields have defaults."""
+        if isinstance(data, Mapping) and data.get("kind") == "replay":
+            defaults = {"min_duration_s": 0.0, "label_delay_s": 0.0, "lookback_s": 3600.0, "on_inconclusive": "advance"}
+            return {**defaults, **data}
+        return data
+
+    @field_validator("requests")
+    @classmethod
+    def _requests(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"must be > 0, got {value}: a replay phase replays at least one request")
+        return value
 
     @model_validator(mode="after")
     def _deadline_after_minimum(self) -> Phase:
@@ -165,7 +201,7 @@ class Phase(_Strict):
 class _GuardrailBase(_Strict):
     """Fields every guardrail has. Subclasses name the phases they support and their absolute (watch) bound."""
 
-    SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow", "canary", "watch")
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("replay", "shadow", "canary", "watch")
     UNSUPPORTED_WHY: ClassVar[str] = ""
     WATCH_LIMIT: ClassVar[str | None] = None  # the absolute-bound field a `watch` evaluation needs
     USES_LABELS: ClassVar[bool] = False  # judged on labelled feedback (its detail counts ignored labels)
@@ -246,7 +282,7 @@ class LatencyP99Guardrail(_GuardrailBase):
     watch: p99 <= `max_p99_ms`."""
 
     SUPPORTED: ClassVar[tuple[str, ...]] = ("canary", "watch")
-    UNSUPPORTED_WHY: ClassVar[str] = "shadow latency is measured per batch, not per request"
+    UNSUPPORTED_WHY: ClassVar[str] = "replay and shadow latency is measured per batch, not per request"
     WATCH_LIMIT: ClassVar[str | None] = "max_p99_ms"
 
     kind: Literal["latency_p99"]
@@ -272,7 +308,7 @@ class ScoreShiftGuardrail(_GuardrailBase):
     threshold/2, threshold, 2 x threshold is reported, not judged: a shift where no decision changes is no
     regression."""
 
-    SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow", "canary")
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("replay", "shadow", "canary")
     UNSUPPORTED_WHY: ClassVar[str] = "after promotion there is no champion to compare scores with"
 
     kind: Literal["score_shift"]
@@ -294,8 +330,8 @@ class ShadowAgreementGuardrail(_GuardrailBase):
     `min_decline_overlap` must be declined by both (the overlap of the two decline sets, Jaccard). A challenger
     whose decisions are independent of the champion's has an overlap near the decline rate (~0.01)."""
 
-    SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow",)
-    UNSUPPORTED_WHY: ClassVar[str] = "only the shadow phase scores the same requests with both models"
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("replay", "shadow")
+    UNSUPPORTED_WHY: ClassVar[str] = "only the replay and shadow phases score the same requests with both models"
 
     kind: Literal["shadow_agreement"]
     min_decline_overlap: float = 0.5
@@ -310,7 +346,7 @@ class DeclineRateGuardrail(_GuardrailBase):
     """The challenger's decline rate (share of scores >= the decision threshold; no labels needed) may differ
     from the champion's by at most `max_change` relative, either way."""
 
-    SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow", "canary")
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("replay", "shadow", "canary")
     UNSUPPORTED_WHY: ClassVar[str] = "after promotion there is no champion to compare decline rates with"
 
     kind: Literal["decline_rate"]
@@ -689,7 +725,11 @@ class RolloutSpec(_Strict):
 
     @property
     def shadow_phase(self) -> Phase | None:
-        return self.phases[0] if self.phases[0].kind == "shadow" else None
+        return next((phase for phase in self.phases if phase.kind == "shadow"), None)
+
+    @property
+    def replay_phase(self) -> Phase | None:
+        return self.phases[0] if self.phases[0].kind == "replay" else None
 
     @property
     def canary_phases(self) -> list[Phase]:
@@ -737,9 +777,32 @@ def _cross_field_problems(data: Mapping[str, Any]) -> list[tuple[Loc, str]]:
                         (("phases", index, "name"), f"duplicate phase name {name!r} (also phases[{names[name]}])")
                     )
                 names.setdefault(name, index)
-            if kind == "shadow":
+            first_kind = phases[0].get("kind") if isinstance(phases[0], Mapping) else None
+            if kind == "replay":
                 if index != 0:
-                    problems.append((("phases", index, "kind"), "only the first phase may be a shadow phase"))
+                    problems.append((("phases", index, "kind"), "only the first phase may be a replay phase"))
+                if weight is not None:
+                    problems.append((("phases", index, "weight"), "only canary phases have a weight"))
+                requests, minimum = phase.get("requests"), phase.get("min_samples")
+                if requests is None:
+                    problems.append((("phases", index, "requests"), "required for a replay phase: how many, > 0"))
+                elif _is_number(requests) and _is_number(minimum) and 0 < requests < minimum:
+                    problems.append(
+                        (
+                            ("phases", index, "min_samples"),
+                            f"must be <= requests ({requests:g}): a replay of {requests:g} requests never reaches "
+                            f"{minimum:g} samples",
+                        )
+                    )
+            else:
+                for key in REPLAY_FIELDS:
+                    if phase.get(key) is not None:
+                        problems.append((("phases", index, key), "only a replay phase has this field"))
+            if kind == "shadow":
+                if index != 0 and not (index == 1 and first_kind == "replay"):
+                    problems.append(
+                        (("phases", index, "kind"), "only the first phase (or the one after replay) may be shadow")
+                    )
                 if weight is not None:
                     problems.append((("phases", index, "weight"), "only canary phases have a weight"))
             elif kind == "canary":
