@@ -131,3 +131,13 @@ def test_a_phase_without_power_to_stop_a_twenty_percent_recall_drop_is_refused()
     loose = {**tight, "false_promotion_rate": 0.3}
     power = [p for p in _problems(loose) if p.startswith(f"phases[{SHADOW_INDEX}].max_duration_s") and "80% power" in p]
     assert power and "false_promotion_rate <= 0.2" in power[0], _problems(loose)
+
+
+def test_a_spec_judging_errors_in_shadow_is_planned_as_paired() -> None:
+    """Shadow compares both models on the same requests: its error-rate contrast has no champion arm of weight
+    1 - 1 = 0 (that would make it never decide)."""
+    data = fast_spec().model_dump(exclude_none=True)
+    data["guardrails"] = [{**g, "applies_to": ["shadow", "canary", "watch"]} if g["name"] == "error-rate" else g
+                          for g in data["guardrails"]]  # fmt: skip
+    shadow = plan(load_spec(data))[0]
+    assert shadow.name == "shadow" and shadow.sure_pass_s < 200

@@ -151,7 +151,8 @@ def _contrast(
             v = errors * (1 - errors)
             return {**requests, "good": errors - cfg.max_rate, "bad": None, "variance_good": v, "variance_bad": v,
                     "scale": max(cfg.max_rate / 2, 1e-3), "fail_scale": max(cfg.max_rate / 2, 1e-3)}  # fmt: skip
-        v = _two_arms(errors * (1 - errors), errors * (1 - errors), weight)
+        # paired (shadow): the difference of two independent error indicators on the same request
+        v = 2 * errors * (1 - errors) if shadow else _two_arms(errors * (1 - errors), errors * (1 - errors), weight)
         scale = max(cfg.max_increase, 1e-3)
         return {**requests, "good": -cfg.max_increase, "bad": None, "variance_good": v, "variance_bad": v,
                 "scale": scale, "fail_scale": scale}  # fmt: skip
