@@ -34,6 +34,7 @@ CHUNK_SECONDS = 10  # transactions are generated this many seconds ahead, not al
 MIN_CHUNK_ROWS = 20_000
 CLIENT_DEADLINE_S = 10.0  # what a client waits for an answer, connection retries included
 CONNECT_RETRY_S = 0.2  # pause before trying a refused connection again
+CLIENT_KEEPALIVE_S = 2.0  # below the gateway server's keep-alive timeout
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,10 @@ async def run_traffic(
     due_labels: collections.deque[tuple[float, str, int]] = collections.deque()
     rng = np.random.default_rng(plan.seed)
     limit = asyncio.Semaphore(plan.concurrency)
-    connector = aiohttp.TCPConnector(limit=plan.concurrency * 2)
+    # Idle connections are dropped after 2 s, before the gateway's server closes them (uvicorn: 5 s): a request sent
+    # on a connection the server is closing at that moment fails with "Server disconnected" (seen in the scenarios
+    # as a client error in a quiet moment; the gateway does the same towards its slots).
+    connector = aiohttp.TCPConnector(limit=plan.concurrency * 2, keepalive_timeout=CLIENT_KEEPALIVE_S)
     timeout = aiohttp.ClientTimeout(total=CLIENT_DEADLINE_S)
     stopped = stop or threading.Event()
     label_headers = {"Authorization": f"Bearer {labels_token}"}

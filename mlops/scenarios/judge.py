@@ -42,7 +42,13 @@ class ScenarioResult:
     def to_summary(self) -> dict[str, Any]:
         """The fields `mlops scenario --json` promises, plus why it failed."""
         keys = ("name", "expected", "outcome", "passed", "decision_seconds", "reason", "failures")
-        return {k: v for k, v in asdict(self).items() if k in keys}
+        summary = {k: v for k, v in asdict(self).items() if k in keys}
+        traffic = self.details.get("traffic") or {}
+        # What the clients saw: requests sent and failed, of which lost in flight with a dead gateway.
+        summary["requests"] = traffic.get("sent")
+        summary["client_errors"] = self.details.get("client_errors")
+        summary["dead_gateway_errors"] = self.details.get("dead_gateway_errors")
+        return summary
 
 
 def is_promotion(decision: dict[str, Any]) -> bool:
