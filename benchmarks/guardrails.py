@@ -18,9 +18,15 @@ What is simulated, per rollout (200 requests/s, 2 % fraud):
   fed to `step` in order, plus a `Tick` at the phase deadline and at the end of the post-promotion watch, so a
   rollout ends rolled back (in a phase or after promotion) or succeeded.
 
-Not simulated (stated, not hidden): account-level clustering across seconds (requests are independent given
-the second), and latency or quality cases at the margin of every guardrail at once (`at_margin` and
-`inside_margin` put recall and errors at, or at half, their tolerances).
+- Slice guardrails per merchant category (the category is part of the request type), each slice at its
+  Bonferroni share over all 22 slices of its columns; the fraud amount caught from the pool's amounts (per-cell
+  mean and within-cell variance, like log loss).
+
+Not simulated (stated, not hidden): country slices (their budget share is still taken: each merchant slice is
+judged at 1/22 of its guardrail's share; more judged slices could only add fails to `identical` and catches to
+the slice cases), account-level clustering across seconds (requests are independent given the second), and
+latency or quality cases at the margin of every guardrail at once (`at_margin` and `inside_margin` put recall
+and errors at, or at half, their tolerances).
 
     .venv/bin/python benchmarks/guardrails.py [--rollouts 1000] [--seed 0] [--cases a,b] [--pool-rows 200000]
 
@@ -42,7 +48,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from core.schema import CATEGORICAL_FEATURES, NUMERIC_FEATURES  # noqa: E402
+from core.schema import CATEGORICAL_FEATURES, MERCHANT_CATEGORIES, NUMERIC_FEATURES  # noqa: E402
 from core.settings import DEFAULT_DECISION_THRESHOLD  # noqa: E402
 from core.synthetic import generate_transactions  # noqa: E402
 from monitoring.rollout.driver import plan_for  # noqa: E402
@@ -51,25 +57,26 @@ from monitoring.rollout.guardrails import (  # noqa: E402
     INCONCLUSIVE,
     PASS,
     Judgement,
+    Levels,
     Moments,
-    alpha_per_look_set,
     clopper_pearson,
     combine_codes,
     difference,
     judge,
     latency_tail_judgement,
+    levels_for,
     log_losses,
     mass_change_judgement,
     paired,
+    recall_scales,
     score_edges,
 )
 from monitoring.rollout.guardrails import PROPORTION_PSEUDO as PSEUDO  # noqa: E402
-from monitoring.rollout.spec import RolloutSpec, default_spec, fast_spec  # noqa: E402
+from monitoring.rollout.slice_guardrails import SLICE_GUARDRAILS, slice_alpha  # noqa: E402
+from monitoring.rollout.spec import Planning, RolloutSpec, default_spec, fast_spec  # noqa: E402
 from monitoring.rollout.state_machine import Analysis, AnalysisResult, Start, Tick, initial_state, step  # noqa: E402
 
 THRESHOLD = DEFAULT_DECISION_THRESHOLD
-RPS = 200.0
-LABEL_DELAY_S = {"default": 30.0, "fast": 2.0}
 SHADOW_BATCH = 64
 BASE_ERROR = 0.001
 LATENCY_MEDIAN_MS, LATENCY_SIGMA = 20.0, 0.35
@@ -93,6 +100,15 @@ VERDICT = {FAIL: "fail", INCONCLUSIVE: "inconclusive", PASS: "pass"}
 # ---------------------------------------------------------------- two models trained apart, one pool
 
 
+def _planning(spec: RolloutSpec) -> Planning:
+    """The traffic the spec is planned for (its `planning:`; the defaults where it has none)."""
+    return spec.planning or Planning()
+
+
+def _rps(spec: RolloutSpec) -> float:
+    return _planning(spec).rps
+
+
 def _design(frame: Any) -> np.ndarray:
     import pandas as pd
 
@@ -108,6 +124,7 @@ class Pool:
     retrain: np.ndarray  # a healthy challenger's scores: the same recipe, trained on another draw
     label: np.ndarray
     category: np.ndarray
+    amount: np.ndarray  # EUR, for the fraud amount caught
 
 
 def build_pool(rows: int = 200_000) -> Pool:
@@ -122,7 +139,8 @@ def build_pool(rows: int = 200_000) -> Pool:
         x = _design(both)
         model = LogisticRegression(C=1.0, max_iter=400).fit(x[: len(train)], train["is_fraud"].to_numpy())
         scores.append(model.predict_proba(x[len(train) :])[:, 1])
-    return Pool(scores[0], scores[1], pool["is_fraud"].to_numpy(), pool["merchant_category"].astype(str).to_numpy())
+    return Pool(scores[0], scores[1], pool["is_fraud"].to_numpy(), pool["merchant_category"].astype(str).to_numpy(),
+                pool["amount"].to_numpy(dtype=float))  # fmt: skip
 
 
 # ---------------------------------------------------------------- cases: the challenger per spec
@@ -143,6 +161,13 @@ def _drop_caught(
     return np.where(lose, 0.8 * THRESHOLD, score)
 
 
+def _share_for(pool: Pool, drop: float) -> float:
+    """The share of the retrain's caught frauds to lose for its recall to be (1 - drop) x the champion's."""
+    recall_b = np.mean(pool.champion[pool.label == 1] >= THRESHOLD)
+    recall_c = np.mean(pool.retrain[pool.label == 1] >= THRESHOLD)
+    return float(np.clip(1 - (1 - drop) * recall_b / recall_c, 0.0, 1.0))
+
+
 def make_case(name: str, spec: RolloutSpec, pool: Pool, rng: np.random.Generator) -> Case:
     recall = next(g for g in spec.guardrails if g.kind == "online_recall")
     errors = next(g for g in spec.guardrails if g.kind == "error_rate")
@@ -150,10 +175,12 @@ def make_case(name: str, spec: RolloutSpec, pool: Pool, rng: np.random.Generator
     if name in ("at_margin", "inside_margin"):
         part = 1.0 if name == "at_margin" else 0.5
         return Case(
-            _drop_caught(c, pool.label, part * recall.max_drop, rng), BASE_ERROR + part * errors.max_increase, 1.0
+            _drop_caught(c, pool.label, _share_for(pool, part * recall.max_drop), rng),
+            BASE_ERROR + part * errors.max_increase,
+            1.0,
         )  # type: ignore[union-attr]
     if name == "recall_drop_20":
-        return Case(_drop_caught(c, pool.label, 0.2, rng), BASE_ERROR, 1.0)
+        return Case(_drop_caught(c, pool.label, _share_for(pool, 0.2), rng), BASE_ERROR, 1.0)
     if name == "p99_x2":
         return Case(c, BASE_ERROR, 2.0)
     if name == "errors_plus_2pt":
@@ -187,6 +214,11 @@ def make_cells(spec: RolloutSpec, pool: Pool, case: Case) -> Cells:
     lo, hi = score_edges(THRESHOLD)
     bits = np.column_stack([b >= THRESHOLD, c >= THRESHOLD, b >= lo, c >= lo, b >= hi, c >= hi, y == 1]).astype(int)
     code = bits @ (1 << np.arange(bits.shape[1]))
+    categories = list(MERCHANT_CATEGORIES)
+    sliced = any(cfg.kind in SLICE_GUARDRAILS and cfg.kind != "fraud_amount_caught" for cfg in spec.guardrails)
+    if sliced:
+        # Slice guardrails: the merchant category is part of the request type (country slices: not simulated).
+        code = code * len(categories) + np.searchsorted(categories, pool.category, sorter=np.argsort(categories))
     cells, index = np.unique(code, return_inverse=True)
     count = np.bincount(index).astype(float)
     mean = lambda v: np.bincount(index, weights=v) / count  # noqa: E731
@@ -196,6 +228,12 @@ def make_cells(spec: RolloutSpec, pool: Pool, case: Case) -> Cells:
     spread: dict[str, np.ndarray] = {}
     bit = {name: (cells >> i) & 1 for i, name in enumerate(("dec_b", "dec_c", "lo_b", "lo_c", "hi_b", "hi_c", "y"))}
     values.update({k: v.astype(float) for k, v in bit.items()})
+    if sliced:  # the category is coded in: decode it and the bits
+        bit = {k: ((cells // len(categories)) >> i) & 1 for i, k in enumerate(bit)}
+        values.update({k: v.astype(float) for k, v in bit.items()})
+        order = np.argsort(categories)
+        for position, name in enumerate(np.array(categories)[order]):
+            values[f"cat={name}"] = (cells % len(categories) == position).astype(float)
     for cfg in spec.guardrails:
         if cfg.kind == "online_log_loss":
             d = ll_c - (1 + cfg.max_increase) * ll_b
@@ -203,7 +241,12 @@ def make_cells(spec: RolloutSpec, pool: Pool, case: Case) -> Cells:
             values["ll_d2"] = mean(d * d)
             values["ll_c"], spread["ll_c"] = mean(ll_c), var(ll_c)
             values["ll_c2"] = mean(ll_c * ll_c)
-    return Cells(RPS * count / count.sum(), values, spread)
+        if cfg.kind == "fraud_amount_caught":  # per request (k A_b - A_c) / mean fraud amount, frauds only
+            k = 1 - cfg.max_drop
+            a = pool.amount * y / pool.amount[y == 1].mean()
+            d = a * (k * (b >= THRESHOLD) - (c >= THRESHOLD))
+            values["amt_d"], spread["amt_d"], values["amt_d2"] = mean(d), var(d), mean(d * d)
+    return Cells(_rps(spec) * count / count.sum(), values, spread)
 
 
 def _cum(x: np.ndarray) -> np.ndarray:
@@ -283,7 +326,6 @@ def shadow_codes(
     spec: RolloutSpec, cells: Cells, case: Case, draws: Draws, looks: np.ndarray, delay: float
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Verdict codes (rollouts, looks) per shadow guardrail, the phase's sample count and labelled frauds."""
-    alpha = alpha_per_look_set(spec)
     x = draws.poisson("cells", cells.rate)
     n_sec = x.sum(axis=2)
     v = cells.values
@@ -294,16 +336,17 @@ def shadow_codes(
     frauds_sec = x @ v["y"]
     frauds = _take(_cum(frauds_sec), labelled_at)
     for cfg in spec.guardrails_for("shadow"):
+        alpha = levels_for(spec, cfg)
         enough = samples >= cfg.min_samples
         if cfg.kind == "error_rate":
-            batches = draws.poisson("failed_batches", RPS / SHADOW_BATCH * case.error)
+            batches = draws.poisson("failed_batches", _rps(spec) / SHADOW_BATCH * case.error)
             err = np.minimum(batches * SHADOW_BATCH, n_sec)
             d = _proportion_at(err, n_sec, at, by_second=True)
             j = judge(*paired(d, cfg.max_increase), alpha, max(cfg.max_increase, 1e-3), enough)
         elif cfg.kind in ("decline_rate", "score_shift"):
             m = cfg.max_change if cfg.kind == "decline_rate" else cfg.max_mass_change
             pairs = [("dec_b", "dec_c")] if cfg.kind == "decline_rate" else [("lo_b", "lo_c"), ("hi_b", "hi_c")]
-            share = alpha if cfg.kind == "decline_rate" else alpha / 2
+            share = alpha if cfg.kind == "decline_rate" else alpha.split(2)
             js: list[Judgement] = []
             for kb, kc in pairs:
                 up = v[kc] - (1 + m) * v[kb]
@@ -325,7 +368,8 @@ def shadow_codes(
             s = _take(_cum(x @ d), labelled_at)
             ss = _take(_cum(x @ (d * d)), labelled_at)
             m = Moments(frauds, s, ss, ss, s, frauds)
-            j = judge(*paired(m), alpha, max(0.6 * cfg.max_drop, 0.01), frauds >= cfg.min_samples)
+            scale, bad = recall_scales(cfg)
+            j = judge(*paired(m), alpha, scale, frauds >= cfg.min_samples, fail_scale=bad)
         elif cfg.kind == "online_log_loss":
             total = x @ v["ll_d"] + np.sqrt(x @ cells.spread["ll_d"]) * draws.normal("ll_noise")
             n = _take(_cum(n_sec), labelled_at)
@@ -333,10 +377,53 @@ def shadow_codes(
             ss = _take(_cum(x @ v["ll_d2"]), labelled_at)
             j = judge(*paired(Moments(n, s, ss, ss, s, n)), alpha, max(0.06 * cfg.max_increase, 1e-3),
                       n >= cfg.min_samples)  # fmt: skip
+        elif cfg.kind == "fraud_amount_caught":
+            total = x @ v["amt_d"] + np.sqrt(x @ cells.spread["amt_d"]) * draws.normal("amt_noise")
+            s = _take(_cum(total), labelled_at)
+            ss = _take(_cum(x @ v["amt_d2"]), labelled_at)
+            j = judge(*paired(Moments(frauds, s, ss, ss, s, frauds)), alpha, max(0.6 * cfg.max_drop, 0.01),
+                      frauds >= cfg.min_samples)  # fmt: skip
+        elif cfg.kind in SLICE_GUARDRAILS:
+            codes[cfg.name] = slice_codes(cfg, v, x, at, labelled_at, slice_alpha(alpha, cfg.slices))
+            continue
         else:
             raise ValueError(f"benchmark does not simulate {cfg.kind} in shadow")
         codes[cfg.name] = np.asarray(j.code)
     return codes, samples, frauds
+
+
+def slice_codes(
+    cfg: Any, v: dict[str, np.ndarray], x: np.ndarray, at: np.ndarray, labelled_at: np.ndarray, alpha: Levels
+) -> np.ndarray:
+    """A slice guardrail in shadow, per merchant category (each at `alpha`, its Bonferroni share over all the
+    slices of its columns): fail if any judged slice fails, pass once one is judged and none fails."""
+    failed = judged = np.zeros((x.shape[0], len(at)), dtype=bool)
+    for key in (k for k in v if k.startswith("cat=")):
+        inside = v[key]
+        if cfg.kind == "slice_recall":
+            d = (1 - cfg.max_drop) * v["dec_b"] - v["dec_c"]
+            n = _take(_cum(x @ (v["y"] * inside)), labelled_at)
+            s = _take(_cum(x @ (d * v["y"] * inside)), labelled_at)
+            ss = _take(_cum(x @ (d * d * v["y"] * inside)), labelled_at)
+            enough = n >= cfg.min_samples
+            code = judge(*paired(Moments(n, s, ss, ss, s, n)), alpha, max(0.6 * cfg.max_drop, 0.01), enough).code
+        elif cfg.kind == "slice_decline_rate":
+            m = cfg.max_change
+            up, down = (v["dec_c"] - (1 + m) * v["dec_b"]) * inside, ((1 - m) * v["dec_b"] - v["dec_c"]) * inside
+            n_sec = x @ inside
+            enough = _cum(n_sec)[:, at] >= cfg.min_samples
+            hi = _moments_at(x @ up, x @ (up * up), at, n_sec)
+            lo = _moments_at(x @ down, x @ (down * down), at, n_sec)
+            code = combine_codes(*mass_change_judgement(None, None, hi, lo, m, alpha, 0.02 * m, enough))
+        else:  # slice_agreement
+            either = np.maximum(v["dec_b"], v["dec_c"]) * inside
+            m_ = _proportion_at(x @ (v["dec_b"] * v["dec_c"] * inside), x @ either, at)
+            enough = m_.n >= cfg.min_samples
+            code = judge(cfg.min_decline_overlap - m_.mean, m_.variance_of_mean(), alpha,
+                         (1 - cfg.min_decline_overlap) / 2, enough).code  # fmt: skip
+        failed = failed | (np.asarray(code) == FAIL)
+        judged = judged | np.asarray(enough)
+    return np.where(failed, FAIL, np.where(judged, PASS, INCONCLUSIVE))
 
 
 def _latency_counts(draws: Draws, name: str, lam: float, factor: float) -> np.ndarray:
@@ -355,18 +442,18 @@ def canary_codes(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Verdict codes per canary (or watch) guardrail. At weight 1 (and in the watch) the absolute bounds.
     Errors and successes are independent Poisson counts (a Poisson stream thinned by the error rate)."""
-    alpha = alpha_per_look_set(spec)
     at = looks.astype(int) - 1
-    err_c = draws.poisson("err_c", RPS * weight * case.error)
-    n_c = err_c + draws.poisson("ok_c", RPS * weight * (1 - case.error))
+    err_c = draws.poisson("err_c", _rps(spec) * weight * case.error)
+    n_c = err_c + draws.poisson("ok_c", _rps(spec) * weight * (1 - case.error))
     samples = _cum(n_c)[:, at]
     absolute = watch or weight >= 1
     codes: dict[str, np.ndarray] = {}
     kind = "watch" if watch else "canary"
     if not absolute:
-        err_b = draws.poisson("err_b", RPS * (1 - weight) * BASE_ERROR)
-        n_b = err_b + draws.poisson("ok_b", RPS * (1 - weight) * (1 - BASE_ERROR))
+        err_b = draws.poisson("err_b", _rps(spec) * (1 - weight) * BASE_ERROR)
+        n_b = err_b + draws.poisson("ok_b", _rps(spec) * (1 - weight) * (1 - BASE_ERROR))
     for cfg in spec.guardrails_for(kind):
+        alpha = levels_for(spec, cfg)
         if cfg.kind == "error_rate":
             mc = _proportion_at(err_c, n_c, at)
             if absolute:
@@ -385,12 +472,12 @@ def canary_codes(
                 share = stats.norm.sf(
                     np.log(cfg.max_p99_ms / (LATENCY_MEDIAN_MS * case.latency_factor)) / LATENCY_SIGMA
                 )
-                above = draws.poisson("above_bound", RPS * weight * share)
+                above = draws.poisson("above_bound", _rps(spec) * weight * share)
                 j = latency_tail_judgement(_proportion_at(above, n_c, at), None, 1.0, alpha,
                                            samples >= cfg.min_samples)  # fmt: skip
             else:
-                up_c = _cum(_latency_counts(draws, "lat_c", RPS * weight, case.latency_factor))[:, at]
-                up_b = _cum(_latency_counts(draws, "lat_b", RPS * (1 - weight), 1.0))[:, at]
+                up_c = _cum(_latency_counts(draws, "lat_c", _rps(spec) * weight, case.latency_factor))[:, at]
+                up_b = _cum(_latency_counts(draws, "lat_b", _rps(spec) * (1 - weight), 1.0))[:, at]
                 nb = _cum(n_b)[:, at]
                 nc = samples
                 # the champion's running p99: the first grid threshold with at most 1 % of its requests above
@@ -412,13 +499,13 @@ def watch_quality(
     spec: RolloutSpec, cells: Cells, draws: Draws, looks: np.ndarray, delay: float
 ) -> dict[str, np.ndarray]:
     """The promoted model's recall and log loss against their absolute bounds, labels late."""
-    alpha = alpha_per_look_set(spec)
     x = draws.poisson("cells", cells.rate)
     n_sec = x.sum(axis=2)
     v = cells.values
     idx = _delayed(looks, delay) - 1
     codes: dict[str, np.ndarray] = {}
     for cfg in spec.guardrails_for("watch"):
+        alpha = levels_for(spec, cfg)
         if cfg.kind == "online_recall" and cfg.min_recall is not None:
             n = _take(_cum(x @ v["y"]), idx)
             s = _take(_cum(x @ (v["y"] * v["dec_c"])), idx)
@@ -522,7 +609,7 @@ def run_config(spec: RolloutSpec, case: Case, cells: Cells, interval: int, rollo
     rng = np.random.default_rng(seed)
     plan = plan_for(spec, model_name="bench", challenger_version="2", champion_version="1", champion_slot="a",
                     previous_version=None, rollout_id="bench")  # fmt: skip
-    delay = LABEL_DELAY_S[spec.name]
+    delay = _planning(spec).label_delay_s
     outcomes: list[Outcome] = []
     for first in range(0, rollouts, CHUNK):
         size = min(CHUNK, rollouts - first)
@@ -533,6 +620,14 @@ def run_config(spec: RolloutSpec, case: Case, cells: Cells, interval: int, rollo
             alive = [i for i, s in enumerate(states) if not s.terminal and s.phase_index == index]
             if not alive:
                 break
+            if phase.kind == "replay":
+                # A replay judges logged history, which a simulated rollout has none of: its replay finds no
+                # labelled request and goes on (on_inconclusive), as on a model's first rollout. The live phases
+                # are what is measured; the replay still takes its share of the error budget.
+                for i in alive:
+                    empty = AnalysisResult(at=states[i].phase_started_at, phase_index=index, samples=0, verdicts={})
+                    states[i] = step(plan, states[i], Analysis(empty))[0]
+                continue
             if phase.kind == "canary" and (phase.weight or 0) >= 1:
                 for i in alive:
                     results[i].reached_full = True

@@ -35,7 +35,12 @@ sys.path.insert(0, str(REPO))
 
 from core.settings import DEFAULT_DECISION_THRESHOLD  # noqa: E402
 from monitoring.rollout.driver import plan_for  # noqa: E402
-from monitoring.rollout.guardrails import evaluate_guardrails, online_recall, required_labelled_frauds  # noqa: E402
+from monitoring.rollout.guardrails import (  # noqa: E402
+    Levels,
+    evaluate_guardrails,
+    online_recall,
+    required_labelled_frauds,
+)
 from monitoring.rollout.spec import OnlineRecallGuardrail, RolloutSpec, fast_spec  # noqa: E402
 from monitoring.rollout.state_machine import Analysis, Start, initial_state, step  # noqa: E402
 
@@ -61,7 +66,7 @@ def labelled_frauds_needed(trials: int, seed: int = 0) -> dict[str, Any]:
         from monitoring.rollout.guardrails import observe
 
         obs = observe("canary", frame[0], frame[1], threshold=THRESHOLD)
-        caught += online_recall(config, obs, 1 - confidence).verdict == "fail"
+        caught += online_recall(config, obs, Levels(1 - confidence, 0.05)).verdict == "fail"
     return {
         "champion_recall": champion_recall,
         "challenger_recall": round(champion_recall * (1 - drop), 3),

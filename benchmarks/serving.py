@@ -7,10 +7,9 @@ all cases side by side. With --json the last stdout line is one JSON object.
 
 The overload case (`gateway_overload`, after the rounds): the gateway's capacity is case (c)'s throughput. A paced
 load at half of it for `--window` s gives the p99 before; then `--overload-connections` paced connections offer
-twice the capacity for `--overload` s (60 by default); then the same half-capacity load for `--window` s right
-after gives the p99 after. It passes when the gateway stayed up, failed no request, and the p99 of the window
-right after the overload is within 20 % of the one before (the issue asks for it within 10 s of the end: the
-whole first `--window` s after the end count).
+twice the capacity for `--overload` s (60 by default); then the same half-capacity load in two back-to-back 5 s
+windows right after. It passes when the gateway stayed up, failed no request, and the p99 of the first or the
+second window after is within 20 % of the one before: back within 10 s of the overload's end.
 
     .venv/bin/python benchmarks/serving.py --json [--duration 10] [--connections 16] [--overload 60]
 """
@@ -90,6 +89,9 @@ def run_wrk(url: str, script: Path, duration: int, connections: int) -> dict[str
     }
 
 
+RECOVERY_WINDOW_S = 5
+
+
 def paced_delay_ms(rate_rps: float, connections: int, latency_ms: float) -> float:
     """Per-connection wait before each request so that `connections` connections offer `rate_rps` in all, when
     an answer takes `latency_ms` (each connection sends one request per delay + latency)."""
@@ -114,7 +116,13 @@ def gateway_counts(gateway: str) -> dict[str, float]:
 
 
 def overload_case(
-    gateway: str, workdir: Path, capacity_rps: float, overload_s: int, window_s: int, connections: int
+    gateway: str,
+    workdir: Path,
+    capacity_rps: float,
+    overload_s: int,
+    window_s: int,
+    connections: int,
+    max_in_flight: int | None = None,
 ) -> dict[str, Any]:
     """Half the capacity (p99 before), twice the capacity for `overload_s`, half again (p99 after); see the module
     docstring. Returns the three phases' wrk figures, what the gateway answered with, and the verdicts."""
@@ -133,25 +141,32 @@ def overload_case(
     counts_before = gateway_counts(gateway)
     during = run_wrk(gateway, flood, overload_s, connections)
     counts_during = gateway_counts(gateway)
-    after = run_wrk(gateway, calm, window_s, calm_connections)
+    # Right after: two back-to-back windows of RECOVERY_WINDOW_S; recovered when either's p99 is within 20 % of
+    # the one before, i.e. by the 5th or the 10th second after the overload ended.
+    after = [run_wrk(gateway, calm, RECOVERY_WINDOW_S, calm_connections) for _ in range(2)]
     alive = httpx.get(f"{gateway}/healthz", timeout=5).status_code == 200
     answered = {k: counts_during[k] - counts_before[k] for k in counts_during}
-    ratio = after["p99_ms"] / before["p99_ms"] if before["p99_ms"] else float("inf")
+    ratios = [a["p99_ms"] / before["p99_ms"] if before["p99_ms"] else float("inf") for a in after]
+    recovered = [
+        RECOVERY_WINDOW_S * (i + 1) for i, r in enumerate(ratios) if r <= TARGETS["overload_p99_after_vs_before"]
+    ]
     return {
         "capacity_rps": round(capacity_rps, 1),
         "offered_rps": round(2 * capacity_rps, 1),
         "overload_s": overload_s,
         "window_s": window_s,
         "overload_connections": connections,
+        "gateway_max_in_flight": max_in_flight,
         "before": before,
         "during": {**during, "answered": answered},
         "after": after,
-        "p99_after_vs_before": round(ratio, 3),
+        "p99_after_vs_before": [round(r, 3) for r in ratios],
+        "recovered_within_s": recovered[0] if recovered else None,
         "gateway_alive": alive,
         "meets": {
             "stays_up": alive,
-            "no_failed_request": before["errors"] + during["errors"] + after["errors"] == 0,
-            "p99_recovered": ratio <= TARGETS["overload_p99_after_vs_before"],
+            "no_failed_request": before["errors"] + during["errors"] + sum(a["errors"] for a in after) == 0,
+            "p99_recovered_within_10_s": bool(recovered),
         },
     }
 
@@ -180,6 +195,9 @@ def main() -> int:
     parser.add_argument("--overload", type=int, default=60, help="seconds at twice the capacity (0: skip the case)")
     parser.add_argument("--window", type=int, default=10, help="seconds of half-capacity load before and after")
     parser.add_argument("--overload-connections", type=int, default=256)
+    parser.add_argument(
+        "--gateway-max-in-flight", type=int, default=None, help="MLOPS_GATEWAY_MAX_IN_FLIGHT (default: the setting's)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     ensure_wrk()
@@ -188,7 +206,12 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         root = Path(tmp)
-        stack = LocalStack(root / "home", token="bench-token")
+        bound = (
+            {}
+            if args.gateway_max_in_flight is None
+            else {"MLOPS_GATEWAY_MAX_IN_FLIGHT": str(args.gateway_max_in_flight)}
+        )
+        stack = LocalStack(root / "home", token="bench-token", extra_env=bound)
         settings = Settings(home=root / "home")
         versions = [register_model(settings, root, seed) for seed in (0, 1)]
         model_dir = root / "m0"
@@ -253,7 +276,13 @@ def main() -> int:
                 time.sleep(1.0)
                 capacity = statistics.median(r["rps"] for r in rounds["gateway"])
                 overload = overload_case(
-                    stack.url("gateway"), root, capacity, args.overload, args.window, args.overload_connections
+                    stack.url("gateway"),
+                    root,
+                    capacity,
+                    args.overload,
+                    args.window,
+                    args.overload_connections,
+                    args.gateway_max_in_flight or Settings().gateway_max_in_flight,
                 )
         finally:
             stop_process(bare)

@@ -83,8 +83,13 @@ class RolloutsClient:
 
     # --- writes (bearer token) --------------------------------------------------------------------------
 
-    def start(self, challenger_version: str) -> dict[str, Any]:
-        return self._call("POST", "/v1/rollouts", {"challenger_version": challenger_version})
+    def start(self, challenger_version: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Start a rollout; with `spec` (a rollout spec as a mapping) under that spec instead of the controller's
+        (a ControllerError 422 lists its problems, each naming its field)."""
+        body: dict[str, Any] = {"challenger_version": challenger_version}
+        if spec is not None:
+            body["spec"] = spec
+        return self._call("POST", "/v1/rollouts", body)
 
     def promote(self, rollout_id: str, reason: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/rollouts/{rollout_id}/promote", {"reason": reason})

@@ -45,6 +45,8 @@ SHADOW_SLOT, SHADOW_MODEL_VERSION = "shadow_slot", "shadow_model_version"
 SHADOW_SCORE, SHADOW_LATENCY_MS, SHADOW_STATUS = "shadow_score", "shadow_latency_ms", "shadow_status"
 # ... and of the feedback (labels) log.
 LABEL, RECEIVED_AT = "label", "received_at"
+# Logged request features that code outside the writer refers to (every feature is logged, see the schema).
+AMOUNT = "amount"
 # True for a request QA sent to a variant on purpose (X-Mlops-Variant): logged, never evidence.
 FORCED = "forced"
 # The decision the client got (approve/decline), and for a `status == DEGRADED` row why the default rule gave it:

@@ -7,11 +7,12 @@ MLflow) are imported inside the commands that need them, so `mlops --help` stays
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -129,7 +130,8 @@ def run(
         os.environ["MLOPS_TARGET"] = target
     settings = _settings()  # first: the pipeline modules read settings when imported
     from components.dataset import DataFileError, read_transactions
-    from pipelines.runner import ParameterError, new_run_id, parse_params, run_local
+    from mlops.run_view import PipelineProgress
+    from pipelines.runner import STEPS, ParameterError, new_run_id, parse_params, run_local
 
     if data is not None and generate is not None:
         raise _fail("give --data or --generate, not both")
@@ -160,62 +162,14 @@ def run(
             _emit_json(result.to_dict())
         raise typer.Exit(0 if result.status == "SUCCEEDED" else 1)
     log_path = settings.runs_dir / run_id / "pipeline.log"
-    with _step_status(log_path, f"pipeline run {run_id}"):
+    # The view follows the run's log from here, on the terminal: run_local sends the steps' output to the log.
+    with PipelineProgress(log_path, f"pipeline run {run_id}", STEPS):
         result = run_local(settings, params, run_id=run_id, log_path=log_path)
     _print_run(result, log_path)
     if as_json:
         _emit_json(result.to_dict())
     if result.status != "SUCCEEDED":
         raise typer.Exit(1)
-
-
-class _step_status:
-    """Live status line showing which pipeline step runs now, read from the run's log as it grows."""
-
-    def __init__(self, log_path: Path, title: str) -> None:
-        self.log_path, self.title = log_path, title
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-
-    def __enter__(self) -> _step_status:
-        self.started = time.monotonic()
-        self.status = err.status(f"{self.title}: starting")
-        self.status.start()
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.status.stop()
-
-    def _watch(self) -> None:
-        done: list[str] = []
-        while not self.stop.wait(0.5):
-            steps = _executed_tasks(self.log_path)
-            for step in steps[:-1]:
-                if step not in done:
-                    done.append(step)
-                    err.print(f"  [green]✓[/green] {step}")
-            current = steps[-1] if steps else "starting"
-            self.status.update(f"{self.title}: [cyan]{current}[/cyan] ({time.monotonic() - self.started:.0f}s)")
-
-
-def _executed_tasks(log_path: Path) -> list[str]:
-    if not log_path.exists():
-        return []
-    names = []
-    for line in log_path.read_text(errors="replace").splitlines():
-        if "Executing task" in line:
-            name = line.split("Executing task", 1)[1].strip()
-            names.append(_strip_ansi(name).strip("'").removesuffix("-op"))
-    return names
-
-
-def _strip_ansi(text: str) -> str:
-    import re
-
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def _print_run(result: Any, log_path: Path) -> None:
@@ -578,13 +532,72 @@ def _latest_rollout_id(client: RolloutsClient) -> str:
 @rollout_app.command("start")
 def rollout_start(
     version: Annotated[str, typer.Argument(help="registered version to roll out")],
+    spec: Annotated[
+        Path | None, typer.Option(help="a rollout spec (YAML) for this rollout only, instead of the controller's")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Start a guarded rollout of VERSION against the current champion."""
-    view = _controller(lambda client: client.start(version))
+    document = None
+    if spec is not None:
+        import yaml
+
+        from monitoring.rollout.spec import SpecError, load_spec
+
+        try:
+            load_spec(spec)  # refused here, naming each field, before the controller is asked
+        except SpecError as error:
+            raise _fail(str(error)) from None
+        document = yaml.safe_load(spec.read_text())
+    view = _controller(lambda client: client.start(version, spec=document))
     err.print(view["description"])
     if as_json:
         _emit_json(view)
+
+
+@rollout_app.command("plan")
+def rollout_plan(
+    spec: Annotated[str, typer.Option("--spec", help="a bundled spec name (default, fast) or a YAML path")] = "default",
+    rps: Annotated[
+        float | None, typer.Option("--rps", help="requests per second (default: the spec's planning)")
+    ] = None,
+    fraud_rate: Annotated[float | None, typer.Option("--fraud-rate")] = None,
+    label_delay: Annotated[float | None, typer.Option("--label-delay", help="seconds until a label arrives")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Per phase, the expected seconds to a decision for an identical challenger and for a 20 % recall drop at the
+    given traffic, and whether each deadline can be met (monitoring/rollout/planner.py). Exit 1 if one cannot."""
+    from monitoring.rollout.planner import plan, plan_problems
+    from monitoring.rollout.spec import Planning, SpecError, format_location, spec_from_setting
+
+    try:
+        loaded = spec_from_setting(spec)
+        base = loaded.planning or Planning()
+        given = {"rps": rps, "fraud_rate": fraud_rate, "label_delay_s": label_delay}
+        planning = Planning(**{**base.model_dump(), **{k: v for k, v in given.items() if v is not None}})
+        problems = plan_problems(loaded.model_copy(update={"planning": planning}))
+    except (SpecError, ValueError) as error:
+        raise _fail(str(error)) from None
+    rows = plan(loaded, planning)
+    shown = lambda value: "-" if value is None or value == float("inf") else f"{value:.0f}"  # noqa: E731
+    if as_json:
+        _emit_json({"spec": loaded.name, "planning": planning.model_dump(),
+                    "phases": [row.__dict__ for row in rows], "problems": [f"{format_location(loc)}: {m}"
+                                                                         for loc, m in problems]})  # fmt: skip
+    else:
+        table = Table(title=f"{loaded.name} at {planning.rps:g} requests/s, {planning.fraud_rate:g} fraud, labels "
+                      f"{planning.label_delay_s:g} s late")  # fmt: skip
+        for column in ("phase", "deadline s", "identical: median s", "identical: sure s", "bottleneck",
+                       "20 % recall drop: median s to fail", "80 % power s"):  # fmt: skip
+            table.add_column(column)
+        for row in rows:
+            table.add_row(row.name, shown(row.deadline_s), shown(row.pass_s), shown(row.sure_pass_s), row.bottleneck,
+                          shown(row.fail_s), shown(row.power_fail_s))  # fmt: skip
+        Console(width=150).print(table)
+        for loc, message in problems:
+            err.print(f"{format_location(loc)}: {message}", style="red", markup=False)
+    if problems:
+        raise typer.Exit(1)
 
 
 @rollout_app.command("status")
@@ -716,7 +729,8 @@ def traffic(
     url = settings.gateway_base_url
     from rich.live import Live
 
-    with Live(console=err, refresh_per_second=4, transient=False) as live:
+    # Drawn at once: the first transactions take a few seconds to generate, before any progress report.
+    with Live(_traffic_view(None, 0.0, plan, url), console=err, refresh_per_second=4, transient=False) as live:
 
         def show(stats: Any, elapsed: float) -> None:
             live.update(_traffic_view(stats, elapsed, plan, url))
@@ -729,8 +743,19 @@ def traffic(
         _emit_json(summary)
 
 
+def traffic_phase(stats: Any, elapsed: float, plan: Any) -> str:
+    """What the simulator is doing now, in a person's words."""
+    if stats is None:
+        return "starting: generating transactions"
+    if stats.sent < int(plan.rps * plan.duration_s) and elapsed <= plan.duration_s + 1:
+        return "sending"
+    return f"posting the last labels ({plan.label_delay_s:g}s after their requests)"
+
+
 def _traffic_view(stats: Any, elapsed: float, plan: Any, url: str) -> Any:
     from rich.progress_bar import ProgressBar
+
+    from mlops.run_view import format_seconds
 
     table = Table.grid(padding=(0, 2))
     table.add_row(
@@ -738,10 +763,12 @@ def _traffic_view(stats: Any, elapsed: float, plan: Any, url: str) -> Any:
         ProgressBar(total=plan.duration_s, completed=min(elapsed, plan.duration_s), width=30),
         f"{elapsed:5.1f}/{plan.duration_s:g}s",
     )
-    variants = ", ".join(f"{k} {v}" for k, v in sorted(stats.by_variant.items())) or "-"
-    statuses = ", ".join(f"{k} {v}" for k, v in sorted(stats.by_status.items())) or "-"
-    table.add_row(f"sent {stats.sent}  answered {stats.answered}  failed {stats.failed}", variants, statuses)
-    table.add_row(f"labels posted {stats.labels_sent} (frauds {stats.frauds_labelled})", f"drift: {plan.drift}", "")
+    table.add_row(f"[cyan]{traffic_phase(stats, elapsed, plan)}[/cyan]", f"elapsed {format_seconds(elapsed)}", "")
+    if stats is not None:
+        variants = ", ".join(f"{k} {v}" for k, v in sorted(stats.by_variant.items())) or "-"
+        statuses = ", ".join(f"{k} {v}" for k, v in sorted(stats.by_status.items())) or "-"
+        table.add_row(f"sent {stats.sent}  answered {stats.answered}  failed {stats.failed}", variants, statuses)
+        table.add_row(f"labels posted {stats.labels_sent} (frauds {stats.frauds_labelled})", f"drift: {plan.drift}", "")
     return table
 
 
@@ -762,7 +789,17 @@ def demo(
         def say(line: str) -> None:
             err.print(line)
 
-        record = run_demo(settings, rows, keep_stack, say, lambda text: spinner.update(text[:150]))
+        @contextlib.contextmanager
+        def pipeline_owns_the_terminal() -> Iterator[None]:
+            spinner.stop()  # `mlops run` draws its own live view on this terminal meanwhile
+            try:
+                yield
+            finally:
+                spinner.start()
+
+        record = run_demo(
+            settings, rows, keep_stack, say, lambda text: spinner.update(text[:150]), pipeline_owns_the_terminal
+        )
     table = Table("step", "what happened", "outcome", "seconds", title=f"demo: {record['duration_s']} s")
     for row in record["summary"]:
         table.add_row(row["step"], row["what"], row["outcome"], str(row["seconds"]))
@@ -813,6 +850,8 @@ def scenario(
         "MLOPS_RETRAIN_COOLDOWN_S": "900",
         "MLOPS_RETRAIN_EPOCHS": "3",
         "MLOPS_TRAIN_WORKERS": "1",
+        # The hook scenarios' receiver checks every body's signature with the controller's key.
+        "MLOPS_HOOK_SECRET": "scenario-hook-secret",
     }.items():
         os.environ.setdefault(name, value)
     settings = _settings()

@@ -20,6 +20,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -126,9 +127,15 @@ def rollout_entry(label: str, story: str, followed: dict, timeline: list[dict], 
 
 
 def run_demo(
-    settings: Settings, rows: int, keep_stack: bool, say: Callable[[str], None], status: Callable[[str], None]
+    settings: Settings,
+    rows: int,
+    keep_stack: bool,
+    say: Callable[[str], None],
+    status: Callable[[str], None],
+    own_terminal: Callable[[], AbstractContextManager[object]] = nullcontext,
 ) -> dict[str, Any]:
-    """The whole demo; returns the record the report is rendered from (also written as `record.json`)."""
+    """The whole demo; returns the record the report is rendered from (also written as `record.json`).
+    `own_terminal()` is held while a pipeline run draws its own live view (the caller's spinner stops)."""
     from components.dataset import write_transactions
     from control_plane.labels_token import resolve_labels_token
     from core.synthetic import generate_transactions
@@ -169,7 +176,8 @@ def run_demo(
         # The challenger is retrained on twice as much (newer) data: an equal-or-better model, as a retrain should be.
         write_transactions(generate_transactions(2 * rows, seed=2, start="2026-02-01"), challenger_data)
         since = time.time()
-        first = run_pipeline(registry, champion_data, "first champion", {"epochs": 4}, say)
+        with own_terminal():
+            first = run_pipeline(registry, champion_data, "first champion", {"epochs": 4}, say)
         record["runs"].append(first)
         step("train champion", f"pipeline on {rows} rows", f"{first['status']} v{first.get('model_version')}", since)
         if first["status"] != "SUCCEEDED":
@@ -179,7 +187,8 @@ def run_demo(
         # 3-4. a challenger whose deploy step starts a guarded rollout, which runs under traffic (started as the
         # pipeline ends: the rollout's first phase waits for its samples, and training keeps both cores)
         since = time.time()
-        second = run_pipeline(registry, challenger_data, "challenger", {"epochs": 4}, say)
+        with own_terminal():
+            second = run_pipeline(registry, challenger_data, "challenger", {"epochs": 4}, say)
         traffic = BackgroundTraffic(
             settings.gateway_base_url, TrafficPlan(150, 3_600, 2.0, seed=7), labels_token=resolve_labels_token(settings)
         ).start()

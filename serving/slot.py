@@ -37,6 +37,7 @@ from control_plane.client import AsyncControlPlaneClient, ControlPlaneError, Con
 from control_plane.http_errors import EXCEPTION_HANDLERS
 from control_plane.tokens import check_bearer, resolve_token
 from core.model import FraudScorer
+from core.schema import CATEGORICAL_FEATURES, COLUMNS_BY_NAME
 from core.settings import Settings
 from serving.requests import RequestError, encode, features, parse_batch, parse_transaction
 
@@ -53,28 +54,50 @@ class Defect:
     - `extra_latency_ms`: every answer waits this long first (a slower model);
     - `error_rate`: this share of requests fails with a 500 (an error-prone model);
     - `decorrelate`: this share of requests gets the score of an unrelated recent request instead of its
-      own. The score distribution stays the same, so only the labels can tell: a model that lost its signal;
-    - `flip_share`: this share of requests gets `1 - score` (a model that disagrees with the champion).
+      own. The score distribution and the decline rate stay the same, but at 1.0 every decision is
+      independent of the request, and so of the champion's decision: a model that lost its signal, or one
+      that answers with random decisions;
+    - `flip_share`: this share of requests gets `1 - score` (a model that disagrees with the champion);
+    - `random_decisions`: every request is declined with this probability, at random (0: off): a score that
+      disagrees with the coin is redrawn uniformly on the coin's side of the decision threshold, so the
+      decisions are independent of the request, and so of the champion's, at a decline rate you choose (the
+      champion's, ~0.025, makes raw agreement look fine: ~95 %);
+    - `score_scale_above`: a score at or above the decision threshold is multiplied by this (1: off), so a
+      share of the declines falls below the threshold: fewer declines and a lower recall, nothing else changes;
+    - `slice`: the defect applies only to requests in this slice, `{column: category}` (categorical columns
+      of the data schema, every pair must match), e.g. `{merchant_category: electronics}`: a regression
+      confined to one merchant category or country. Latency and errors are per call, so in a batch they
+      apply when any request of the batch is in the slice.
     """
 
     extra_latency_ms: float = 0.0
     error_rate: float = 0.0
     decorrelate: float = 0.0
     flip_share: float = 0.0
+    score_scale_above: float = 1.0
+    random_decisions: float = 0.0
+    slice: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0 <= self.extra_latency_ms <= 60_000:
             raise ValueError(f"extra_latency_ms must be within [0, 60000], got {self.extra_latency_ms}")
-        for name in ("error_rate", "decorrelate", "flip_share"):
+        for name in ("error_rate", "decorrelate", "flip_share", "score_scale_above", "random_decisions"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
+        problem = slice_problem(self.slice)
+        if problem:
+            raise ValueError(problem)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Defect:
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown defect field(s) {', '.join(sorted(unknown))}")
-        return cls(**{k: float(v) for k, v in data.items()})
+        where = data.get("slice") or {}
+        if not isinstance(where, dict):
+            raise ValueError(f"slice must be a mapping of column to category, got {where!r}")
+        numbers = {k: float(v) for k, v in data.items() if k != "slice"}
+        return cls(**numbers, slice={str(k): str(v) for k, v in where.items()})
 
     @classmethod
     def from_model_dir(cls, directory: Path) -> Defect | None:
@@ -83,7 +106,25 @@ class Defect:
 
     @property
     def active(self) -> bool:
-        return any((self.extra_latency_ms, self.error_rate, self.decorrelate, self.flip_share))
+        return any(
+            (self.extra_latency_ms, self.error_rate, self.decorrelate, self.flip_share, self.random_decisions)
+        ) or (self.score_scale_above != 1.0)
+
+    def applies_to(self, row: dict[str, Any]) -> bool:
+        """Whether a request (its features) is in the defect's slice (every request when there is none)."""
+        return all(row.get(column) == category for column, category in self.slice.items())
+
+
+def slice_problem(where: dict[str, str]) -> str | None:
+    """Why `where` is not a slice of the data schema (core/schema.py), naming the field; None when it is."""
+    for column, category in where.items():
+        known = COLUMNS_BY_NAME.get(column)
+        if known is None or known.kind != "categorical":
+            columns = ", ".join(CATEGORICAL_FEATURES)
+            return f"slice.{column}: not a categorical column of the data schema; one of {columns}"
+        if category not in known.categories:
+            return f"slice.{column}: unknown category {category!r}; one of {', '.join(known.categories)}"
+    return None
 
 
 @dataclass
@@ -100,6 +141,7 @@ class SlotState:
         self.model: LoadedModel | None = None
         self.fault: Defect | None = None  # set at run time (POST /v1/fault); cleared by the next model load
         self.recent_scores: deque[float] = deque(maxlen=512)  # what `decorrelate` draws from
+        self.threshold = 0.5  # the decision threshold `score_scale_above` acts at (set from the settings)
         self.generation = 0
         self.last_error: str | None = None
         self.registry = CollectorRegistry()
@@ -131,21 +173,35 @@ async def _score(state: SlotState, rows: list[dict[str, Any]]) -> list[float]:
     defect = state.fault or model.defect
     if defect is None:
         return model.scorer.score_records(rows).tolist()
-    if defect.extra_latency_ms:
-        await asyncio.sleep(defect.extra_latency_ms / 1000)
-    if defect.error_rate and random.random() < defect.error_rate:
-        raise RequestError(500, f"injected fault in model version {model.version}")
-    return _degrade(state, defect, model.scorer.score_records(rows).tolist())
+    inside = [defect.applies_to(row) for row in rows]
+    if any(inside):
+        if defect.extra_latency_ms:
+            await asyncio.sleep(defect.extra_latency_ms / 1000)
+        if defect.error_rate and random.random() < defect.error_rate:
+            raise RequestError(500, f"injected fault in model version {model.version}")
+    return _degrade(state, defect, model.scorer.score_records(rows).tolist(), inside)
 
 
-def _degrade(state: SlotState, defect: Defect, scores: list[float]) -> list[float]:
+def _degrade(state: SlotState, defect: Defect, scores: list[float], inside: list[bool] | None = None) -> list[float]:
+    """The defect's effect on each score; `inside`: whether each request is in the defect's slice (default all)."""
     out = []
-    for score in scores:
+    for score, affected in zip(scores, inside or [True] * len(scores), strict=True):
         state.recent_scores.append(score)
+        if not affected:
+            out.append(score)
+            continue
         if defect.decorrelate and random.random() < defect.decorrelate:
             score = random.choice(state.recent_scores)
         if defect.flip_share and random.random() < defect.flip_share:
             score = 1.0 - score
+        if score >= state.threshold:
+            score *= defect.score_scale_above
+        if defect.random_decisions:
+            declined = random.random() < defect.random_decisions
+            if declined and score < state.threshold:
+                score = state.threshold + (1.0 - state.threshold) * random.random()
+            elif not declined and score >= state.threshold:
+                score = state.threshold * random.random()
         out.append(score)
     return out
 
@@ -154,6 +210,7 @@ def create_slot_app(
     settings: Settings, slot: str, loader: Callable[[str], LoadedModel] | None = None, watch: bool = True
 ) -> Starlette:
     state = SlotState(slot)
+    state.threshold = settings.decision_threshold
     load = loader or mlflow_loader(settings)
 
     async def predict(request: Request) -> Response:

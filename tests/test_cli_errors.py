@@ -134,3 +134,17 @@ def test_the_rollouts_client_tells_an_absent_controller_from_a_refusal() -> None
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_rollout_started_with_a_bad_spec_of_its_own_is_refused_naming_the_field(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    spec = tmp_path / "mine.yaml"
+    spec.write_text(
+        "name: mine\nanalysis_interval_s: 1\nfailure_limit: 1\npost_promotion_watch_s: 0\n"
+        "phases: [{name: replay, kind: replay, requests: 0, min_samples: 1}]\n"
+        "guardrails: [{name: e, kind: error_rate, applies_to: [replay], min_samples: 1}]\n"
+    )
+    result = run_cli(["rollout", "start", "3", "--spec", str(spec)], cli_env)
+    assert result.code == 2, result.stderr
+    assert "phases[0].requests: must be > 0, got 0" in " ".join(result.stderr.split())

@@ -764,7 +764,10 @@ def test_describe_is_one_line_in_every_status():
 def _random_plan(rng: random.Random) -> RolloutPlan:
     phases = []
     for i in range(rng.randint(1, 4)):
-        if rng.random() < 0.3:
+        if i == 0 and rng.random() < 0.3:
+            outcome = rng.choice(["advance", "rollback"])
+            phases.append(PhaseSpec("replay", "replay", 0.0, 0.0, rng.choice([0, 50]), on_inconclusive=outcome))
+        elif rng.random() < 0.3:
             phases.append(PhaseSpec(f"p{i}", "shadow", 0.0, rng.choice([0.0, 10.0, 50.0]), rng.choice([0, 50])))
         else:
             weight = rng.choice([0.01, 0.05, 0.25, 0.5, 1.0])
@@ -831,14 +834,14 @@ def _check_transition(plan, before, after, actions, event):
     promoting = after.status == "promoted_watching" and before.status != "promoted_watching"
     champion_aliases = [a for a in actions if isinstance(a, SetAlias) and a.alias == "champion"]
     if promoting:
-        assert before.status in ("shadow", "canary") and after.decided
+        assert before.status in ("replay", "shadow", "canary") and after.decided
         assert champion_aliases == [SetAlias("champion", CHALLENGER)]
         assert SetTraffic(0.0, False, plan.challenger_slot, ANY) in actions
     elif after.status in ("rolled_back", "aborted") and before.status == "promoted_watching":
         assert champion_aliases == [SetAlias("champion", CHAMPION)]
     else:
         assert champion_aliases == []
-    if after.status in ("shadow", "canary"):
+    if after.status in ("replay", "shadow", "canary"):
         assert 0 <= after.phase_index < len(plan.phases)
         assert after.status == plan.phases[after.phase_index].kind
         assert not after.decided

@@ -15,13 +15,16 @@ from monitoring.rollout.guardrails import (
     GUARDRAILS,
     PROPORTION_PSEUDO,
     GuardrailResult,
+    Levels,
     Moments,
-    alpha_per_look_set,
     cohens_kappa,
-    confidence_sequence,
+    confidence_bounds,
+    error_budget,
     evaluate_guardrails,
     judge,
+    judged_pairs,
     observe,
+    one_sided_boundary,
     overall_verdict,
     population_stability_index,
     required_labelled_frauds,
@@ -32,14 +35,17 @@ DEFAULT = default_spec()
 # Every guardrail in every phase kind it supports, the default's margins, so each can be tested in a canary too.
 SPEC = load_spec(
     {
-        **DEFAULT.model_dump(exclude={"guardrails"}),
+        **DEFAULT.model_dump(exclude={"guardrails", "planning"}),  # not planned: unpaired recall in canaries is slow
         "phases": [p.model_dump(exclude_none=True) for p in DEFAULT.phases],
         "guardrails": [
-            {**g.model_dump(exclude_none=True), "applies_to": list(type(g).SUPPORTED)} for g in DEFAULT.guardrails
+            {**g.model_dump(exclude_none=True), "applies_to": list(type(g).SUPPORTED)}
+            for g in DEFAULT.guardrails
+            if g.kind in GUARDRAILS  # the slice and business guardrails: tests/test_slice_guardrails.py
         ],
     }
 )
 
+# The default spec without the slice and business guardrails (their logs carry no slice columns here).
 # These tests were written for a threshold of 0.5; the live one comes from Settings (MLOPS_DECISION_THRESHOLD).
 THRESHOLD = 0.5
 RELATIVE = ("error-rate", "latency-p99", "score-shift", "decline-rate", "online-recall", "online-log-loss")
@@ -201,7 +207,7 @@ def test_challenger_with_twenty_percent_lower_recall_fails_online_recall() -> No
 
 
 def test_recall_within_the_allowed_drop_passes_online_recall_once_the_sequence_is_tight() -> None:
-    assert canary(*labelled_recall_log(3000, 0.60, 0.60))["online-recall"].verdict == "pass"
+    assert canary(*labelled_recall_log(10000, 0.60, 0.60))["online-recall"].verdict == "pass"
     assert canary(*labelled_recall_log(300, 0.60, 0.60))["online-recall"].verdict == "inconclusive"
 
 
@@ -228,11 +234,27 @@ def test_labelled_guardrails_wait_for_feedback() -> None:
     assert results["online-recall"].samples == 0
 
 
-def test_labels_for_unknown_request_ids_are_no_evidence() -> None:
+def test_labels_for_unknown_request_ids_are_no_evidence_and_are_counted() -> None:
     predictions, feedback = labelled_recall_log(3000, 0.6, 0.48)
     stranger = feedback.assign(request_id="x" + feedback["request_id"])
-    result = canary(predictions, stranger)["online-recall"]
-    assert result.verdict == "inconclusive" and result.samples == 0
+    results = canary(predictions, stranger)
+    for name in ("online-recall", "online-log-loss"):
+        assert results[name].verdict == "inconclusive" and results[name].samples == 0
+        assert f"{len(stranger)} for requests not in this window" in results[name].detail
+    assert "labels ignored" not in results["error-rate"].detail
+
+
+def test_a_window_with_no_labels_never_passes_a_labelled_guardrail() -> None:
+    predictions, _ = labelled_recall_log(3000, 0.6, 0.6)
+    for feedback in (None, pd.DataFrame(columns=["request_id", "label", "received_at"])):
+        results = canary(predictions, feedback)
+        assert results["online-recall"].verdict == results["online-log-loss"].verdict == "inconclusive"
+
+
+def test_labels_other_than_zero_or_one_are_counted_and_ignored() -> None:
+    predictions, feedback = labelled_recall_log(3000, 0.6, 0.6)
+    result = canary(predictions, feedback.assign(label=7))["online-recall"]
+    assert result.verdict == "inconclusive" and f"{len(feedback)} not 0 or 1" in result.detail
 
 
 def test_latest_feedback_per_request_wins() -> None:
@@ -263,12 +285,12 @@ def test_a_healthy_challenger_can_pass_the_full_weight_step() -> None:
 
 
 def shadow(predictions: pd.DataFrame, feedback: pd.DataFrame) -> dict[str, GuardrailResult]:
-    return by_name(evaluate_guardrails(DEFAULT, "shadow", predictions, feedback, threshold=THRESHOLD))
+    return by_name(evaluate_guardrails(SPEC, "shadow", predictions, feedback, threshold=THRESHOLD))
 
 
 def test_identical_shadow_challenger_passes_and_dropped_shadow_calls_are_not_its_errors() -> None:
     results = shadow(*shadow_log(np.random.default_rng(11), 6000, dropped=0.2))
-    assert set(results) == {g.name for g in DEFAULT.guardrails_for("shadow")}
+    assert set(results) == {g.name for g in SPEC.guardrails_for("shadow")}
     assert {r.verdict for r in results.values()} == {"pass"}, {n: r.detail for n, r in results.items()}
     assert results["shadow-agreement"].value == 1.0
     assert results["error-rate"].value == 0.0
@@ -332,7 +354,7 @@ def test_results_serialise_to_plain_dicts() -> None:
     assert data["name"] == "error-rate" and isinstance(data["value"], float)
     assert set(data) == {
         "name", "verdict", "value", "baseline", "limit", "samples", "min_samples", "test", "confidence",
-        "p_value", "detail", "lower", "upper",
+        "p_value", "detail", "lower", "upper", "slice",
     }  # fmt: skip
 
 
@@ -342,7 +364,10 @@ def test_unknown_phase_kind_is_refused() -> None:
 
 
 def test_registry_covers_every_guardrail_kind() -> None:
-    assert set(GUARDRAILS) == {g.kind for g in SPEC.guardrails}
+    from monitoring.rollout.slice_guardrails import SLICE_GUARDRAILS
+
+    assert set(GUARDRAILS) | set(SLICE_GUARDRAILS) == {g.kind for g in DEFAULT.guardrails}
+    assert not set(GUARDRAILS) & set(SLICE_GUARDRAILS)
 
 
 # ------------------------------------------------------------- the confidence sequence and the budget
@@ -350,19 +375,23 @@ def test_registry_covers_every_guardrail_kind() -> None:
 
 def test_the_confidence_sequence_holds_at_every_look_at_once() -> None:
     """2,000 streams of 5,000 Bernoulli(0.02) draws, looked at after every draw from the 100th on: the share of
-    streams whose sequence ever lies above the truth stays below alpha / 2. A fixed 95 % interval excludes the
-    truth at some look in far more streams."""
+    streams whose lower bound ever lies above the truth stays below its level (0.025). A fixed 95 % interval
+    excludes the truth at some look in far more streams."""
     rng = np.random.default_rng(5)
     draws = rng.random((2000, 5000)) < 0.02
     s = np.cumsum(draws, axis=1, dtype=float)[:, 99:]
     n = np.arange(100, 5001, dtype=float)
     m = Moments(n, s, s, s, s, n, pseudo=PROPORTION_PSEUDO)  # a proportion: each draw its own cluster
-    lower, upper = confidence_sequence(m.mean, m.variance_of_mean(), 0.05, 0.01)
+    lower, upper = confidence_bounds(m.mean, m.variance_of_mean(), Levels(0.025, 0.05), 0.01)
     assert (lower > 0.02).any(axis=1).mean() <= 0.025  # the fail side: the guarantee the guardrails rely on
-    # The pass side is only asymptotic: with ~2 events at the first look it under-covers (about 0.1, not 0.05).
-    assert ((lower > 0.02) | (upper < 0.02)).any(axis=1).mean() < 0.12
+    # The pass side is only asymptotic: with ~2 events at the first look it under-covers (about 14 %, not 5 %)...
+    assert (upper < 0.02).any(axis=1).mean() < 0.16
     fixed = 1.96 * np.sqrt(m.variance_of_mean())
     assert ((m.mean - fixed > 0.02) | (m.mean + fixed < 0.02)).any(axis=1).mean() > 0.2
+    # ...and holds its level once the first look has ~20 events (why fast's recall minimum is 100 frauds).
+    later = Moments(n[900:], s[:, 900:], s[:, 900:], s[:, 900:], s[:, 900:], n[900:], pseudo=PROPORTION_PSEUDO)
+    _, upper = confidence_bounds(later.mean, later.variance_of_mean(), Levels(0.025, 0.05), 0.01)
+    assert (upper < 0.02).any(axis=1).mean() <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / 2000)
 
 
 def test_looking_every_draw_fails_no_more_streams_than_looking_every_thousand() -> None:
@@ -370,18 +399,44 @@ def test_looking_every_draw_fails_no_more_streams_than_looking_every_thousand() 
     d = rng.normal(0.0, 1.0, (2000, 4000))  # a contrast exactly at its margin: D = 0
     n = np.arange(1, 4001, dtype=float)
     s, ss = np.cumsum(d, axis=1), np.cumsum(d * d, axis=1)
-    code = judge(s / n, np.maximum(ss / n - (s / n) ** 2, 1e-12) / n, 0.01, 0.1, n >= 100).code
+    code = judge(s / n, np.maximum(ss / n - (s / n) ** 2, 1e-12) / n, Levels(0.01, 0.05), 0.1, n >= 100).code
     every_draw = (code == -1).any(axis=1).mean()
     every_thousand = (code[:, 999::1000] == -1).any(axis=1).mean()
     assert every_thousand <= every_draw <= 0.01 + 3 * np.sqrt(0.01 / 2000)
 
 
-def test_the_error_budget_is_split_over_every_judged_guardrail_and_phase() -> None:
+def test_the_error_budget_is_split_over_every_judged_guardrail_and_phase_by_weight() -> None:
     for spec in (DEFAULT, fast_spec()):
-        kinds = [p.kind for p in spec.phases] + ["watch"]
-        pairs = sum(len(spec.guardrails_for(kind)) for kind in kinds)
-        assert alpha_per_look_set(spec) == pytest.approx(spec.false_rollback_rate / pairs)
-    assert alpha_per_look_set(DEFAULT) == pytest.approx(0.01 / 18)
+        budget = error_budget(spec)
+        assert sum(budget[name] for _, name in judged_pairs(spec)) == pytest.approx(spec.false_rollback_rate)
+    data = DEFAULT.model_dump(exclude_none=True)
+    data["guardrails"] = [
+        {**g, "budget_weight": 3.0} if g["name"] == "online-recall" else g for g in data["guardrails"]
+    ]
+    weighted = error_budget(load_spec(data))
+    assert weighted["online-recall"] == pytest.approx(3 * weighted["error-rate"])
+    assert sum(weighted[name] for _, name in judged_pairs(DEFAULT)) == pytest.approx(0.01)
+
+
+def test_the_fail_boundary_holds_for_a_gaussian_walk_looked_at_every_step() -> None:
+    """4,000 walks of 3,000 standard normal steps (D = 0, the margin), every step a look: the one-sided bound is
+    crossed in at most its level, for effects tuned far too small, right and far too large."""
+    rng = np.random.default_rng(11)
+    s = np.cumsum(rng.normal(0.0, 1.0, (4000, 3000)), axis=1)
+    n = np.arange(1, 3001, dtype=float)
+    for effect in (0.01, 0.1, 1.0):
+        crossed = (s / n > one_sided_boundary(n, 0.01, effect)).any(axis=1).mean()
+        assert crossed <= 0.01 + 3 * np.sqrt(0.01 / 4000), effect
+
+
+def test_the_fail_boundary_is_tightest_near_the_planned_effect() -> None:
+    """The fixed bet makes the bound at the planned crossing narrower than the mixture alone would be there,
+    yet it still shrinks to 0 (the mixture part), so smaller effects are caught eventually."""
+    effect, alpha = 0.1, 0.001
+    crossing = 2 * np.log(1 / (0.7 * alpha)) / effect**2  # where the bet alone crosses at D = effect
+    width = float(one_sided_boundary(crossing, alpha, effect))
+    assert width < 1.05 * effect
+    assert float(one_sided_boundary(1e4 * crossing, alpha, effect)) < effect / 10
 
 
 def test_cohens_kappa_is_one_for_equal_decisions_and_near_zero_for_independent_ones() -> None:

@@ -7,6 +7,7 @@ server, the last four inconclusive with the reason recorded."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -24,11 +25,11 @@ from core.processes import free_port, start_process, stop_process, wait_until_re
 from core.settings import Settings, SettingsError, load_settings
 from monitoring.rollout import prometheus_guardrail as pg
 from monitoring.rollout.analysis import analyse
-from monitoring.rollout.guardrails import alpha_per_look_set
+from monitoring.rollout.guardrails import error_budget, judged_pairs
 from monitoring.rollout.process import build_controller
 from monitoring.rollout.spec import PrometheusGuardrail, SpecError, fast_spec, load_spec
 from tests.test_analysis import write_canary_log
-from tests.test_helm_chart import Helm, container_of, env_of, find, helm, render  # noqa: F401
+from tests.test_helm_chart import CHART, Helm, container_of, env_of, find, helm, render, run_helm  # noqa: F401
 
 CHARGEBACKS: dict[str, Any] = {
     "name": "chargebacks",
@@ -84,7 +85,9 @@ def test_bad_prometheus_guardrail_fields_are_refused_naming_the_field(changes: d
 
 
 def test_prometheus_guardrails_take_no_share_of_the_false_rollback_budget() -> None:
-    assert alpha_per_look_set(load_spec(spec_with(CHARGEBACKS))) == alpha_per_look_set(fast_spec())
+    with_external, plain = load_spec(spec_with(CHARGEBACKS)), fast_spec()
+    assert judged_pairs(with_external) == judged_pairs(plain)
+    assert {n: a for n, a in error_budget(with_external).items() if n in error_budget(plain)} == error_budget(plain)
 
 
 # --- the pure judgement --------------------------------------------------------------------------------
@@ -320,3 +323,13 @@ def test_on_kind_the_controller_reads_the_charts_prometheus(helm: Helm) -> None:
     assert find(docs, "Service", str(parts.hostname))["spec"]["ports"][0]["port"] == parts.port
     without = render(helm, "--set", "prometheus.enabled=false")
     assert "MLOPS_PROMETHEUS_URL" not in env_of(container_of(without, "controller"))
+
+
+def test_on_kind_the_charts_prometheus_can_scrape_the_system_with_the_business_metrics(helm: Helm) -> None:  # noqa: F811
+    extra = [{"job_name": "payments", "static_configs": [{"targets": ["payments.shop:9100"]}]}]
+    docs = render(helm, "--set-json", f"prometheus.extraScrapeConfigs={json.dumps(extra)}")
+    config = yaml.safe_load(find(docs, "ConfigMap", "prometheus-config")["data"]["prometheus.yml"])
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["payments"] == extra[0] and {"gateway", "controller"} <= set(jobs)
+    refused = run_helm(helm, "template", "mlops", str(CHART), "--set-json", 'prometheus.extraScrapeConfigs=[{"x":1}]')
+    assert refused.returncode != 0 and "job_name" in refused.stderr

@@ -285,7 +285,9 @@ def test_the_readme_spec_with_hooks_and_a_gate_loads_and_gates_the_phase_before_
     plan = plan_for(spec, "m", "2", "1", "a", None, "r")
     gated = [p.name for p in plan.phases if p.require_approval]
     assert gated == ["canary-50"] and plan.pre_rollout_timeout_s == 900
-    assert plan.phases[1].on_approval_timeout == "rollback"  # the confirm-promotion hook's outcome applies
+    canary_50 = next(p for p in plan.phases if p.name == "canary-50")
+    assert canary_50.on_approval_timeout == "rollback"  # the confirm-promotion hook's outcome applies
+    assert spec.replay_phase is not None and spec.replay_phase.requests == 10000  # it starts with a replay
 
 
 def test_the_watch_view_shows_phase_weight_times_guardrails_and_a_pause_and_ends_with_the_right_code() -> None:

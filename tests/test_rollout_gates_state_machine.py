@@ -309,7 +309,7 @@ def test_random_sequences_with_gates_pauses_and_approvals_keep_the_invariants(se
                 promotions += state.history[-1].event == "promoted"
                 rollbacks += state.history[-1].event in ("rolled-back", "aborted")
             if state.paused:
-                assert state.status in ("shadow", "canary")
+                assert state.status in ("replay", "shadow", "canary")
             if isinstance(event, Approve) and state is not before:
                 assert before.awaiting_approval and not before.paused
             if before.paused and isinstance(event, type(analysis(0, 0))) and state is not before:

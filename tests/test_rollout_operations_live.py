@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -31,6 +32,7 @@ from core.settings import Settings
 from mlops.hook_receiver import HookReceiver
 from mlops.local_stack import LocalStack
 from tests.support import register_model
+from tests.terminal import Tmux, run_in_tmux
 from tests.test_controller_driver import Traffic, wait_for_version
 
 pytestmark = pytest.mark.slow
@@ -138,36 +140,6 @@ def guardrail_metrics(text: str) -> dict[tuple[str, str], float]:
         for s in family.samples
         if s.name in ("mlops_guardrail_value", "mlops_guardrail_verdict")
     }
-
-
-class Tmux:
-    """A private tmux server (its own socket) running one command in a pane of a fixed size."""
-
-    def __init__(self, root: Path) -> None:
-        self.socket = f"mlops-test-{os.getpid()}-{free_port()}"
-        self.root = root
-
-    def run(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, check=True).stdout
-
-    def start(self, env: dict[str, str], command: list[str]) -> None:
-        script = self.root / "watch.sh"
-        exports = "".join(f"export {k}={json.dumps(v)}\n" for k, v in env.items() if k.startswith(("MLOPS_", "PATH")))
-        quoted = " ".join(json.dumps(part) for part in command)
-        script.write_text(
-            f"cd {json.dumps(str(REPO))}\n{exports}export TERM=xterm-256color COLUMNS=150\n"
-            f'{quoted}\necho "WATCH_EXIT=$?" > {json.dumps(str(self.root / "watch.exit"))}\nsleep 600\n'
-        )
-        self.run("new-session", "-d", "-x", "150", "-y", "24", "bash", str(script))
-
-    def capture(self, ansi: bool = False) -> str:
-        return self.run("capture-pane", "-p", *(["-e"] if ansi else []))
-
-    def stop(self) -> None:
-        found = subprocess.run(["tmux", "-L", self.socket, "display", "-p", "#{socket_path}"], capture_output=True)
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
-        if found.returncode == 0 and found.stdout.strip():
-            Path(found.stdout.decode().strip()).unlink(missing_ok=True)  # leave no socket behind
 
 
 def test_gates_hooks_recorded_analyses_and_the_live_view_on_a_real_controller(world: dict, tmp_path: Path) -> None:
@@ -317,3 +289,18 @@ def test_a_confirm_promotion_hook_answering_503_holds_the_rollout_then_rolls_it_
     assert len(calls) == len(tickets) and {d["status"] for d in calls} == {"wait"}
     assert [d["status"] for d in deliveries if d["event"] == "pre-rollout"] == ["go"]
     assert all(d["to_status"] != "promoted_watching" for d in decisions)
+
+
+def test_mlops_traffic_shows_its_phase_and_the_elapsed_time_in_a_terminal(world: dict, tmp_path: Path) -> None:
+    """`mlops traffic` in a real terminal (tmux): while it runs, the pane says what it is doing and for how long."""
+    args = ["traffic", "--rps", "20", "--duration", "6", "--label-delay", "1", "--json"]
+    run = run_in_tmux(args, world["stack"].env, tmp_path, "traffic", timeout=120, interval_s=0.5)
+    assert run.code == 0, run.final
+    sending = [pane for _, pane in run.frames if "sending" in pane and "traffic →" in pane]
+    assert len(sending) >= 3, [pane for _, pane in run.frames][-1:]
+    shown = [float(m.group(1)) for pane in sending if (m := re.search(r"(\d+\.\d)/6s", pane))]
+    assert len(shown) >= 3 and shown == sorted(shown) and shown[-1] - shown[0] >= 1.0, shown
+    assert all("elapsed" in pane and "sent " in pane for pane in sending)
+    summary = run.json
+    assert summary["sent"] == 120 and summary["answered"] == 120 and summary["labels_sent"] == 120
+    assert "answered 120" in run.final and "labels posted 120" in run.final

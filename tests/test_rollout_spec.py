@@ -56,17 +56,29 @@ def problems_of(data: dict[str, Any] | str) -> list[str]:
     return caught.value.problems
 
 
-def test_default_spec_has_shadow_then_four_canary_steps_and_every_guardrail_kind() -> None:
+def test_default_spec_has_replay_then_shadow_then_four_canary_steps_and_every_guardrail_kind() -> None:
     spec = default_spec()
     assert spec == load_spec(SPECS_DIR / "default.yaml")
     assert [(p.kind, p.weight) for p in spec.phases] == [
+        ("replay", None),
         ("shadow", None),
         ("canary", 0.05),
         ("canary", 0.25),
         ("canary", 0.5),
         ("canary", 1.0),
     ]
-    assert spec.phases[0].min_duration_s == 60 and spec.phases[0].min_samples == 500
+    replay = spec.replay_phase
+    assert replay is not None and (replay.requests, replay.min_samples, replay.label_delay_s) == (10000, 2000, 60)
+    assert replay.min_duration_s == 0 and replay.on_inconclusive == "advance"
+    assert [g.kind for g in spec.guardrails_for("replay")] == [
+        "error_rate",
+        "score_shift",
+        "decline_rate",
+        "shadow_agreement",
+        "online_recall",
+        "online_log_loss",
+    ]
+    assert spec.phases[1].min_duration_s == 60 and spec.phases[1].min_samples == 500
     assert all(p.min_duration_s == 60 and p.min_samples == 300 for p in spec.canary_phases)
     assert (spec.analysis_interval_s, spec.failure_limit, spec.post_promotion_watch_s) == (5, 2, 120)
     # Every kind judged from the prediction log; `prometheus` needs a server the default cannot assume.
@@ -74,12 +86,15 @@ def test_default_spec_has_shadow_then_four_canary_steps_and_every_guardrail_kind
     assert spec.false_rollback_rate == 0.01
     assert all(g.confidence is None for g in spec.guardrails)  # the level comes from the error budget
     assert [g.kind for g in spec.guardrails_for("shadow")] == [
-        "error_rate",
         "score_shift",
         "decline_rate",
         "shadow_agreement",
         "online_recall",
         "online_log_loss",
+        "slice_recall",
+        "slice_decline_rate",
+        "slice_agreement",
+        "fraud_amount_caught",
     ]
     assert [g.kind for g in spec.guardrails_for("canary")] == ["error_rate", "latency_p99"]
 
@@ -125,7 +140,7 @@ def test_shadow_phase_must_come_first_and_has_no_weight() -> None:
     data["phases"][0], data["phases"][1] = data["phases"][1], data["phases"][0]
     data["phases"][1]["weight"] = 0.05
     assert problems_of(data) == [
-        "phases[1].kind: only the first phase may be a shadow phase",
+        "phases[1].kind: only the first phase (or the one after replay) may be shadow",
         "phases[1].weight: only canary phases have a weight",
     ]
 
@@ -210,10 +225,10 @@ def test_guardrail_cannot_apply_to_a_phase_it_cannot_measure() -> None:
         {"name": "p99", "kind": "latency_p99", "applies_to": ["shadow", "canary"], "min_samples": 100}
     )
     assert problems_of(data) == [
-        "guardrails[1].applies_to[1]: shadow_agreement cannot apply to 'canary' (only the shadow phase scores the "
-        "same requests with both models); supported: shadow",
-        "guardrails[2].applies_to[0]: latency_p99 cannot apply to 'shadow' (shadow latency is measured per batch, "
-        "not per request); supported: canary, watch",
+        "guardrails[1].applies_to[1]: shadow_agreement cannot apply to 'canary' (only the replay and shadow phases "
+        "score the same requests with both models); supported: replay, shadow",
+        "guardrails[2].applies_to[0]: latency_p99 cannot apply to 'shadow' (replay and shadow latency is measured "
+        "per batch, not per request); supported: canary, watch",
     ]
 
 

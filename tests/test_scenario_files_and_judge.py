@@ -222,3 +222,129 @@ def test_failed_client_requests_are_reported_verbatim_with_when_they_failed() ->
     failure = next(f for f in judge(scenario("rolled_back"), observed).failures if "client request" in f)
     assert failure.startswith("4 client request(s) failed") and "first: t=" in failure
     assert failure.count("HTTP 5") == 3, "the first three, so an intermittent failure says what and when"
+
+
+# --- a scenario's own rollout spec, hooks and gates ---------------------------------------------------------------
+
+
+def test_a_scenarios_rollout_section_is_the_bundled_spec_with_its_fields_replaced_and_hook_urls_filled() -> None:
+    parsed = parse_scenario(
+        {
+            "name": "s",
+            "rollout": {
+                "spec": "fast",
+                "post_promotion_watch_s": 4,
+                "hooks": [{"name": "team", "url": "{receiver}/notify", "events": ["promoted"]},
+                          {"name": "pager", "url": "{dead}", "events": ["promoted"]}],
+            },
+            "expect": {"outcome": "promoted"},
+        }
+    )  # fmt: skip
+    document = parsed.rollout.document("http://127.0.0.1:5000", "http://127.0.0.1:6000/gone")
+    assert document["name"] == "fast" and document["post_promotion_watch_s"] == 4
+    assert [h["url"] for h in document["hooks"]] == ["http://127.0.0.1:5000/notify", "http://127.0.0.1:6000/gone"]
+    assert parsed.rollout.uses_receiver and parsed.rollout.dead_hooks
+    assert parsed.rollout.document("a", "b")["hooks"][0]["url"] == "a/notify", "the scenario itself is not changed"
+
+
+def test_a_scenarios_bad_rollout_spec_is_refused_at_load_by_the_controllers_loader_naming_the_field() -> None:
+    bad = {"name": "s", "expect": {"outcome": "rolled_back"}, "rollout": {"phases": [
+        {"name": "replay", "kind": "replay", "requests": 0, "min_samples": 10}]}}  # fmt: skip
+    with pytest.raises(ScenarioError) as caught:
+        parse_scenario(bad)
+    assert "rollout.phases[0].requests: must be > 0, got 0" in str(caught.value)
+    with pytest.raises(ScenarioError, match=r"rollout\.spec: no bundled spec 'nope'"):
+        parse_scenario({"name": "s", "expect": {"outcome": "promoted"}, "rollout": {"spec": "nope"}})
+
+
+def test_the_hook_scenarios_carry_their_own_specs() -> None:
+    veto = load_scenario(Path("scenarios/hook-veto.yaml"))
+    gate = veto.rollout.validated().hooks_for("confirm-promotion")[0]
+    assert (gate.gate_timeout_s, gate.on_timeout) == (6, "rollback") and veto.rollout.receiver.answers == {
+        "confirm-promotion": 503
+    }
+    replay = load_scenario(Path("scenarios/replay-catches.yaml"))
+    assert replay.rollout.validated().phases[0].kind == "replay" and replay.traffic.warmup_s > 0
+    approval = load_scenario(Path("scenarios/approval-gate.yaml"))
+    assert [p.require_approval for p in approval.rollout.validated().phases] == [False, False, True, False]
+
+
+def test_where_the_decision_was_taken_the_gate_hold_and_the_hooks_are_judged() -> None:
+    phases = [{"name": "replay", "kind": "replay", "weight": 0.0}, *PHASES]
+    replay = scenario(decided_in="replay")
+    assert judge(
+        replay, Observed("rolled_back", [decision(1, "replay"), decision(2, "rolled_back", 0)], phases, 0)
+    ).passed
+    late = judge(replay, Observed("rolled_back", [decision(1, "replay"), decision(5, "rolled_back", 1)], phases, 0))
+    assert late.failures == ["decided in phase shadow, expected in replay"]
+
+    held = scenario("promoted", held_s=3)
+    approved = {**decision(9, "promoted_watching", 2), "metrics": {"approved": True, "waited_s": 1.5}}
+    short = judge(held, Observed("succeeded", [decision(1, "shadow"), approved], PHASES, 0))
+    assert short.failures == ["held at the approval gate for 1.5s, expected at least 3s"]
+
+    signed = scenario(received=["promoted", "succeeded"])
+    got = [{"event": "promoted", "signature_ok": True}, {"event": "rolled-back", "signature_ok": False}]
+    failures = judge(signed, Observed("rolled_back", [decision(1, "rolled_back")], PHASES, 0, received=got)).failures
+    assert "the hook receiver never got succeeded (got promoted, rolled-back)" in failures
+    assert "1 hook request(s) without a valid signature: rolled-back" in failures
+
+
+def test_every_delivery_to_the_dead_receiver_must_have_failed_after_all_its_attempts_each_recorded() -> None:
+    dead = "http://127.0.0.1:9/gone"
+    expect = scenario(dead_attempts=3)
+
+    def delivery(status: str, attempts: int, recorded: int) -> dict:
+        log = [{"attempt": i + 1, "error": "ConnectError: refused"} for i in range(recorded)]
+        return {"url": dead, "event": "promoted", "status": status, "attempts": attempts, "attempt_log": log}
+
+    def failures(*deliveries: dict) -> list[str]:
+        observed = Observed("rolled_back", [decision(1, "rolled_back")], PHASES, 0, deliveries=list(deliveries),
+                            dead_url=dead)  # fmt: skip
+        return judge(expect, observed).failures
+
+    assert failures(delivery("failed", 3, 3)) == []
+    assert failures() == ["no delivery to the dead receiver was recorded"]
+    assert failures(delivery("pending", 1, 1))[0].startswith(
+        "delivery of promoted to the dead receiver: status pending"
+    )
+    assert failures(delivery("failed", 3, 2))[0].endswith("3 attempt(s), 2 recorded; expected failed after 3")
+
+
+def test_a_defect_confined_to_a_slice_touches_only_that_slices_requests() -> None:
+    random.seed(2)
+    defect = Defect.from_dict({"slice": {"merchant_category": "electronics"}, "flip_share": 1.0})
+    rows = [{"merchant_category": "electronics"}, {"merchant_category": "grocery"}] * 500
+    inside = [defect.applies_to(row) for row in rows]
+    degraded = _degrade(SlotState("b"), defect, [0.1] * len(rows), inside)
+    assert degraded[0::2] == [0.9] * 500 and degraded[1::2] == [0.1] * 500
+
+
+def test_score_scale_above_scales_only_the_scores_at_or_above_the_decision_threshold() -> None:
+    state = SlotState("b")
+    state.threshold = 0.2
+    degraded = _degrade(state, Defect(score_scale_above=0.5), [0.05, 0.19, 0.2, 0.3, 0.9])
+    assert degraded == pytest.approx([0.05, 0.19, 0.1, 0.15, 0.45])
+    assert Defect(score_scale_above=0.5).active and not Defect().active
+
+
+def test_a_defect_slice_outside_the_data_schema_is_refused_naming_the_field() -> None:
+    with pytest.raises(ScenarioError, match=r"slice\.merchant: not a categorical column"):
+        parse_scenario({"name": "s", "challenger": {"defect": {"slice": {"merchant": "x"}, "score_scale_above": 0.3}},
+                        "expect": {"outcome": "rolled_back"}})  # fmt: skip
+    with pytest.raises(ScenarioError, match=r"slice\.country: unknown category 'XX'"):
+        parse_scenario({"name": "s", "challenger": {"defect": {"slice": {"country": "XX"}}},
+                        "expect": {"outcome": "rolled_back"}})  # fmt: skip
+    with pytest.raises(ScenarioError, match="score_scale_above must be within"):
+        parse_scenario({"name": "s", "challenger": {"defect": {"score_scale_above": 2}},
+                        "expect": {"outcome": "rolled_back"}})  # fmt: skip
+
+
+def test_random_decisions_decline_at_the_given_rate_independently_of_the_score() -> None:
+    random.seed(3)
+    state = SlotState("b")
+    state.threshold = 0.2
+    scores = [0.9] * 10_000 + [0.01] * 10_000  # the model would decline exactly the first half
+    declined = [s >= 0.2 for s in _degrade(state, Defect(random_decisions=0.05), scores)]
+    first, second = sum(declined[:10_000]) / 10_000, sum(declined[10_000:]) / 10_000
+    assert 0.04 < first < 0.06 and 0.04 < second < 0.06  # the same rate whatever the model's own decision

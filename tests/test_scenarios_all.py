@@ -17,7 +17,7 @@ from tests.test_stack_commands import stack_env
 
 pytestmark = pytest.mark.slow
 
-EIGHT = {
+EXPECTED = {
     "healthy-promotion",
     "worse-quality",
     "latency-regression",
@@ -26,13 +26,22 @@ EIGHT = {
     "post-promotion-regression",
     "drift-retrain",
     "no-drift",
+    "slice-regression",
+    "decline-shift",
+    "random-decisions",
+    "within-tolerance",
+    # a rollout spec of their own (issue 13): a replay phase, a manual gate, hooks on a real local receiver
+    "replay-catches",
+    "approval-gate",
+    "hook-veto",
+    "dead-hook",
 }
 
 
 def test_every_scenario_reaches_its_expected_outcome_and_the_stack_is_stopped_after(
     cli_env: dict[str, str], home: Path
 ) -> None:
-    assert set(available()) >= EIGHT
+    assert set(available()) >= EXPECTED
     env = {**stack_env(cli_env), "MLOPS_MODEL_NAME": "fraud-scenarios"}
     result = run_cli(["scenario", "all", "--exclude-group", "faults", "--json"], env, timeout=2400)
     report = result.json
@@ -49,6 +58,12 @@ def test_every_scenario_reaches_its_expected_outcome_and_the_stack_is_stopped_af
         assert (summary["decision_seconds"] is None) == (summary["outcome"] == "none")
     assert by_name["latency-regression"]["reason"].count("latency")
     assert by_name["post-promotion-regression"]["outcome"] == "rolled_back_after_promotion"
+    # A regression confined to one slice: the decision names the slice; a little worse but in margin: promoted.
+    assert "merchant_category=electronics" in by_name["slice-regression"]["reason"]
+    assert by_name["within-tolerance"]["outcome"] == "promoted"
+    assert "replay" in by_name["replay-catches"]["reason"] and by_name["replay-catches"]["outcome"] == "rolled_back"
+    assert "not approved within" in by_name["hook-veto"]["reason"]
+    assert by_name["approval-gate"]["outcome"] == by_name["dead-hook"]["outcome"] == "promoted"
 
     # The command started the stack, so it stopped it: nothing listens on the stack's ports any more.
     urls = (env["MLOPS_CONTROL_PLANE_URL"], env["MLOPS_CONTROLLER_URL"], env["MLOPS_DRIFT_MONITOR_URL"])

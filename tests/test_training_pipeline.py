@@ -1,11 +1,13 @@
 """The whole training pipeline on KFP's local runner against a real MLflow server.
 
 Runs share one registry (module scope) and happen in order: a first model becomes champion, a second
-becomes challenger, then bad data and a bad model must leave that registry exactly as it was.
+becomes challenger, then bad data and a bad model must leave that registry exactly as it was. The first run
+happens in a real terminal (tmux), as a person would start it, and its pane is checked while it runs.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,9 @@ import pytest
 from mlflow import MlflowClient
 
 from core.synthetic import CORRUPT_KINDS, generate_transactions
+from pipelines.runner import STEPS
 from tests.conftest import CliResult, run_cli
+from tests.terminal import PaneRun, run_in_tmux
 
 pytestmark = pytest.mark.slow
 FAST = ["--param", "epochs=2", "--param", "min_rows=1000"]
@@ -45,16 +49,32 @@ def registry_state(client: MlflowClient, name: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def first_run(env: dict[str, str]) -> CliResult:
-    return run_cli(["run", "--generate", "12000", "--param", "seed=1", *FAST, "--json"], env)
+def first_run(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> PaneRun:
+    """In a tmux pane (stdout, the JSON line, to a file): what a person sees is captured every second."""
+    args = ["run", "--generate", "12000", "--param", "seed=1", *FAST, "--json"]
+    return run_in_tmux(args, env, tmp_path_factory.mktemp("first-run-pane"), "run")
 
 
-@pytest.fixture(scope="module")
-def second_run(env: dict[str, str], first_run: CliResult) -> CliResult:
-    # A looser PR-AUC tolerance: this test is about aliases, not about which of two similar models wins.
-    return run_cli(
-        ["run", "--generate", "12000", "--param", "seed=2", "--param", "max_pr_auc_drop=0.5", *FAST, "--json"], env
-    )
+def elapsed_seconds(pane: str) -> int | None:
+    match = re.search(r"elapsed (?:(\d+)m )?(\d+)s\b", pane)
+    return int(match.group(1) or 0) * 60 + int(match.group(2)) if match else None
+
+
+def test_a_person_sees_the_current_step_and_the_elapsed_time_while_the_pipeline_runs(
+    first_run: PaneRun, env: dict[str, str]
+) -> None:
+    """`mlops run` used to show nothing for the whole run: its live status was drawn into pipeline.log."""
+    assert first_run.code == 0, first_run.stderr[-3000:]
+    running = [pane for _, pane in first_run.frames if "running" in pane]
+    assert running, f"no frame showed a running step; the pane at the end:\n{first_run.final[-2000:]}"
+    seen = {step for pane in running for i, step in enumerate(STEPS) if f"step {i + 1}/{len(STEPS)}: {step}" in pane}
+    assert {"validate", "train"} <= seen, seen  # the view followed the run step by step
+    elapsed = [e for pane in running if (e := elapsed_seconds(pane)) is not None]
+    assert len(elapsed) >= 3 and elapsed == sorted(elapsed) and elapsed[-1] > elapsed[0], elapsed
+    assert all(f"✓  {step}" in first_run.final for step in STEPS), first_run.final[-2000:]
+    assert "SUCCEEDED" in first_run.final
+    log = Path(env["MLOPS_HOME"]) / "runs" / first_run.json["run_id"] / "pipeline.log"
+    assert "Executing task" in log.read_text() and "elapsed" not in log.read_text()  # the view stays out of it
 
 
 def test_first_run_registers_a_champion_with_lineage(first_run: CliResult, client: MlflowClient) -> None:

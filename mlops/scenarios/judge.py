@@ -23,6 +23,9 @@ class Observed:
     traffic: dict[str, Any] = field(default_factory=dict)
     retrains: int = 0  # retraining runs the drift monitor submitted during the scenario
     started_at: float | None = None  # the scenario's start, when it is not the rollout's (drift scenarios)
+    received: list[dict[str, Any]] = field(default_factory=list)  # the local hook receiver's requests
+    deliveries: list[dict[str, Any]] = field(default_factory=list)  # the controller's record of hook deliveries
+    dead_url: str | None = None  # where nothing listens (`{dead}` in the scenario's hooks)
     plan: dict[str, Any] | None = None  # the rollout's plan: versions and slots
     # After a fault scenario: traffic policy, slot assignments, MLflow aliases, pending actions (`final_state`).
     final_state: dict[str, Any] | None = None
@@ -133,6 +136,46 @@ def dead_gateway_errors(scenario: Scenario, observed: Observed) -> int:
     return int(observed.traffic.get("in_flight_lost", 0))
 
 
+def phase_name(decision: dict[str, Any], phases: list[dict[str, Any]]) -> str:
+    index = decision["phase_index"]
+    return str(phases[index]["name"]) if 0 <= index < len(phases) else "watch"
+
+
+def hook_failures(scenario: Scenario, observed: Observed, decision: dict[str, Any] | None) -> list[str]:
+    """The expectations on where the decision was taken, the approval gate and the hooks."""
+    expect, failures = scenario.expect, []
+    if expect.decided_in is not None:
+        where = phase_name(decision, observed.phases) if decision else "nowhere"
+        if where != expect.decided_in:
+            failures.append(f"decided in phase {where}, expected in {expect.decided_in}")
+    if expect.held_s is not None:
+        approved = next((d for d in observed.decisions if d.get("metrics", {}).get("approved")), None)
+        waited = approved["metrics"].get("waited_s", 0.0) if approved else None
+        if waited is None or waited < expect.held_s:
+            failures.append(f"held at the approval gate for {waited}s, expected at least {expect.held_s:g}s")
+    events = [r.get("event") for r in observed.received]
+    missing = [event for event in expect.received if event not in events]
+    if missing:
+        failures.append(f"the hook receiver never got {', '.join(missing)} (got {', '.join(map(str, events))})")
+    unsigned = [r.get("event") for r in observed.received if not r.get("signature_ok")]
+    if unsigned:
+        failures.append(f"{len(unsigned)} hook request(s) without a valid signature: {', '.join(map(str, unsigned))}")
+    if expect.dead_attempts is not None:
+        dead = [d for d in observed.deliveries if observed.dead_url and d["url"] == observed.dead_url]
+        if not dead:
+            failures.append("no delivery to the dead receiver was recorded")
+        for delivery in dead:
+            attempts, log = delivery["attempts"], delivery.get("attempt_log", [])
+            if delivery["status"] != "failed" or attempts != expect.dead_attempts or len(log) != attempts:
+                failures.append(
+                    f"delivery of {delivery['event']} to the dead receiver: status {delivery['status']}, "
+                    f"{attempts} attempt(s), {len(log)} recorded; expected failed after {expect.dead_attempts}"
+                )
+            elif not all(attempt.get("error") for attempt in log):
+                failures.append(f"delivery of {delivery['event']}: an attempt is recorded without its error")
+    return failures
+
+
 def judge(scenario: Scenario, observed: Observed) -> ScenarioResult:
     expect = scenario.expect
     outcome = outcome_of(observed.status, observed.decisions)
@@ -171,6 +214,7 @@ def judge(scenario: Scenario, observed: Observed) -> ScenarioResult:
         failures += consistency_failures(outcome, observed.plan, observed.final_state)
     if expect.reason_contains and expect.reason_contains.lower() not in reason.lower():
         failures.append(f"decision reason does not mention {expect.reason_contains!r}: {reason}")
+    failures += hook_failures(scenario, observed, decision)
     promotions = sum(is_promotion(d) for d in observed.decisions)
     rollbacks = sum(d["to_status"] in ROLLED_BACK for d in observed.decisions)
     if promotions > 1 or rollbacks > 1:

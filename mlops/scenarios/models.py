@@ -76,7 +76,7 @@ def cache_from_version(settings: Settings, seed: int, version: str) -> None:
 
 
 def register(
-    settings: Settings, seed: int, label: str, defect: dict[str, float] | None = None, on_progress: Any = print
+    settings: Settings, seed: int, label: str, defect: dict[str, Any] | None = None, on_progress: Any = print
 ) -> str:
     """Register the seed's trained model (with `defect` baked in, if any) as a new version; return it."""
     model_dir, data_path, summary = trained_model(settings, seed, on_progress)

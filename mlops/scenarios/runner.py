@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
@@ -24,7 +24,9 @@ from control_plane.client import ControlPlaneClient
 from control_plane.labels_token import resolve_labels_token
 from control_plane.rollouts_client import ControllerUnavailable, RolloutsClient
 from control_plane.tokens import resolve_token
+from core.processes import free_port
 from core.settings import Settings
+from mlops.hook_receiver import HookReceiver
 from mlops.scenarios import models
 from mlops.scenarios.judge import Observed, ScenarioResult, consistency_failures, judge, outcome_of
 from mlops.scenarios.spec import Scenario
@@ -231,7 +233,7 @@ class ScenarioRunner:
         except (httpx.HTTPError, ValueError):
             return None
 
-    def _set_fault(self, slot: str, defect: dict[str, float]) -> None:
+    def _set_fault(self, slot: str, defect: dict[str, Any]) -> None:
         url = f"{self.settings.slot_urls[slot]}/v1/fault"
         response = self.http.post(url, json=defect, headers={"Authorization": f"Bearer {self.token}"})
         response.raise_for_status()
@@ -283,23 +285,75 @@ class ScenarioRunner:
         version = models.register(self.settings, challenger.seed, scenario.name, challenger.defect, self.say)
         self.say(f"{scenario.name}: challenger v{version} (seed {challenger.seed}, defect {challenger.defect})")
         budget = scenario.expect.within_s + GRACE_S
+        rollout = scenario.rollout
+        dead_url = f"http://127.0.0.1:{free_port()}/gone"  # nothing listens there
+        receiver = None
+        if rollout is not None and rollout.uses_receiver:
+            answers = rollout.receiver.answers
+            receiver = HookReceiver(self.settings.hook_secret, lambda _path, event, _n: answers.get(event or "", 200))
         traffic = BackgroundTraffic(
             self.settings.gateway_base_url,
-            scenario.traffic.plan(budget + 120, seed_offset=index),
+            scenario.traffic.plan(budget + scenario.traffic.warmup_s + 120, seed_offset=index),
             labels_token=resolve_labels_token(self.settings),
         ).start()
+        deliveries: list[dict[str, Any]] = []
         try:
-            view = self.controller.start(version)
-            status, decisions = self._follow(scenario, view, traffic, progress, budget)
+            with receiver or contextlib.nullcontext():
+                spec = None if rollout is None else rollout.document(receiver.url("") if receiver else "", dead_url)
+                self._warm_up(scenario, traffic, progress)
+                view = self.controller.start(version, spec=spec)
+                status, decisions = self._follow(scenario, view, traffic, progress, budget)
+                if spec is not None and spec.get("hooks"):
+                    deliveries = self._settled_deliveries(view["rollout_id"])
         finally:
             self._end_hangs()
             stats = traffic.stop()
         summary = stats.summary()
+        received = [
+            {"event": r.event, "path": r.path, "signature_ok": r.signature_ok}
+            for r in (receiver.received if receiver else [])
+        ]
         final = self._settled(scenario, view["plan"], status, view["rollout_id"]) if scenario.chaos else None
-        observed = Observed(status, decisions, view["plan"]["phases"], stats.failed, summary, plan=view["plan"])
-        result = judge(scenario, replace(observed, final_state=final))
-        result.details.update(rollout_id=view["rollout_id"], challenger_version=version)
+        observed = Observed(
+            status, decisions, view["plan"]["phases"], stats.failed, summary,
+            received=received, deliveries=deliveries, dead_url=dead_url, plan=view["plan"], final_state=final,
+        )  # fmt: skip
+        result = judge(scenario, observed)
+        result.details.update(
+            rollout_id=view["rollout_id"],
+            challenger_version=version,
+            hook_requests=len(received),
+            deliveries=[{k: d[k] for k in ("hook", "event", "status", "attempts")} for d in deliveries],
+        )
         return result
+
+    def _warm_up(self, scenario: Scenario, traffic: BackgroundTraffic, progress: Progress) -> None:
+        """Traffic (and its labels) before the rollout, so a replay phase finds recent labelled requests."""
+        if not scenario.traffic.warmup_s:
+            return
+        progress.stage = f"warming up ({scenario.traffic.warmup_s:g}s of traffic before the rollout)"
+        began = time.monotonic()
+        while time.monotonic() - began < scenario.traffic.warmup_s:
+            progress.elapsed_s = time.monotonic() - began
+            progress.traffic = {"sent": traffic.stats.sent, "failed": traffic.stats.failed}
+            self.show(progress)
+            time.sleep(POLL_S)
+
+    def _settled_deliveries(self, rollout_id: str, timeout: float = 20.0) -> list[dict[str, Any]]:
+        """The rollout's hook deliveries once none is still pending (the sender retries off the loop) and the
+        final decision's actions have run (they queue its notifications: a terminal status is saved first)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                actions_left = self.controller.rollout(rollout_id)["pending_actions"]
+                rows = self.controller.deliveries(rollout_id)
+            except ControllerUnavailable:
+                actions_left, rows = 1, []
+            if not actions_left and rows and all(row["status"] not in ("pending", "calling") for row in rows):
+                return rows
+            if time.monotonic() > deadline:
+                return rows
+            time.sleep(0.5)
 
     def _follow(
         self, scenario: Scenario, view: dict[str, Any], traffic: BackgroundTraffic, progress: Progress, budget: float
@@ -309,7 +363,8 @@ class ScenarioRunner:
         challenger_slot = view["plan"]["challenger_slot"]
         started = time.monotonic()
         killed_in: set[str] = set()  # the statuses whose kill is done: one kill in each of `chaos.when`
-        fault_done = False
+        fault_done = approved = False
+        approve_after = scenario.rollout.approve_after_s if scenario.rollout else None
         progress.stage = "rolling out"
         while True:
             view = self._read(rollout_id)
@@ -331,6 +386,12 @@ class ScenarioRunner:
             if scenario.chaos and status in scenario.chaos.when and status not in killed_in:
                 self._inject(scenario, view["plan"], status)
                 killed_in.add(status)
+            waiting_since = state.get("awaiting_approval_since")
+            held = None if waiting_since is None else time.time() - waiting_since
+            if approve_after is not None and not approved and held is not None and held >= approve_after:
+                self.say(f"{scenario.name}: approving the rollout held at {progress.phase} for {held:.1f}s")
+                self.controller.approve(rollout_id, "scenario runner: approved")  # as a person would
+                approved = True
             fault = scenario.challenger.fault
             if fault and not fault_done and status == fault.when:
                 self.say(f"{scenario.name}: the challenger's slot degrades now ({status}): {fault.defect}")

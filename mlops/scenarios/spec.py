@@ -9,7 +9,8 @@ Example::
     expect: {outcome: rolled_back, within_s: 120, reason_contains: latency}
 
 - `challenger.seed`: the trained model the challenger is built from (trained once, then cached);
-  `defect` bakes a deliberate fault into a wrapper of it (`serving.slot.Defect`); `fault: {when, defect}`
+  `defect` bakes a deliberate fault into a wrapper of it (`serving.slot.Defect`), optionally confined to one
+  slice: `defect: {slice: {merchant_category: electronics}, score_scale_above: 0.3}`; `fault: {when, defect}`
   switches one on in the challenger's slot at run time, once the rollout reaches status `when` (e.g. a
   model that degrades after its promotion).
 - `chaos.kill`: the stack service the fault hits: `mlflow`, `control-plane`, `gateway`, `champion-slot`,
@@ -27,13 +28,27 @@ Example::
   `within_s` bounds the time from the rollout's start to that decision; `max_challenger_weight` bounds the
   live traffic the challenger ever got; `max_client_errors` the requests clients saw fail;
   `max_dead_gateway_errors` (only with a gateway fault) the requests in flight to the gateway when it died,
-  which no gateway can answer: counted separately from the client errors.
+  which no gateway can answer: counted separately from the client errors; `decided_in` names
+  the phase whose decision settled it (e.g. `replay`); `held_s`: the rollout waited at an approval gate at
+  least this long; `received`: events the local hook receiver must have got, every request signed with
+  `MLOPS_HOOK_SECRET`; `dead_attempts`: every delivery to the dead receiver made exactly this many attempts,
+  each recorded, and failed.
+- `traffic.warmup_s`: traffic (with its labels) sent before the rollout starts, so the prediction log holds
+  recent labelled requests for a replay phase.
+- `rollout`: the rollout's own spec, sent with the start request (the controller validates and stores it):
+  `spec` names the bundled spec to start from (default `fast`), and every other key but these replaces that
+  field of it (`phases`, `hooks`, `post_promotion_watch_s`, ...). In hook URLs `{receiver}` is a real local
+  HTTP receiver the runner starts (`mlops.hook_receiver`; `receiver.answers` maps an event to the status it
+  answers, default 200) and `{dead}` a URL where nothing listens. `approve_after_s`: the runner approves a
+  rollout waiting at a gate after it has held this long (what `mlops rollout approve` does).
 
 Validation reports every problem at once, each with its location.
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,11 +56,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mlops.traffic import TrafficPlan
+from monitoring.rollout.spec import SPECS_DIR, RolloutSpec, SpecError, load_spec
+from serving.slot import Defect
 
 REPO_SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
 Outcome = Literal["promoted", "rolled_back", "rolled_back_after_promotion", "decided", "none"]
 DECIDED = ("promoted", "rolled_back", "rolled_back_after_promotion")
-DEFECT_FIELDS = ("extra_latency_ms", "error_rate", "decorrelate", "flip_share")
+DEFECT_FIELDS = tuple(f.name for f in fields(Defect))
 
 
 class ScenarioError(ValueError):
@@ -56,16 +73,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _check_defect(value: dict[str, float] | None) -> dict[str, float] | None:
+def _check_defect(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The slot's own checks (`serving.slot.Defect`), so a scenario file and the slot never disagree."""
     if value is None:
         return None
     unknown = set(value) - set(DEFECT_FIELDS)
     if unknown:
         raise ValueError(f"unknown defect field(s) {', '.join(sorted(unknown))}; known: {', '.join(DEFECT_FIELDS)}")
-    for name, number in value.items():
-        upper = 60_000 if name == "extra_latency_ms" else 1
-        if not 0 <= number <= upper:
-            raise ValueError(f"{name} must be within [0, {upper}], got {number}")
+    try:
+        Defect.from_dict(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(str(error)) from None
     return value
 
 
@@ -73,7 +91,7 @@ class FaultSpec(_Strict):
     """A defect switched on in the challenger's slot once the rollout reaches `when`."""
 
     when: Literal["shadow", "canary", "promoted_watching"]
-    defect: dict[str, float]
+    defect: dict[str, Any]
 
     _defect = field_validator("defect")(_check_defect)
 
@@ -83,7 +101,7 @@ class ChallengerSpec(_Strict):
         "trained", description="trained: built here from `seed`; retrained: the drift monitor must produce it"
     )
     seed: int = Field(2, ge=0, description="seed of the trained model the challenger is built from")
-    defect: dict[str, float] | None = None
+    defect: dict[str, Any] | None = None
     fault: FaultSpec | None = None
 
     _defect = field_validator("defect")(_check_defect)
@@ -96,6 +114,7 @@ class TrafficSpec(_Strict):
     drift: str | None = None
     seed: int = 0
     duration_s: float | None = Field(None, gt=0, le=3_600, description="for `outcome: none`: how long to watch")
+    warmup_s: float = Field(0.0, ge=0, le=120, description="traffic before the rollout starts (for a replay)")
 
     def plan(self, duration_s: float, seed_offset: int = 0) -> TrafficPlan:
         return TrafficPlan(
@@ -123,6 +142,50 @@ class ChaosSpec(_Strict):
         return [value] if isinstance(value, str) else value
 
 
+RECEIVER, DEAD = "{receiver}", "{dead}"
+
+
+class ReceiverSpec(_Strict):
+    answers: dict[str, int] = Field(default_factory=dict, description="event -> HTTP status (default 200)")
+
+
+class RolloutSection(BaseModel):
+    """The rollout's own spec: `spec` (a bundled name) with the other keys replacing its fields."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    spec: str = "fast"
+    approve_after_s: float | None = Field(None, ge=0, le=600)
+    receiver: ReceiverSpec = ReceiverSpec()
+
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def document(self, receiver_url: str, dead_url: str) -> dict[str, Any]:
+        """The whole spec as a mapping (what the start request carries), hook URLs filled in."""
+        path = SPECS_DIR / f"{self.spec}.yaml"
+        if not path.exists():
+            known = ", ".join(sorted(p.stem for p in SPECS_DIR.glob("*.yaml")))
+            raise ValueError(f"rollout.spec: no bundled spec {self.spec!r} (known: {known})")
+        data = {**yaml.safe_load(path.read_text()), **copy.deepcopy(self.overrides())}
+        for hook in data.get("hooks") or []:
+            if isinstance(hook, dict) and isinstance(hook.get("url"), str):
+                hook["url"] = hook["url"].replace(RECEIVER, receiver_url).replace(DEAD, dead_url)
+        return data
+
+    def validated(self) -> RolloutSpec:
+        """The spec with placeholder URLs, through the controller's own loader (raises SpecError)."""
+        return load_spec(self.document("http://127.0.0.1:9", "http://127.0.0.1:9"))
+
+    @property
+    def uses_receiver(self) -> bool:
+        return any(RECEIVER in str(hook.get("url", "")) for hook in self.overrides().get("hooks") or [])
+
+    @property
+    def dead_hooks(self) -> bool:
+        return any(DEAD in str(hook.get("url", "")) for hook in self.overrides().get("hooks") or [])
+
+
 class Expectation(_Strict):
     outcome: Outcome
     within_s: float = Field(180, gt=0, le=3_600)
@@ -131,6 +194,10 @@ class Expectation(_Strict):
     max_dead_gateway_errors: int = Field(0, ge=0, description="requests in flight to a gateway that died")
     reason_contains: str | None = None
     retrain: bool | None = Field(None, description="whether the drift monitor must (true) or must not submit a run")
+    decided_in: str | None = Field(None, description="the phase whose decision settled the outcome")
+    held_s: float | None = Field(None, ge=0, description="waited at an approval gate at least this long")
+    received: list[str] = Field(default_factory=list, description="events the local receiver must have got")
+    dead_attempts: int | None = Field(None, ge=1, description="attempts of every delivery to the dead receiver")
 
 
 class Scenario(_Strict):
@@ -140,6 +207,7 @@ class Scenario(_Strict):
     challenger: ChallengerSpec = ChallengerSpec()
     traffic: TrafficSpec = TrafficSpec()
     chaos: ChaosSpec | None = None
+    rollout: RolloutSection | None = None
     expect: Expectation
 
 
@@ -149,11 +217,17 @@ def parse_scenario(data: Any, source: str = "<scenario>") -> Scenario:
     try:
         scenario = Scenario.model_validate(data)
         scenario.traffic.plan(1.0)  # the traffic's own checks (e.g. an unknown drift kind)
+        if scenario.rollout is not None:
+            scenario.rollout.validated()  # the controller's loader: every problem, each naming its field
+    except SpecError as error:
+        lines = [f"rollout.{problem}" for problem in error.problems]
+        raise ScenarioError(f"invalid scenario {source}:\n" + "\n".join(f"  - {line}" for line in lines)) from None
     except ValidationError as error:
         lines = [f"{'.'.join(str(p) for p in e['loc']) or '<top>'}: {e['msg']}" for e in error.errors()]
         raise ScenarioError(f"invalid scenario {source}:\n" + "\n".join(f"  - {line}" for line in lines)) from None
     except ValueError as error:
-        raise ScenarioError(f"invalid scenario {source}:\n  - traffic: {error}") from None
+        where = "" if str(error).startswith("rollout.") else "traffic: "
+        raise ScenarioError(f"invalid scenario {source}:\n  - {where}{error}") from None
     return scenario
 
 

@@ -155,10 +155,14 @@ def continuity_result(continuity: LogContinuity) -> GuardrailResult:
     )
 
 
-def to_analysis(results: list[GuardrailResult], phase_index: int, at: float, samples: int) -> AnalysisResult:
+def to_analysis(
+    results: list[GuardrailResult], phase_index: int, at: float, samples: int, window: dict[str, Any] | None = None
+) -> AnalysisResult:
     verdicts: dict[str, Verdict] = {r.name: r.verdict for r in results}
     values: dict[str, dict[str, Any]] = {r.name: r.to_dict() for r in results}
-    return AnalysisResult(at=at, phase_index=phase_index, samples=samples, verdicts=verdicts, values=values)
+    return AnalysisResult(
+        at=at, phase_index=phase_index, samples=samples, verdicts=verdicts, values=values, window=window
+    )
 
 
 def analyse(
@@ -190,19 +194,22 @@ def analyse(
     feedback = read_feedback(
         log_dir / "feedback", predictions.get(REQUEST_ID, pd.Series(dtype=str)), served_times(predictions)
     )
+    # What was judged (recorded with the analysis): the phase's window, from the last gap in the log if any.
+    judged = {"kind": phase_kind, "since": max(since, continuity.evidence_from), "until": at}
     if predictions.empty:
-        return AnalysisResult(at=at, phase_index=phase_index, samples=0, verdicts={}, values={})
+        return AnalysisResult(at=at, phase_index=phase_index, samples=0, verdicts={}, values={}, window=judged)
     results = evaluate_guardrails(spec, phase_kind, predictions, feedback, threshold=threshold)
     champion_serves = bool((predictions[VARIANT] == "champion").any())
     results += prometheus_guardrail.evaluate(spec, phase_kind, champion_serves, prometheus, since, at)
     if continuity.found:
         results = [*results, continuity_result(continuity)]
-    return to_analysis(results, phase_index, at, samples=phase_samples(phase_kind, predictions))
+    samples = phase_samples(phase_kind, predictions)
+    return to_analysis(results, phase_index, at, samples=samples, window=judged)
 
 
 def phase_samples(phase_kind: str, predictions: pd.DataFrame) -> int:
-    """What the phase's `min_samples` counts: challenger-served requests, or shadow-scored ones."""
-    if phase_kind == "shadow":
+    """What the phase's `min_samples` counts: challenger-served requests, or shadow-scored (replayed) ones."""
+    if phase_kind in ("shadow", "replay"):
         return int((predictions.get(SHADOW_STATUS) == "ok").sum()) if SHADOW_STATUS in predictions else 0
     if phase_kind == "canary":
         return int(((predictions[VARIANT] == "challenger") | (predictions[STATUS] == "fallback")).sum())

@@ -26,7 +26,8 @@ from typing import Any, Protocol
 from core.settings import DEFAULT_DECISION_THRESHOLD
 from monitoring.rollout.analysis import analyse
 from monitoring.rollout.hooks import GateCaller, queue_notifications
-from monitoring.rollout.spec import RolloutSpec
+from monitoring.rollout.replay import BatchAnswer, batches, instances, replay_analysis, select_sample
+from monitoring.rollout.spec import RolloutSpec, load_spec
 from monitoring.rollout.state_machine import (
     Action,
     Analysis,
@@ -61,6 +62,7 @@ class Effects(Protocol):
     def set_alias(self, alias: str, version: str | None) -> None: ...
     def mark_rejected(self, version: str, reason: str) -> None: ...
     def slot_version(self, slot: str) -> str | None: ...  # None when the slot does not answer
+    def score_batch(self, slot: str, instances: list[dict[str, Any]]) -> BatchAnswer: ...  # the slot's batch API
     def champion(self) -> tuple[str, str, str | None]: ...  # (champion version, its slot, previous version)
 
 
@@ -87,6 +89,7 @@ def plan_for(
             require_approval=p.require_approval or p.name in confirm,
             approval_timeout_s=confirm[p.name].gate_timeout_s if p.name in confirm else p.approval_timeout_s,
             on_approval_timeout=confirm[p.name].on_timeout if p.name in confirm else p.on_approval_timeout,
+            on_inconclusive=p.on_inconclusive or "advance",
         )
         for p in spec.phases
     )
@@ -125,20 +128,37 @@ class Controller:
     _slot_down: set[str] = field(default_factory=set)
     last_analysis: Any = None  # this process's latest AnalysisResult (the store has every one)
     gates: GateCaller | None = None
+    _specs: dict[str, RolloutSpec] = field(default_factory=dict)  # rollout id -> its spec (they never change)
 
     def __post_init__(self) -> None:
         if self.gates is None:
             self.gates = GateCaller(self.store, self.hook_secret, self.clock)
 
+    def spec_for(self, rollout_id: str) -> RolloutSpec:
+        """The spec a rollout runs under: the one it was started with, else the controller's."""
+        if rollout_id not in self._specs:
+            stored = self.store.spec_of(rollout_id)
+            self._specs[rollout_id] = self.spec if stored is None else load_spec(stored)
+        return self._specs[rollout_id]
+
+    def tick_interval(self) -> float:
+        """How often to tick: the active rollout's analysis interval (the controller's when none is active)."""
+        rollout_id = self.store.active(self.model_name)
+        return (self.spec if rollout_id is None else self.spec_for(rollout_id)).analysis_interval_s
+
     # --- commands (API / CLI) ------------------------------------------------------------------
 
-    def start(self, challenger_version: str) -> str:
+    def start(self, challenger_version: str, spec: RolloutSpec | None = None) -> str:
+        """Start a rollout of `challenger_version`, under `spec` (stored with the rollout) or the controller's."""
         champion_version, champion_slot, previous = self.effects.champion()
         if challenger_version == champion_version:
             raise ValueError(f"version {challenger_version} is already the champion")
-        plan = plan_for(self.spec, self.model_name, challenger_version, champion_version, champion_slot, previous)
-        self.store.create(plan, initial_state(plan, self.clock()))
-        if not self.spec.hooks_for("pre-rollout"):
+        chosen = spec or self.spec
+        plan = plan_for(chosen, self.model_name, challenger_version, champion_version, champion_slot, previous)
+        stored = None if spec is None else spec.model_dump(mode="json", exclude_none=True)
+        self.store.create(plan, initial_state(plan, self.clock()), spec=stored)
+        self._specs[plan.rollout_id] = chosen
+        if not chosen.hooks_for("pre-rollout"):
             self.apply(plan.rollout_id, Start(at=self.clock()))
         # else: pending until the pre-rollout hooks say go (the loop asks them, `_gate_event`)
         return plan.rollout_id
@@ -169,7 +189,8 @@ class Controller:
             self._finish_decided()
             return None
         plan, state = self._finish_pending(rollout_id)
-        gate_event = self._gate_event(plan, state, now)
+        spec = self.spec_for(rollout_id)
+        gate_event = self._gate_event(spec, plan, state, now)
         if gate_event is not None:
             state = self.apply(rollout_id, gate_event)
         slot_event = self._slot_event(plan, state, now)
@@ -177,30 +198,32 @@ class Controller:
             state = self.apply(rollout_id, slot_event)
         if state.terminal:
             return state
-        return self.apply(rollout_id, self._observe(plan, state, now))
+        return self.apply(rollout_id, self._observe(spec, plan, state, now))
 
-    def _gate_event(self, plan: RolloutPlan, state: RolloutState, now: float) -> Start | Approve | None:
+    def _gate_event(
+        self, spec: RolloutSpec, plan: RolloutPlan, state: RolloutState, now: float
+    ) -> Start | Approve | None:
         """Start once the pre-rollout hooks said go; Approve once the confirm-promotion hooks of the waiting
         phase did. Never waits: the hooks are asked in threads (`GateCaller`)."""
         assert self.gates is not None
         if state.status == "pending":
-            hooks = self.spec.hooks_for("pre-rollout")
+            hooks = spec.hooks_for("pre-rollout")
             if hooks and self.gates.passed(plan, "pre-rollout", hooks):
                 return Start(at=now)
             return None
         phase = current_phase(plan, state)
         if phase is None or not state.awaiting_approval or state.paused:
             return None
-        hooks = [
-            h for h in self.spec.hooks_for("confirm-promotion") if self.spec.confirm_promotion_phase(h) == phase.name
-        ]
+        hooks = [h for h in spec.hooks_for("confirm-promotion") if spec.confirm_promotion_phase(h) == phase.name]
         if hooks and self.gates.passed(plan, "confirm-promotion", hooks, phase.name):
             return Approve(at=now, reason=f"confirm-promotion hook {', '.join(h.name for h in hooks)} answered 2xx")
         return None
 
-    def _observe(self, plan: RolloutPlan, state: RolloutState, now: float) -> Any:
+    def _observe(self, spec: RolloutSpec, plan: RolloutPlan, state: RolloutState, now: float) -> Any:
         phase = current_phase(plan, state)
         kind = phase.kind if phase is not None else WATCH
+        if state.status == "replay":
+            return self._replay(spec, plan, state, now)
         if state.status not in ("shadow", "canary", "promoted_watching"):
             return Tick(at=now)
         # Skip the first second of a phase: gateways apply a new policy within 1 s of it being written.
@@ -214,7 +237,7 @@ class Controller:
             else {"champion": plan.champion_version, "challenger": plan.challenger_version}
         )
         result = analyse(
-            self.spec,
+            spec,
             kind,
             state.phase_index,
             self.log_dir,
@@ -228,10 +251,40 @@ class Controller:
         self.last_analysis = result
         return Analysis(result=result)
 
+    def _replay(self, spec: RolloutSpec, plan: RolloutPlan, state: RolloutState, now: float) -> Analysis | Tick:
+        """The replay phase's observation (`monitoring.rollout.replay`): read the last labelled requests from the
+        prediction log, score them again through the challenger slot's batch API, judge them. Nothing is replayed
+        while the slot does not serve the challenger (that is reported as SlotDown, and counted)."""
+        if plan.challenger_slot in self._slot_down:
+            return Tick(at=now)
+        phase = spec.phases[state.phase_index]
+        sample = select_sample(
+            self.log_dir,
+            plan.champion_version,
+            now,
+            requests=int(phase.requests or 0),
+            label_delay_s=float(phase.label_delay_s or 0.0),
+            lookback_s=float(phase.lookback_s or 0.0),
+        )
+        calls = instances(sample.rows) if not sample.rows.empty else []
+        answers = [self.effects.score_batch(plan.challenger_slot, calls[a:b]) for a, b in batches(len(calls))]
+        result = replay_analysis(
+            spec,
+            state.phase_index,
+            sample,
+            answers,
+            plan.challenger_version,
+            max(self.clock(), now),
+            threshold=self.decision_threshold,
+        )
+        log.info("%s: replayed %s", plan.rollout_id, result.window)
+        self.last_analysis = result
+        return Analysis(result=result)
+
     def _slot_event(self, plan: RolloutPlan, state: RolloutState, now: float) -> SlotDown | None:
         """Edge-triggered: report the challenger's slot once when it stops answering, or answers with another
         version than the challenger (it could not load it: it keeps serving what it had)."""
-        if state.status not in ("shadow", "canary", "promoted_watching"):
+        if state.status not in ("replay", "shadow", "canary", "promoted_watching"):
             return None
         slot = plan.challenger_slot
         serving = self.effects.slot_version(slot)
@@ -284,10 +337,10 @@ class Controller:
             self.effects.mark_rejected(action.version, action.reason)
         elif isinstance(action, Notify):
             log.info("%s: %s", plan.rollout_id, action.message)
-        elif isinstance(action, RecordDecision) and self.spec.hooks:
+        elif isinstance(action, RecordDecision) and (spec := self.spec_for(plan.rollout_id)).hooks:
             # The store recorded it with the state, in the same transaction. Queue its notifications before this
             # action is marked done: a controller that dies here re-runs it, and the queue is idempotent.
-            queue_notifications(self.store, self.spec, plan, action.decision, self.clock())
+            queue_notifications(self.store, spec, plan, action.decision, self.clock())
 
     def _wait_for_slot(self, slot: str, version: str) -> None:
         """The next action (traffic) must not start before the slot serves the version it was given."""

@@ -3,12 +3,16 @@ status endpoints, and MLflow aliases. Monitoring talks to serving only over HTTP
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import httpx
 from mlflow import MlflowClient
 
 from control_plane.client import ControlPlaneClient
 from core.aliases import CHAMPION, PREVIOUS
 from core.registry import alias_version, set_alias, tag_version
+from monitoring.rollout.replay import BatchAnswer
 from monitoring.rollout.state_machine import SetTraffic
 
 
@@ -38,6 +42,22 @@ class LiveEffects:
         except httpx.HTTPError:
             return None
         return response.json().get("model_version") if response.status_code in (200, 503) else None
+
+    def score_batch(self, slot: str, instances: list[dict[str, Any]]) -> BatchAnswer:
+        """One call of the slot's batch API (`POST /v1/predict/batch`); a refusal or no answer is an error."""
+        began = time.monotonic()
+        try:
+            response = httpx.post(
+                f"{self.slot_urls[slot]}/v1/predict/batch", json={"instances": instances}, timeout=30.0
+            )
+            took = (time.monotonic() - began) * 1000
+            body = response.json()
+        except (httpx.HTTPError, ValueError) as error:
+            return BatchAnswer(None, None, f"{type(error).__name__}: {error}"[:300], (time.monotonic() - began) * 1000)
+        if response.status_code != 200 or not isinstance(body, dict):
+            return BatchAnswer(None, None, f"HTTP {response.status_code}: {str(body)[:200]}", took)
+        version = body.get("model_version")
+        return BatchAnswer(None if version is None else str(version), list(body.get("scores") or []), None, took)
 
     def champion(self) -> tuple[str, str, str | None]:
         policy = self.control.get_policy()

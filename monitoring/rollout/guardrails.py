@@ -9,22 +9,21 @@ How a guardrail decides
 -----------------------
 Each guardrail is a contrast D between the challenger and the champion (or a bound), written so that the
 challenger is acceptable when D <= 0, e.g. `recall: D = (1 - max_drop) recall_champion - recall_challenger`. At
-every look it computes a confidence sequence (CS) [lo, hi] for D, and
+every look it computes two one-sided anytime-valid bounds for D (`confidence_bounds`), and
 
-- **fails** when the whole CS lies beyond the margin (lo > 0),
-- **passes** only when the whole CS lies within it (hi <= 0),
+- **fails** when the lower bound lies beyond the margin (lower > 0),
+- **passes** only when the upper bound lies within it (upper <= 0),
 - is **inconclusive** otherwise, and always below its `min_samples`.
 
-Construction (`confidence_sequence`): the two-sided asymptotic confidence sequence of Waudby-Smith, Arbour,
-Sinha, Kennedy & Ramdas, "Time-uniform central limit theory and asymptotic confidence sequences" (Ann. Statist.
-2024), i.e. Robbins' normal-mixture boundary (Howard, Ramdas, McAuliffe & Sekhon, Ann. Statist. 2021) applied
-to the estimate's Gaussian approximation, in intrinsic time I = 1 / Var(estimate):
-    |estimate - D| <= sqrt((I + r) log((I + r) / (r alpha^2))) / I       simultaneously for all looks,
-which for one mean of n observations with variance s^2 is WS et al.'s m +- sqrt(2 (n s^2 rho^2 + 1) / (n^2 rho^2)
-log(sqrt(n s^2 rho^2 + 1) / alpha)). For two independent arms the variances add (per-arm n); for paired data
-(shadow: both models score the same request) the CS is on the per-request differences, whose variance is far
-smaller. The mixture precision r is fixed per guardrail before any data (`_tuning`), tightest where a decision
-is needed; any fixed r keeps the guarantee.
+Construction (`one_sided_boundary`): each bound is where an e-process reaches 1/level (Ville's inequality): a
+fixed bet at the planned effect (the likelihood ratio of the SPRT, Wald 1945) mixed with two of Robbins'
+one-sided normal mixtures (Howard, Ramdas, McAuliffe & Sekhon, Ann. Statist. 2021), applied to the estimate's
+Gaussian approximation in intrinsic time I = 1 / Var(estimate): the asymptotic confidence sequences of
+Waudby-Smith, Arbour, Sinha, Kennedy & Ramdas ("Time-uniform central limit theory and asymptotic confidence
+sequences", Ann. Statist. 2024). The fail side is tuned for the planned bad challenger (one margin beyond; for
+recall, a 20 % drop), the pass side for a challenger one margin inside. For two independent arms the
+variances add (per-arm n); for paired data (shadow: both models score the same request) the bounds are on the
+per-request differences, whose variance is far smaller. Any tuning fixed before the data keeps the guarantee.
 
 Assumptions, stated: (1) observations are independent given their cluster (an account, for sticky routing; a
 second of arrival, for batched shadow calls), with finite variance; the variance is the cluster-robust one from
@@ -35,19 +34,22 @@ ratio within a phase (the canary weight); (5) p99 latency compares the challenge
 champion's running p99 with `max_ratio_exceedance` x the champion's own share there; the threshold is estimated
 from the champion, so the guarantee is for the contrast at the threshold the champion's data picks.
 
-Error budget
-------------
-The spec's `false_rollback_rate` (default 1 %) is split evenly, Bonferroni, over every (guardrail, phase) pair
-that can be judged, the post-promotion watch included (`alpha_per_look_set`); a guardrail with several
-contrasts (decline rate and score shift are two-sided, score shift has two edges) splits its share again.
-A CS holds at every look at once, so looking more often cannot raise the false-rollback rate, and failing needs
-`failure_limit` consecutive failed analyses on top. The budget covers failing guardrails only: a phase that
-cannot gather evidence before its `max_duration_s` rolls back by its deadline, a planning matter that the
-benchmark measures.
+Error budget (`error_budget`, `Levels`)
+---------------------------------------
+Only failing costs false rollbacks. The spec's `false_rollback_rate` (default 1 %) is split over every
+(guardrail, phase) pair that can be judged, the post-promotion watch included, in proportion to each
+guardrail's `budget_weight` (weighted Bonferroni); a guardrail with several contrasts (decline rate and score
+shift are two-sided, score shift has two edges) splits its fail share again. The pass side runs at the spec's
+`false_promotion_rate` (default 5 %), unsplit: a challenger beyond one guardrail's margin must pass that
+guardrail to be promoted. A bound holds at every look at once, so looking more often cannot raise either rate;
+`failure_limit` consecutive failed analyses are needed on top. A phase that cannot gather evidence before its
+`max_duration_s` rolls back by its deadline: the planner (`monitoring.rollout.planner`) sizes deadlines so a
+good challenger meets them at the spec's planning rate, and the benchmark measures it.
 
 Who is compared with whom (`observe`)
 -------------------------------------
-- shadow: pairs only, the champion's answer and the challenger's shadow answer on the same request
+- shadow (and replay, whose replayed answers are laid out as shadow rows: `monitoring.rollout.replay`): pairs
+  only, the champion's answer and the challenger's shadow answer on the same request
   (`dropped`/`cancelled`/`other_version` shadow calls are the gateway's doing and are left out; `error` counts
   as a challenger error). Error rate, decline rate, score shift, agreement, recall and log loss are paired.
 - canary: rows routed to the challenger (plus `status == "fallback"` rows: the challenger failed and the
@@ -61,17 +63,19 @@ an absolute bound is held to it instead; a purely relative one is left out there
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special, stats
 
 from core.prediction_log import (
     ACCOUNT_ID,
+    AMOUNT,
     LABEL,
     LATENCY_MS,
     RECEIVED_AT,
@@ -84,6 +88,7 @@ from core.prediction_log import (
     VARIANT,
     without_degraded,
 )
+from core.schema import CATEGORICAL_FEATURES
 from monitoring.rollout.spec import (
     DeclineRateGuardrail,
     ErrorRateGuardrail,
@@ -97,15 +102,20 @@ from monitoring.rollout.spec import (
 )
 from monitoring.rollout.verdicts import Verdict, combine_verdicts
 
-PHASE_KINDS = ("shadow", "canary", "watch")
+PHASE_KINDS = ("replay", "shadow", "canary", "watch")
 LOG_LOSS_CLIP = 1e-6  # scores of exactly 0 or 1 cost at most -log(1e-6) = 13.8 nats
-CS_NAME = "asymptotic confidence sequence (Waudby-Smith et al. 2024; normal mixture, Howard et al. 2021)"
+CS_NAME = (
+    "one-sided asymptotic confidence sequences (an e-process: fixed bet, Wald 1945, plus normal mixture, Howard et al."
+    " 2021; Waudby-Smith et al. 2024)"
+)
 FAIL, INCONCLUSIVE, PASS = -1, 0, 1
 PROPORTION_PSEUDO = 1.0
 # A change in the mass of a score region of under 0.2 % of the traffic is never a regression: without this
 # slack a region both models leave empty (D = 0 exactly) could never pass.
 MASS_SLACK = 0.002
 _CODE_VERDICT: dict[int, Verdict] = {FAIL: "fail", INCONCLUSIVE: "inconclusive", PASS: "pass"}
+# Logged request columns carried into the arms for the slice and business guardrails (slice_guardrails.py).
+SLICE_LOGGED: tuple[str, ...] = (*CATEGORICAL_FEATURES, AMOUNT)
 
 
 # ---------------------------------------------------------------- sufficient statistics
@@ -167,16 +177,101 @@ class Moments:
         return np.maximum(robust, floor)
 
 
-def confidence_sequence(estimate: Any, variance: Any, alpha: float, scale: float) -> tuple[Any, Any]:
-    """Two-sided (1 - alpha) asymptotic confidence sequence around `estimate` with Var(estimate) = `variance`
-    (see the module docstring). `scale`: the contrast size at which the boundary is tuned to be tightest
-    (intrinsic time I* = c / scale^2, c = 2 log(1/alpha) + log(2 log(1/alpha) + 1), mixture precision r = I*/c,
-    WS et al.'s rho choice). Returns (lower, upper), elementwise."""
+@dataclass(frozen=True)
+class Levels:
+    """The two error rates one guardrail is judged at in one phase.
+
+    fail: its share of the spec's `false_rollback_rate` (`error_budget`): a challenger within the margin makes
+    the guardrail fail, at any look of the phase, with probability at most this. pass_: the spec's
+    `false_promotion_rate`: a challenger beyond the margin makes it pass, at any look, with probability at most
+    this. Only failing costs false rollbacks, so only the fail level is split across guardrails and phases; a
+    challenger beyond one guardrail's margin must pass that guardrail to be promoted, so the pass level needs
+    no split."""
+
+    fail: float
+    pass_: float
+
+    def split(self, parts: int) -> Levels:
+        """For `parts` contrasts of which any one failing fails the guardrail and all must pass to pass it."""
+        return Levels(self.fail / parts, self.pass_)
+
+
+# The e-process's parts: a fixed bet at the planned effect, and two normal mixtures over bets, one tuned for half the
+# planned effect (smaller effects are still caught) and one for 8x it (much larger ones are caught at once).
+BET_WEIGHT = 0.7
+PASS_TUNING = 1.0  # the pass side is tuned for a challenger this many margins inside (an identical one: 1)
+MIXTURES = ((0.15, 0.5), (0.15, 8.0))  # (weight, effect it is tuned for, relative to the planned effect)
+
+
+def _optimal_ratio(log_inverse_level: float) -> float:
+    """c = I*/r minimising the normal-mixture boundary's width at I* (Howard et al. 2021, eq. (3.12)'s tuning)."""
+    c = np.exp(np.linspace(0.0, 6.0, 601))
+    width = (1 + 1 / c) * (np.log1p(c) + log_inverse_level)
+    return float(c[np.argmin(width)])
+
+
+@functools.lru_cache(maxsize=512)
+def _boundary_grid(alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """For unit effect: log u on a grid of dimensionless information u = I effect^2, and s*(u)/u, where s* is the
+    smallest s = S effect (S = I x estimate) at which the e-process reaches 1/alpha (see `one_sided_boundary`)."""
+    log_u = np.linspace(np.log(1e-6), np.log(1e9), 1500)  # s*/u is smooth in log u: interpolated between points
+    u = np.exp(log_u)
+    target = np.log(1 / alpha)
+    mixtures = []
+    for weight, relative in MIXTURES:
+        # tightest where a bet of that size would cross: u = 2 log(1/(w alpha)) / relative^2
+        at = 2 * np.log(1 / (weight * alpha)) / relative**2
+        mixtures.append((weight, at / _optimal_ratio(2 * np.log(1 / (weight * alpha)))))
+
+    def log_e(s: np.ndarray) -> np.ndarray:
+        total = np.log(BET_WEIGHT) + s - u / 2  # the likelihood ratio of N(effect, 1/I) to N(0, 1/I)
+        for weight, r in mixtures:  # Robbins' half-normal mixture over bets lambda > 0, precision r (one-sided)
+            mixture = (
+                np.log(weight) + np.log(2) + 0.5 * np.log(r / (u + r)) + s * s / (2 * (u + r))
+                + special.log_ndtr(s / np.sqrt(u + r))
+            )  # fmt: skip
+            total = np.logaddexp(total, mixture)
+        return total
+
+    lo, hi = np.zeros_like(u), u / 2 + np.log(1 / (BET_WEIGHT * alpha))  # the bet alone crosses by hi
+    for _ in range(80):  # bisection: the bracket shrinks to 2^-80 of its width
+        mid = (lo + hi) / 2
+        above = log_e(mid) >= target
+        hi, lo = np.where(above, mid, hi), np.where(above, lo, mid)
+    return log_u, hi / u
+
+
+def one_sided_boundary(information: Any, alpha: float, effect: float) -> Any:
+    """Half-width b of a one-sided (1 - alpha) anytime-valid bound: P(exists a look: estimate - D >= b) <= alpha
+    when the estimate is Gaussian around D with variance 1/`information` (asymptotically, WS et al. 2024).
+
+    In intrinsic time (V = I, S = I (estimate - D)) the bound is where a nonnegative supermartingale, the
+    e-process E = w0 exp(lambda S - lambda^2 V / 2) + w1 M1 + w2 M2, reaches 1/alpha (Ville's inequality):
+    - the first term is a fixed bet lambda = `effect`, the likelihood ratio against an effect of that size (the
+      SPRT's statistic; Wald 1945): the fastest to cross when the effect is what was planned;
+    - M1, M2 are Robbins' one-sided normal mixtures over lambda > 0 (Howard, Ramdas, McAuliffe & Sekhon, Ann.
+      Statist. 2021), tuned for half and 8x the planned effect, so the bound still shrinks to 0 for smaller
+      effects and reacts quickly to much larger ones.
+    Weights `BET_WEIGHT`, `MIXTURES`. A mixture of e-processes is one, so any fixed `effect` keeps the guarantee;
+    it is chosen before any data (from the margin)."""
+    information = np.maximum(np.asarray(information, dtype=float), 1e-300)
+    effect = max(float(effect), 1e-12)
+    log_u, ratio = _boundary_grid(float(alpha))
+    return effect * np.interp(np.log(information * effect * effect), log_u, ratio)
+
+
+def confidence_bounds(
+    estimate: Any, variance: Any, levels: Levels, scale: float, fail_scale: float | None = None
+) -> tuple[Any, Any]:
+    """(lower, upper) of D with Var(estimate) = `variance`: the lower bound holds at every look with probability
+    1 - levels.fail, tuned for the planned bad effect `fail_scale` (default: one margin beyond, D = `scale`);
+    the upper bound with 1 - levels.pass_, tuned for a challenger one margin inside (an identical one; the
+    mixtures cover half and 8x that). `scale`: the margin in units of D. Elementwise."""
     information = 1.0 / np.maximum(np.asarray(variance, dtype=float), 1e-300)
-    r = 1.0 / scale**2
-    half = np.sqrt((information + r) * np.log((information + r) / (r * alpha**2))) / information
     estimate = np.asarray(estimate, dtype=float)
-    return estimate - half, estimate + half
+    lower = estimate - one_sided_boundary(information, levels.fail, scale if fail_scale is None else fail_scale)
+    upper = estimate + one_sided_boundary(information, levels.pass_, PASS_TUNING * scale)
+    return lower, upper
 
 
 @dataclass(frozen=True)
@@ -189,10 +284,13 @@ class Judgement:
     code: Any
 
 
-def judge(estimate: Any, variance: Any, alpha: float, scale: float, enough: Any = True) -> Judgement:
-    """fail where the CS is entirely above 0, pass where entirely at or below, else inconclusive; inconclusive
-    wherever `enough` is false (below min_samples) or the estimate is undefined."""
-    lower, upper = confidence_sequence(estimate, variance, alpha, scale)
+def judge(
+    estimate: Any, variance: Any, levels: Levels, scale: float, enough: Any = True, fail_scale: float | None = None
+) -> Judgement:
+    """fail where the lower bound is above 0, pass where the upper bound is at or below 0, else inconclusive;
+    inconclusive wherever `enough` is false (below min_samples) or the estimate is undefined. `scale`: the
+    margin in units of D (the effect the boundaries are tuned for)."""
+    lower, upper = confidence_bounds(estimate, variance, levels, scale, fail_scale)
     defined = np.isfinite(np.asarray(estimate, dtype=float)) & np.asarray(enough)
     code = np.where(defined & (lower > 0), FAIL, np.where(defined & (upper <= 0), PASS, INCONCLUSIVE))
     return Judgement(estimate, lower, upper, code)
@@ -204,13 +302,29 @@ def combine_codes(*judgements: Judgement) -> Any:
     return np.where((codes == FAIL).any(axis=0), FAIL, np.where((codes == PASS).all(axis=0), PASS, INCONCLUSIVE))
 
 
-def alpha_per_look_set(spec: RolloutSpec) -> float:
-    """The error budget of one guardrail in one phase: `false_rollback_rate` / the number of (guardrail, phase)
-    pairs judged over the rollout (every phase, plus the watch when it lasts), Bonferroni."""
-    kinds = [phase.kind for phase in spec.phases] + (["watch"] if spec.post_promotion_watch_s > 0 else [])
+def judged_pairs(spec: RolloutSpec) -> list[tuple[str, str]]:
+    """Every (phase name, guardrail name) judged over a rollout: each phase, plus the watch when it lasts."""
+    phases = [(phase.name, phase.kind) for phase in spec.phases]
+    if spec.post_promotion_watch_s > 0:
+        phases.append(("watch", "watch"))
     # External guardrails (Prometheus) judge point estimates, with no share of the budget to spend.
-    pairs = sum(1 for kind in kinds for g in spec.guardrails_for(kind) if g.kind not in EXTERNAL_KINDS)
-    return spec.false_rollback_rate / max(pairs, 1)
+    return [
+        (name, cfg.name) for name, kind in phases for cfg in spec.guardrails_for(kind) if cfg.kind not in EXTERNAL_KINDS
+    ]
+
+
+def error_budget(spec: RolloutSpec) -> dict[str, float]:
+    """Fail level per guardrail (in each phase it is judged in): `false_rollback_rate` split over the judged
+    (guardrail, phase) pairs in proportion to each guardrail's `budget_weight` (a weighted Bonferroni split, so
+    the levels of all pairs add up to the rollout-level rate)."""
+    weights = {cfg.name: cfg.budget_weight for cfg in spec.guardrails}
+    total = sum(weights[name] for _, name in judged_pairs(spec))
+    return {name: spec.false_rollback_rate * weight / max(total, 1e-12) for name, weight in weights.items()}
+
+
+def levels_for(spec: RolloutSpec, cfg: GuardrailConfig) -> Levels:
+    """The levels `cfg` is judged at in every phase it applies to (see `Levels`)."""
+    return Levels(error_budget(spec)[cfg.name], spec.false_promotion_rate)
 
 
 # ---------------------------------------------------------------- contrasts on sufficient statistics
@@ -229,10 +343,12 @@ def paired(d: Moments, offset: float = 0.0) -> tuple[Any, Any]:
 
 
 def two_sided_ratio(
-    estimate_hi: tuple[Any, Any], estimate_lo: tuple[Any, Any], alpha: float, scale: float, enough: Any
+    estimate_hi: tuple[Any, Any], estimate_lo: tuple[Any, Any], levels: Levels, scale: float, enough: Any
 ) -> tuple[Judgement, Judgement]:
-    """A ratio kept in [1 - m, 1 + m]: the contrasts c - (1 + m) b <= 0 and (1 - m) b - c <= 0, alpha/2 each."""
-    return judge(*estimate_hi, alpha / 2, scale, enough), judge(*estimate_lo, alpha / 2, scale, enough)
+    """A ratio kept in [1 - m, 1 + m]: the contrasts c - (1 + m) b <= 0 and (1 - m) b - c <= 0. Either can fail,
+    so each fails at half the fail level; both must pass, so each passes at the whole pass level."""
+    half = levels.split(2)
+    return judge(*estimate_hi, half, scale, enough), judge(*estimate_lo, half, scale, enough)
 
 
 # ---------------------------------------------------------------- what the log holds, per phase
@@ -256,6 +372,8 @@ class GuardrailResult:
     detail: str
     lower: float | None = None
     upper: float | None = None
+    # A slice guardrail's failing (else worst) slice, e.g. "merchant_category=electronics": the decision names it.
+    slice: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -271,6 +389,8 @@ class Arm:
     score: np.ndarray  # float; NaN on an error (a fallback row's score is the champion's, so NaN too)
     label: np.ndarray  # float 0/1 from the feedback log; NaN while unlabelled
     account: np.ndarray  # the sticky routing key: the cluster of a request
+    # Logged request columns the slice and business guardrails read (`SLICE_LOGGED`), one entry per request.
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def requests(self) -> int:
@@ -292,6 +412,7 @@ class Pairs:
     account: np.ndarray
     error: np.ndarray
     second: np.ndarray
+    columns: dict[str, np.ndarray] = field(default_factory=dict)  # as Arm.columns, for the scored pairs
 
 
 @dataclass(frozen=True)
@@ -343,6 +464,7 @@ def _arm(name: str, rows: pd.DataFrame, label: pd.Series, prefix: str = "") -> A
         score=np.where(ok, score, np.nan),
         label=label.loc[rows.index].to_numpy(dtype=float, na_value=np.nan),
         account=_accounts(rows),
+        columns={name: rows[name].to_numpy() for name in SLICE_LOGGED if name in rows.columns},
     )
 
 
@@ -376,6 +498,7 @@ def observe(
         account=own.account[both],
         error=np.column_stack([own.error, shadow.error]).astype(float),
         second=np.nan_to_num(np.floor(ts), nan=-1.0).astype(str),
+        columns={name: values[both] for name, values in own.columns.items()},
     )
     return Observations(phase_kind, shadow, champion, pairs, threshold)
 
@@ -391,7 +514,7 @@ def _num(value: Any) -> float | None:
 
 
 def _result(
-    cfg: GuardrailConfig, alpha: float, code: int, judged: Judgement | None, test: str, **fields: Any
+    cfg: GuardrailConfig, levels: Levels, code: int, judged: Judgement | None, test: str, **fields: Any
 ) -> GuardrailResult:
     verdict = _CODE_VERDICT[int(code)]
     lower = upper = None
@@ -405,8 +528,8 @@ def _result(
         limit=float(fields["limit"]),
         samples=int(fields["samples"]),
         min_samples=cfg.min_samples,
-        test=f"{test}; {CS_NAME}, level {1 - alpha:.6g}",
-        confidence=1 - alpha,
+        test=f"{test}; {CS_NAME}; fails at level {levels.fail:.3g}, passes at {levels.pass_:.3g}",
+        confidence=1 - levels.fail,
         p_value=None,
         detail=f"{fields['detail']}: {verdict}",
         lower=lower,
@@ -431,12 +554,12 @@ def _short(counts: dict[str, int], minimum: int) -> str:
     return ", ".join(f"{arm} has {n}" for arm, n in short.items())
 
 
-def _too_few(cfg: GuardrailConfig, alpha: float, test: str, counts: dict[str, int], **fields: Any) -> GuardrailResult:
+def _too_few(cfg: GuardrailConfig, levels: Levels, test: str, counts: dict[str, int], **fields: Any) -> GuardrailResult:
     detail = f"too few samples: {_short(counts, cfg.min_samples)} < {cfg.min_samples}"
-    return _result(cfg, alpha, INCONCLUSIVE, None, test, samples=min(counts.values()), detail=detail, **fields)
+    return _result(cfg, levels, INCONCLUSIVE, None, test, samples=min(counts.values()), detail=detail, **fields)
 
 
-def error_rate(cfg: ErrorRateGuardrail, obs: Observations, alpha: float) -> GuardrailResult:
+def error_rate(cfg: ErrorRateGuardrail, obs: Observations, levels: Levels) -> GuardrailResult:
     """Error rate. Relative: D = p_challenger - p_champion - max_increase; paired per request in shadow
     (clustered by second of arrival: one failed batch call fails up to a batch of requests at once; the log has
     no batch id, so the variance, not the count, absorbs it), two independent arms clustered by account in a
@@ -448,14 +571,14 @@ def error_rate(cfg: ErrorRateGuardrail, obs: Observations, alpha: float) -> Guar
         m = Moments.proportion(cand.error.astype(float), cand.account)
         fields = {"value": m.mean, "limit": cfg.max_rate}
         if cand.requests < cfg.min_samples:
-            return _too_few(cfg, alpha, test, {cand.name: cand.requests}, **fields)
-        judged = judge(*difference(m, None, 0, cfg.max_rate), alpha, max(cfg.max_rate / 2, 1e-3))
+            return _too_few(cfg, levels, test, {cand.name: cand.requests}, **fields)
+        judged = judge(*difference(m, None, 0, cfg.max_rate), levels, max(cfg.max_rate / 2, 1e-3))
         detail = f"{cand.name} errors {int(m.s)}/{int(m.n)} = {float(m.mean):.4f}; {_cs(judged)}"
-        return _result(cfg, alpha, judged.code, judged, test, samples=cand.requests, detail=detail, **fields)
+        return _result(cfg, levels, judged.code, judged, test, samples=cand.requests, detail=detail, **fields)
     base = obs.baseline
     test = f"p_{cand.name} - p_champion <= {cfg.max_increase:g}"
     if base is None:
-        return _no_bound(cfg, alpha, cfg.max_increase, test)
+        return _no_bound(cfg, levels, cfg.max_increase, test)
     scale = max(cfg.max_increase, 1e-3)
     if obs.pairs is not None:
         err = obs.pairs.error
@@ -463,33 +586,33 @@ def error_rate(cfg: ErrorRateGuardrail, obs: Observations, alpha: float) -> Guar
         fields = {"value": err[:, 1].mean() if n else None, "baseline": err[:, 0].mean() if n else None}
         fields["limit"] = cfg.max_increase
         if n < cfg.min_samples:
-            return _too_few(cfg, alpha, test, {"shadowed requests": n}, **fields)
-        judged = judge(*paired(Moments.of(err[:, 1] - err[:, 0], obs.pairs.second), cfg.max_increase), alpha, scale)
+            return _too_few(cfg, levels, test, {"shadowed requests": n}, **fields)
+        judged = judge(*paired(Moments.of(err[:, 1] - err[:, 0], obs.pairs.second), cfg.max_increase), levels, scale)
         detail = f"paired over {n} shadowed requests: errors {int(err[:, 1].sum())} vs champion {int(err[:, 0].sum())}"
-        return _result(cfg, alpha, judged.code, judged, test, samples=n, detail=f"{detail}; {_cs(judged)}", **fields)
+        return _result(cfg, levels, judged.code, judged, test, samples=n, detail=f"{detail}; {_cs(judged)}", **fields)
     mc, mb = (
         Moments.proportion(cand.error.astype(float), cand.account),
         Moments.proportion(base.error.astype(float), base.account),
     )
     fields = {"value": mc.mean, "baseline": mb.mean, "limit": cfg.max_increase}
     if min(cand.requests, base.requests) < cfg.min_samples:
-        return _too_few(cfg, alpha, test, {cand.name: cand.requests, "champion": base.requests}, **fields)
-    judged = judge(*difference(mc, mb, 1.0, cfg.max_increase), alpha, scale)
+        return _too_few(cfg, levels, test, {cand.name: cand.requests, "champion": base.requests}, **fields)
+    judged = judge(*difference(mc, mb, 1.0, cfg.max_increase), levels, scale)
     detail = (
         f"{cand.name} errors {int(mc.s)}/{int(mc.n)} = {float(mc.mean):.4f} vs champion {int(mb.s)}/{int(mb.n)} = "
         f"{float(mb.mean):.4f}; {_cs(judged)}"
     )
-    return _result(cfg, alpha, judged.code, judged, test, samples=min(cand.requests, base.requests), detail=detail,
+    return _result(cfg, levels, judged.code, judged, test, samples=min(cand.requests, base.requests), detail=detail,
                    **fields)  # fmt: skip
 
 
-def _no_bound(cfg: GuardrailConfig, alpha: float, limit: float, test: str) -> GuardrailResult:
+def _no_bound(cfg: GuardrailConfig, levels: Levels, limit: float, test: str) -> GuardrailResult:
     detail = "no champion to compare with and no absolute bound configured"
-    return _result(cfg, alpha, INCONCLUSIVE, None, test, samples=0, limit=limit, detail=detail)
+    return _result(cfg, levels, INCONCLUSIVE, None, test, samples=0, limit=limit, detail=detail)
 
 
 def latency_tail_judgement(
-    cand_above: Moments, base_above: Moments | None, ratio: float, alpha: float, enough: Any
+    cand_above: Moments, base_above: Moments | None, ratio: float, levels: Levels, enough: Any
 ) -> Judgement:
     """Relative: D = share of challenger requests above the champion's running p99 - ratio x the champion's
     share there (~0.01). Var(D) = Var(challenger share) + Var(champion share): the champion's share at its own
@@ -497,13 +620,13 @@ def latency_tail_judgement(
     like the champion's binomial noise at p99 (delta method, equal densities at the threshold: the null of an
     identical challenger). Absolute (base None): D = share above the bound - 0.01, i.e. p99 <= bound."""
     if base_above is None:
-        return judge(*difference(cand_above, None, 0, 0.01), alpha, 0.005, enough)
+        return judge(*difference(cand_above, None, 0, 0.01), levels, 0.005, enough)
     estimate = cand_above.mean - ratio * base_above.mean
     variance = cand_above.variance_of_mean() + base_above.variance_of_mean()
-    return judge(estimate, variance, alpha, max(0.01 * (ratio - 1), 0.005), enough)
+    return judge(estimate, variance, levels, max(0.01 * (ratio - 1), 0.005), enough)
 
 
-def latency_p99(cfg: LatencyP99Guardrail, obs: Observations, alpha: float) -> GuardrailResult:
+def latency_p99(cfg: LatencyP99Guardrail, obs: Observations, levels: Levels) -> GuardrailResult:
     """Tail latency (client-visible `latency_ms`, a fallback's included). Relative: the share of challenger
     requests slower than the champion's p99 must be at most `max_ratio_exceedance` x the champion's share (1 %).
     Absolute: p99 <= max_p99_ms. value/baseline: p99 ms; limit: the allowed share (absolute: max_p99_ms)."""
@@ -515,48 +638,48 @@ def latency_p99(cfg: LatencyP99Guardrail, obs: Observations, alpha: float) -> Gu
         test = f"{cand.name} share of requests > {cfg.max_p99_ms:g} ms <= 0.01"
         fields = {"value": p99_c, "limit": cfg.max_p99_ms}
         if len(lat_c) < cfg.min_samples:
-            return _too_few(cfg, alpha, test, {cand.name: len(lat_c)}, **fields)
+            return _too_few(cfg, levels, test, {cand.name: len(lat_c)}, **fields)
         above = Moments.proportion((lat_c > cfg.max_p99_ms).astype(float), acc_c)
-        judged = latency_tail_judgement(above, None, 1.0, alpha, True)
+        judged = latency_tail_judgement(above, None, 1.0, levels, True)
         detail = (
             f"{cand.name} p99 {p99_c:.1f} ms; {int(above.s)}/{int(above.n)} above {cfg.max_p99_ms:g} ms; {_cs(judged)}"
         )
-        return _result(cfg, alpha, judged.code, judged, test, samples=len(lat_c), detail=detail, **fields)
+        return _result(cfg, levels, judged.code, judged, test, samples=len(lat_c), detail=detail, **fields)
     base = obs.baseline
     share = 0.01 * cfg.max_ratio_exceedance
     test = f"share of {cand.name} requests > champion p99 <= {cfg.max_ratio_exceedance:g} x champion's share"
     if base is None:
-        return _no_bound(cfg, alpha, share, test)
+        return _no_bound(cfg, levels, share, test)
     keep_b = np.isfinite(base.latency_ms)
     lat_b, acc_b = base.latency_ms[keep_b], base.account[keep_b]
     p99_b = float(np.quantile(lat_b, 0.99)) if len(lat_b) else None
     fields = {"value": p99_c, "baseline": p99_b, "limit": share}
     if min(len(lat_c), len(lat_b)) < cfg.min_samples:
-        return _too_few(cfg, alpha, test, {cand.name: len(lat_c), "champion": len(lat_b)}, **fields)
+        return _too_few(cfg, levels, test, {cand.name: len(lat_c), "champion": len(lat_b)}, **fields)
     above_c = Moments.proportion((lat_c > p99_b).astype(float), acc_c)
     above_b = Moments.proportion((lat_b > p99_b).astype(float), acc_b)
-    judged = latency_tail_judgement(above_c, above_b, cfg.max_ratio_exceedance, alpha, True)
+    judged = latency_tail_judgement(above_c, above_b, cfg.max_ratio_exceedance, levels, True)
     detail = (
         f"{cand.name} p99 {p99_c:.1f} ms vs champion p99 {p99_b:.1f} ms; above it: {cand.name} "
         f"{int(above_c.s)}/{int(above_c.n)}, champion {int(above_b.s)}/{int(above_b.n)}; {_cs(judged)}"
     )
-    return _result(cfg, alpha, judged.code, judged, test, samples=min(len(lat_c), len(lat_b)), detail=detail,
+    return _result(cfg, levels, judged.code, judged, test, samples=min(len(lat_c), len(lat_b)), detail=detail,
                    **fields)  # fmt: skip
 
 
 def mass_change_judgement(
     cand: Moments | None, base: Moments | None, diff_hi: Moments | None, diff_lo: Moments | None,
-    max_change: float, alpha: float, scale: float, enough: Any,
+    max_change: float, levels: Levels, scale: float, enough: Any,
 ) -> tuple[Judgement, Judgement]:  # fmt: skip
     """The share of scores at or above an edge kept within [1 - m, 1 + m] x the champion's, give or take
     MASS_SLACK. Paired (shadow): `diff_hi` holds per request c - (1 + m) b and `diff_lo` (1 - m) b - c for the
-    indicators c, b; unpaired: the two arms' indicator moments. Two contrasts, alpha/2 each."""
+    indicators c, b; unpaired: the two arms' indicator moments. Two contrasts (`two_sided_ratio`)."""
     if diff_hi is not None and diff_lo is not None:
-        return two_sided_ratio(paired(diff_hi, MASS_SLACK), paired(diff_lo, MASS_SLACK), alpha, scale, enough)
+        return two_sided_ratio(paired(diff_hi, MASS_SLACK), paired(diff_lo, MASS_SLACK), levels, scale, enough)
     assert cand is not None and base is not None
     hi = difference(cand, base, 1 + max_change, MASS_SLACK)
     lo_est, lo_var = difference(cand, base, 1 - max_change, -MASS_SLACK)
-    return two_sided_ratio(hi, (-lo_est, lo_var), alpha, scale, enough)
+    return two_sided_ratio(hi, (-lo_est, lo_var), levels, scale, enough)
 
 
 def _region_moments(obs: Observations, edge: float, m: float) -> tuple[dict[str, Any], int, float, float]:
@@ -578,22 +701,22 @@ def _region_moments(obs: Observations, edge: float, m: float) -> tuple[dict[str,
     return args, min(len(c), len(b)), float(c.mean()) if len(c) else math.nan, float(b.mean()) if len(b) else math.nan
 
 
-def decline_rate(cfg: DeclineRateGuardrail, obs: Observations, alpha: float) -> GuardrailResult:
+def decline_rate(cfg: DeclineRateGuardrail, obs: Observations, levels: Levels) -> GuardrailResult:
     """Decline rate (share of scores >= the decision threshold; no labels needed): the challenger's within
     [1 - max_change, 1 + max_change] x the champion's. Paired per request in shadow, two arms in a canary.
     value/baseline: decline rates; limit: max_change."""
     test = f"decline rate within {cfg.max_change:.0%} of the champion's"
     if obs.baseline is None:
-        return _no_bound(cfg, alpha, cfg.max_change, test)
+        return _no_bound(cfg, levels, cfg.max_change, test)
     args, n, c, b = _region_moments(obs, obs.threshold, cfg.max_change)
     fields = {"value": c, "baseline": b, "limit": cfg.max_change}
     if n < cfg.min_samples:
-        return _too_few(cfg, alpha, test, {"scores": n}, **fields)
-    hi, lo = mass_change_judgement(**args, max_change=cfg.max_change, alpha=alpha, scale=0.02 * cfg.max_change,
+        return _too_few(cfg, levels, test, {"scores": n}, **fields)
+    hi, lo = mass_change_judgement(**args, max_change=cfg.max_change, levels=levels, scale=0.02 * cfg.max_change,
                                    enough=True)  # fmt: skip
     code = combine_codes(hi, lo)
     detail = f"declines {c:.4f} vs champion {b:.4f} over {n} scores; rise {_cs(hi)}; drop {_cs(lo)}"
-    return _result(cfg, alpha, code, hi if hi.code == FAIL or lo.code != FAIL else lo, test, samples=n,
+    return _result(cfg, levels, code, hi if hi.code == FAIL or lo.code != FAIL else lo, test, samples=n,
                    detail=detail, **fields)  # fmt: skip
 
 
@@ -602,22 +725,23 @@ def score_edges(threshold: float) -> tuple[float, float]:
     return threshold / 2, min(2 * threshold, 0.999)
 
 
-def score_shift(cfg: ScoreShiftGuardrail, obs: Observations, alpha: float) -> GuardrailResult:
+def score_shift(cfg: ScoreShiftGuardrail, obs: Observations, levels: Levels) -> GuardrailResult:
     """Score shift in the decision region: the share of scores >= threshold/2 and >= 2 x threshold each within
-    [1 - max_mass_change, 1 + max_mass_change] x the champion's (4 contrasts, alpha/4 each); paired in shadow.
+    [1 - max_mass_change, 1 + max_mass_change] x the champion's (4 contrasts: each fails at a quarter of the fail
+    level); paired in shadow.
     value: PSI over `bins` champion-quantile bins plus the edges threshold/2, threshold, 2 x threshold,
     reported, not judged (a shift where no decision changes is no regression); limit: max_mass_change."""
     test = f"share of scores >= threshold/2 and >= 2 x threshold within {cfg.max_mass_change:.0%} of the champion's"
     if obs.baseline is None:
-        return _no_bound(cfg, alpha, cfg.max_mass_change, test)
+        return _no_bound(cfg, levels, cfg.max_mass_change, test)
     judgements: list[Judgement] = []
     parts: list[str] = []
     n = 0
     for edge in score_edges(obs.threshold):
         args, n, c, b = _region_moments(obs, edge, cfg.max_mass_change)
         if n < cfg.min_samples:
-            return _too_few(cfg, alpha, test, {"scores": n}, limit=cfg.max_mass_change)
-        pair = mass_change_judgement(**args, max_change=cfg.max_mass_change, alpha=alpha / 2,
+            return _too_few(cfg, levels, test, {"scores": n}, limit=cfg.max_mass_change)
+        pair = mass_change_judgement(**args, max_change=cfg.max_mass_change, levels=levels.split(2),
                                      scale=0.02 * cfg.max_mass_change, enough=True)  # fmt: skip
         judgements += pair
         parts.append(f">= {edge:g}: {c:.4f} vs champion {b:.4f}")
@@ -631,17 +755,17 @@ def score_shift(cfg: ScoreShiftGuardrail, obs: Observations, alpha: float) -> Gu
     code = combine_codes(*judgements)
     worst = max(judgements, key=lambda j: float(j.lower))
     detail = f"{'; '.join(parts)} over {n} scores; PSI {psi:.4f} (reported); worst {_cs(worst)}"
-    return _result(cfg, alpha, code, worst, test, value=psi, samples=n, limit=cfg.max_mass_change, detail=detail)
+    return _result(cfg, levels, code, worst, test, value=psi, samples=n, limit=cfg.max_mass_change, detail=detail)
 
 
-def shadow_agreement(cfg: ShadowAgreementGuardrail, obs: Observations, alpha: float) -> GuardrailResult:
+def shadow_agreement(cfg: ShadowAgreementGuardrail, obs: Observations, levels: Levels) -> GuardrailResult:
     """Chance-corrected agreement on the pairs: the overlap of the two decline sets (of the requests either
     model declines, the share both decline) must be >= min_decline_overlap. D = min - overlap, a proportion
     over the requests either declines, clustered by account. Cohen's kappa is reported in the detail.
     value: overlap; limit: min_decline_overlap."""
     test = f"overlap of the decline sets >= {cfg.min_decline_overlap:g}"
     if obs.pairs is None:
-        return _result(cfg, alpha, INCONCLUSIVE, None, test, samples=0, limit=cfg.min_decline_overlap,
+        return _result(cfg, levels, INCONCLUSIVE, None, test, samples=0, limit=cfg.min_decline_overlap,
                        detail="no paired decisions outside shadow")  # fmt: skip
     dec = obs.pairs.scores >= obs.threshold
     either = dec.any(axis=1)
@@ -650,15 +774,15 @@ def shadow_agreement(cfg: ShadowAgreementGuardrail, obs: Observations, alpha: fl
     m = Moments.proportion(both[either].astype(float), obs.pairs.account[either])
     fields = {"value": m.mean if m.n else None, "limit": cfg.min_decline_overlap}
     if n < cfg.min_samples:
-        return _too_few(cfg, alpha, test, {"paired decisions": n}, **fields)
-    judged = judge(cfg.min_decline_overlap - m.mean, m.variance_of_mean(), alpha, (1 - cfg.min_decline_overlap) / 2,
+        return _too_few(cfg, levels, test, {"paired decisions": n}, **fields)
+    judged = judge(cfg.min_decline_overlap - m.mean, m.variance_of_mean(), levels, (1 - cfg.min_decline_overlap) / 2,
                    m.n > 0)  # fmt: skip
     kappa = cohens_kappa(dec[:, 0], dec[:, 1])
     detail = (
         f"{int(both.sum())} declined by both of {int(either.sum())} declined by either over {n} pairs "
         f"(kappa {kappa:.3f}, raw agreement {float((dec[:, 0] == dec[:, 1]).mean()):.4f}); {_cs(judged)}"
     )
-    return _result(cfg, alpha, judged.code, judged, test, samples=n, detail=detail, **fields)
+    return _result(cfg, levels, judged.code, judged, test, samples=n, detail=detail, **fields)
 
 
 def cohens_kappa(a: np.ndarray, b: np.ndarray) -> float:
@@ -670,7 +794,7 @@ def cohens_kappa(a: np.ndarray, b: np.ndarray) -> float:
     return math.nan if p_e >= 1 else (p_o - p_e) / (1 - p_e)
 
 
-def online_recall(cfg: OnlineRecallGuardrail, obs: Observations, alpha: float) -> GuardrailResult:
+def online_recall(cfg: OnlineRecallGuardrail, obs: Observations, levels: Levels) -> GuardrailResult:
     """Recall at the decision threshold among labelled frauds (min_samples counts labelled frauds). Relative:
     D = (1 - max_drop) recall_champion - recall_challenger; in shadow paired over frauds scored by both (only
     the discordant frauds move the estimate: McNemar-style), two arms clustered by account in a canary.
@@ -682,15 +806,15 @@ def online_recall(cfg: OnlineRecallGuardrail, obs: Observations, alpha: float) -
         caught = Moments.proportion((score[label == 1] >= obs.threshold).astype(float), acc[label == 1])
         fields = {"value": caught.mean if caught.n else None, "limit": cfg.min_recall}
         if caught.n < cfg.min_samples:
-            return _too_few(cfg, alpha, test, {f"{cand.name} labelled frauds": int(caught.n)}, **fields)
-        judged = judge(cfg.min_recall - caught.mean, caught.variance_of_mean(), alpha, 0.1)
+            return _too_few(cfg, levels, test, {f"{cand.name} labelled frauds": int(caught.n)}, **fields)
+        judged = judge(cfg.min_recall - caught.mean, caught.variance_of_mean(), levels, 0.1)
         detail = f"{cand.name} recall {int(caught.s)}/{int(caught.n)} = {float(caught.mean):.4f}; {_cs(judged)}"
-        return _result(cfg, alpha, judged.code, judged, test, samples=int(caught.n), detail=detail, **fields)
+        return _result(cfg, levels, judged.code, judged, test, samples=int(caught.n), detail=detail, **fields)
     base = obs.baseline
     test = f"recall_{cand.name} >= {k:g} x recall_champion"
     if base is None:
-        return _no_bound(cfg, alpha, cfg.max_drop, test)
-    scale = max(0.6 * cfg.max_drop, 0.01)
+        return _no_bound(cfg, levels, cfg.max_drop, test)
+    scale, bad = recall_scales(cfg)
     if obs.pairs is not None:
         fraud = obs.pairs.label == 1
         hit = (obs.pairs.scores[fraud] >= obs.threshold).astype(float)
@@ -698,26 +822,39 @@ def online_recall(cfg: OnlineRecallGuardrail, obs: Observations, alpha: float) -
         fields = {"value": hit[:, 1].mean() if n else None, "baseline": hit[:, 0].mean() if n else None}
         fields["limit"] = cfg.max_drop
         if n < cfg.min_samples:
-            return _too_few(cfg, alpha, test, {"labelled frauds scored by both": n}, **fields)
-        judged = judge(*paired(Moments.of(k * hit[:, 0] - hit[:, 1], obs.pairs.account[fraud])), alpha, scale)
+            return _too_few(cfg, levels, test, {"labelled frauds scored by both": n}, **fields)
+        judged = judge(
+            *paired(Moments.of(k * hit[:, 0] - hit[:, 1], obs.pairs.account[fraud])), levels, scale, fail_scale=bad
+        )
         only_b, only_c = int((hit[:, 0] > hit[:, 1]).sum()), int((hit[:, 1] > hit[:, 0]).sum())
         detail = (
             f"paired over {n} labelled frauds: recall {hit[:, 1].mean():.4f} vs champion {hit[:, 0].mean():.4f} "
             f"(discordant: {only_b} caught by the champion only, {only_c} by the challenger only); {_cs(judged)}"
         )
-        return _result(cfg, alpha, judged.code, judged, test, samples=n, detail=detail, **fields)
+        return _result(cfg, levels, judged.code, judged, test, samples=n, detail=detail, **fields)
     mc, mb = _caught(cand, obs.threshold), _caught(base, obs.threshold)
     fields = {"value": mc.mean, "baseline": mb.mean, "limit": cfg.max_drop}
     counts = {f"{cand.name} labelled frauds": int(mc.n), "champion labelled frauds": int(mb.n)}
     if min(counts.values()) < cfg.min_samples:
-        return _too_few(cfg, alpha, test, counts, **fields)
+        return _too_few(cfg, levels, test, counts, **fields)
     est, var = difference(mb, mc, 1.0 / k, 0.0)  # D / k = recall_b - recall_c / k: same sign
-    judged = judge(k * est, k * k * var, alpha, scale)
+    judged = judge(k * est, k * k * var, levels, scale, fail_scale=bad)
     detail = (
         f"recall {cand.name} {int(mc.s)}/{int(mc.n)} = {float(mc.mean):.4f} vs champion {int(mb.s)}/{int(mb.n)} = "
         f"{float(mb.mean):.4f}; {_cs(judged)}"
     )
-    return _result(cfg, alpha, judged.code, judged, test, samples=min(counts.values()), detail=detail, **fields)
+    return _result(cfg, levels, judged.code, judged, test, samples=min(counts.values()), detail=detail, **fields)
+
+
+PLANNED_RECALL = 0.6  # the champion recall the boundaries are tuned for (a planning figure, not a guarantee)
+PLANNED_RECALL_DROP = 0.2  # the bad challenger the recall guardrail is tuned to catch fastest: 20 % lower recall
+
+
+def recall_scales(cfg: OnlineRecallGuardrail) -> tuple[float, float]:
+    """(margin, planned bad effect) of the relative recall contrast in units of D, at PLANNED_RECALL: the pass
+    side is tuned for half the margin, the fail side for a 20 % recall drop (or one margin beyond, if larger)."""
+    margin = max(PLANNED_RECALL * cfg.max_drop, 0.005)
+    return margin, max(PLANNED_RECALL * (PLANNED_RECALL_DROP - cfg.max_drop), margin)
 
 
 def _caught(arm: Arm, threshold: float) -> Moments:
@@ -725,7 +862,7 @@ def _caught(arm: Arm, threshold: float) -> Moments:
     return Moments.proportion((score[label == 1] >= threshold).astype(float), acc[label == 1])
 
 
-def online_log_loss(cfg: OnlineLogLossGuardrail, obs: Observations, alpha: float) -> GuardrailResult:
+def online_log_loss(cfg: OnlineLogLossGuardrail, obs: Observations, levels: Levels) -> GuardrailResult:
     """Mean log loss on labelled requests (min_samples counts labelled requests). Relative:
     D = mean_challenger - (1 + max_increase) mean_champion; paired per labelled request in shadow, two arms
     clustered by account in a canary. Absolute: D = mean - max_log_loss.
@@ -737,14 +874,14 @@ def online_log_loss(cfg: OnlineLogLossGuardrail, obs: Observations, alpha: float
         m = Moments.of(log_losses(score, label), acc)
         fields = {"value": m.mean if m.n else None, "limit": cfg.max_log_loss}
         if m.n < cfg.min_samples:
-            return _too_few(cfg, alpha, test, {f"{cand.name} labelled": int(m.n)}, **fields)
-        judged = judge(*difference(m, None, 0, cfg.max_log_loss), alpha, 0.05)
+            return _too_few(cfg, levels, test, {f"{cand.name} labelled": int(m.n)}, **fields)
+        judged = judge(*difference(m, None, 0, cfg.max_log_loss), levels, 0.05)
         detail = f"{cand.name} mean log loss {float(m.mean):.4f} over {int(m.n)} labelled; {_cs(judged)}"
-        return _result(cfg, alpha, judged.code, judged, test, samples=int(m.n), detail=detail, **fields)
+        return _result(cfg, levels, judged.code, judged, test, samples=int(m.n), detail=detail, **fields)
     base = obs.baseline
     test = f"mean log loss {cand.name} <= {factor:g} x champion"
     if base is None:
-        return _no_bound(cfg, alpha, cfg.max_increase, test)
+        return _no_bound(cfg, levels, cfg.max_increase, test)
     scale = max(0.06 * cfg.max_increase, 1e-3)
     if obs.pairs is not None:
         labelled = np.isfinite(obs.pairs.label)
@@ -754,18 +891,18 @@ def online_log_loss(cfg: OnlineLogLossGuardrail, obs: Observations, alpha: float
         fields = {"value": ll[:, 1].mean() if n else None, "baseline": ll[:, 0].mean() if n else None}
         fields["limit"] = cfg.max_increase
         if n < cfg.min_samples:
-            return _too_few(cfg, alpha, test, {"labelled pairs": n}, **fields)
-        judged = judge(*paired(Moments.of(ll[:, 1] - factor * ll[:, 0], obs.pairs.account[labelled])), alpha, scale)
+            return _too_few(cfg, levels, test, {"labelled pairs": n}, **fields)
+        judged = judge(*paired(Moments.of(ll[:, 1] - factor * ll[:, 0], obs.pairs.account[labelled])), levels, scale)
         detail = f"paired over {n} labelled requests: {ll[:, 1].mean():.4f} vs champion {ll[:, 0].mean():.4f}"
-        return _result(cfg, alpha, judged.code, judged, test, samples=n, detail=f"{detail}; {_cs(judged)}", **fields)
+        return _result(cfg, levels, judged.code, judged, test, samples=n, detail=f"{detail}; {_cs(judged)}", **fields)
     mc, mb = (Moments.of(log_losses(s, y), a) for s, y, a in (cand.labelled(), base.labelled()))
     fields = {"value": mc.mean, "baseline": mb.mean, "limit": cfg.max_increase}
     counts = {f"{cand.name} labelled": int(mc.n), "champion labelled": int(mb.n)}
     if min(counts.values()) < cfg.min_samples:
-        return _too_few(cfg, alpha, test, counts, **fields)
-    judged = judge(*difference(mc, mb, factor, 0.0), alpha, scale)
+        return _too_few(cfg, levels, test, counts, **fields)
+    judged = judge(*difference(mc, mb, factor, 0.0), levels, scale)
     detail = f"mean log loss {cand.name} {float(mc.mean):.4f} vs champion {float(mb.mean):.4f} x {factor:g}"
-    return _result(cfg, alpha, judged.code, judged, test, samples=min(counts.values()),
+    return _result(cfg, levels, judged.code, judged, test, samples=min(counts.values()),
                    detail=f"{detail}; {_cs(judged)}", **fields)  # fmt: skip
 
 
@@ -840,13 +977,34 @@ def evaluate_guardrails(
     """Every guardrail of `spec` that applies to `phase_kind` ("shadow", "canary" or "watch"), in spec order,
     on the given window of the prediction log (the caller picks the window: the current phase's, so each CS
     starts with the phase) and the feedback received so far, each at its share of the error budget."""
+    from monitoring.rollout.slice_guardrails import SLICE_GUARDRAILS  # built on this module, so imported late
+
     obs = observe(phase_kind, predictions, feedback, threshold=threshold)
-    alpha = alpha_per_look_set(spec)
-    return [
-        GUARDRAILS[cfg.kind](cfg, obs, alpha)
+    kinds = GUARDRAILS | SLICE_GUARDRAILS
+    results = [
+        kinds[cfg.kind](cfg, obs, levels_for(spec, cfg))
         for cfg in spec.guardrails
         if cfg.kind not in EXTERNAL_KINDS and applies(cfg, obs)
     ]
+    ignored = ignored_labels(predictions, feedback)
+    if not any(ignored.values()):
+        return results
+    note = ", ".join(f"{n} {why}" for why, n in ignored.items() if n)
+    uses_labels = {cfg.name for cfg in spec.guardrails if type(cfg).USES_LABELS}
+    return [replace(r, detail=f"{r.detail} (labels ignored: {note})") if r.name in uses_labels else r for r in results]
+
+
+def ignored_labels(predictions: pd.DataFrame, feedback: pd.DataFrame | None) -> dict[str, int]:
+    """Labels that are no evidence, counted so an analysis says why it saw fewer than it was sent: labels for
+    request ids this window never served, and labels other than 0/1. They never count towards a pass."""
+    if feedback is None or feedback.empty or REQUEST_ID not in feedback.columns:
+        return {"for requests not in this window": 0, "not 0 or 1": 0}
+    known = feedback[REQUEST_ID].isin(set(predictions[REQUEST_ID])) if REQUEST_ID in predictions else False
+    label = pd.to_numeric(feedback[LABEL], errors="coerce") if LABEL in feedback.columns else pd.Series(np.nan)
+    return {
+        "for requests not in this window": int((~np.asarray(known, dtype=bool)).sum()),
+        "not 0 or 1": int((np.asarray(known, dtype=bool) & ~label.isin([0, 1]).to_numpy()).sum()),
+    }
 
 
 def applies(cfg: GuardrailConfig, obs: Observations) -> bool:

@@ -121,12 +121,20 @@ def queue_notifications(store: Any, spec: RolloutSpec, plan: RolloutPlan, decisi
 
 
 class HookSender:
-    """Delivers queued notifications in a daemon thread; ``spec`` names each hook's timeout and retries."""
+    """Delivers queued notifications in a daemon thread; the spec names each hook's timeout and retries: ``spec``,
+    or per rollout ``spec_for(rollout_id)`` (a rollout started with a spec of its own)."""
 
     def __init__(
-        self, store: Any, spec: RolloutSpec, secret: str, poll_s: float = 0.2, clock: Callable[[], float] = time.time
+        self,
+        store: Any,
+        spec: RolloutSpec,
+        secret: str,
+        poll_s: float = 0.2,
+        clock: Callable[[], float] = time.time,
+        spec_for: Callable[[str], RolloutSpec] | None = None,
     ) -> None:
         self.store, self.spec, self.secret, self.poll_s, self.clock = store, spec, secret, poll_s, clock
+        self.spec_for = spec_for or (lambda _rollout_id: spec)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hook-sender", daemon=True)
         self._client = httpx.Client()
@@ -149,12 +157,11 @@ class HookSender:
 
     def send_due(self) -> int:
         """One pass over the due deliveries; returns how many attempts it made."""
-        hooks = {hook.name: hook for hook in self.spec.hooks}
         made = 0
         for row in self.store.due_deliveries(self.clock()):
             if self._stop.is_set():
                 break
-            hook = hooks.get(row["hook"])
+            hook = next((h for h in self.spec_for(row["rollout_id"]).hooks if h.name == row["hook"]), None)
             if hook is None:  # the spec changed since it was queued: keep the record, stop trying
                 self.store.record_attempt(row["id"], self.clock(), None, "hook no longer in the spec", 0.0, "failed")
                 continue

@@ -9,7 +9,9 @@ GET  /v1/rollouts/{id}/analyses       every analysis (pass, fail, inconclusive) 
 GET  /v1/rollouts/{id}/deliveries     every hook delivery and gate call, with each attempt
 GET  /v1/analysis                     the latest rollout's latest analysis (from the store)
 GET  /metrics                         Prometheus: rollout phase and weight, guardrail values, decisions
-POST /v1/rollouts                     {"challenger_version": "7"}         (bearer token)
+POST /v1/rollouts                     {"challenger_version": "7"}         (bearer token); optionally with
+                                      "spec": a rollout spec of its own (a mapping, validated like a spec file:
+                                      422 naming each bad field), stored with the rollout
 POST /v1/rollouts/{id}/promote|abort|pause|resume|approve  {"reason": "..."}   (bearer token); pause, resume
                                       and approve answer 409 naming what the rollout is doing when they do not apply
 """
@@ -32,6 +34,8 @@ from control_plane.http_errors import EXCEPTION_HANDLERS
 from control_plane.tokens import check_bearer
 from monitoring.rollout.driver import Controller
 from monitoring.rollout.hooks import HookSender
+from monitoring.rollout.prometheus_guardrail import source_problems
+from monitoring.rollout.spec import RolloutSpec, SpecError, load_spec
 from monitoring.rollout.state_machine import (
     Approve,
     ManualAbort,
@@ -125,13 +129,26 @@ def create_controller_app(controller: Controller, token: str, run_loop: bool = T
         if (denied := _authorised(request, token)) is not None:
             return denied
         try:
-            version = str((await _json_body(request))["challenger_version"])
+            body = await _json_body(request)
+            version = str(body["challenger_version"])
         except (ValueError, KeyError) as error:
             return JSONResponse({"error": f"need challenger_version: {error}", "field": "challenger_version"}, 422)
+        spec: RolloutSpec | None = None
+        if body.get("spec") is not None:
+            if not isinstance(body["spec"], dict):
+                return JSONResponse({"error": "spec must be a rollout spec (a JSON object)", "field": "spec"}, 422)
+            try:
+                spec = load_spec(body["spec"])
+                # A guardrail that could never judge here is a spec error, as for the controller's own spec.
+                problems = source_problems(spec, "configured" if controller.prometheus is not None else "")
+                if problems:
+                    raise SpecError(problems, "spec")
+            except SpecError as error:
+                return JSONResponse({"error": str(error), "field": "spec", "problems": error.problems}, 422)
 
         def run() -> str:
             with lock:
-                return controller.start(version)
+                return controller.start(version, spec)
 
         try:
             rollout_id = await asyncio.to_thread(run)
@@ -184,10 +201,12 @@ def create_controller_app(controller: Controller, token: str, run_loop: bool = T
     stop = threading.Event()
 
     def loop() -> None:
-        while not stop.wait(controller.spec.analysis_interval_s):
+        interval = controller.spec.analysis_interval_s
+        while not stop.wait(interval):
             try:
                 with lock:
                     controller.tick()
+                interval = controller.tick_interval()  # the active rollout's own spec may look more often
             except Exception:
                 import logging
 
@@ -196,7 +215,11 @@ def create_controller_app(controller: Controller, token: str, run_loop: bool = T
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         thread = threading.Thread(target=loop, name="controller-loop", daemon=True) if run_loop else None
-        sender = HookSender(store, controller.spec, controller.hook_secret) if run_loop else None
+        sender = (
+            HookSender(store, controller.spec, controller.hook_secret, spec_for=controller.spec_for)
+            if run_loop
+            else None
+        )
         if thread and sender:
             thread.start()
             sender.start()

@@ -2,7 +2,10 @@
 
 A spec is a YAML file (see `monitoring/rollout/specs/`) validated into a frozen pydantic model:
 
-- `phases`: an optional shadow phase first (the challenger scores a copy of the traffic, clients
+- `phases`: an optional replay phase first (the last `requests` labelled requests of the prediction log,
+  served at least `label_delay_s` ago by the champion, are scored by the challenger's slot through its batch
+  endpoint and judged paired against the champion's logged scores: evidence in seconds, before any live
+  request), then an optional shadow phase (the challenger scores a copy of the traffic, clients
   never see its answers), then canary phases with strictly increasing traffic weights in (0, 1].
   Each phase lasts at least `min_duration_s` and `min_samples` challenger requests, and at most
   `max_duration_s` (optional): a phase still undecided then rolls back.
@@ -10,10 +13,17 @@ A spec is a YAML file (see `monitoring/rollout/specs/`) validated into a frozen 
 - `failure_limit`: consecutive failed analyses that trigger a rollback (Argo Rollouts' failureLimit).
 - `post_promotion_watch_s`: how long a promoted champion is watched against absolute bounds.
 - `guardrails`: the checks of `monitoring.rollout.guardrails`, each with the phase kinds it applies to
-  (`shadow`, `canary`, `watch`), a minimum sample count and kind-specific limits (margins).
-- `false_rollback_rate` (default 0.01): the rollout-level guarantee. Every guardrail keeps an anytime-valid
-  confidence sequence at its share of this budget (split evenly over the judged (guardrail, phase) pairs), so
-  a challenger within every margin is rolled back by a failing guardrail with probability at most this.
+  (`shadow`, `canary`, `watch`), a minimum sample count and kind-specific limits (margins); the slice kinds
+  (`slice_recall`, `slice_decline_rate`, `slice_agreement`, with `slices`: categorical columns of the data
+  schema, refused at load otherwise) and the business kind `fraud_amount_caught` are judged by
+  `monitoring.rollout.slice_guardrails`.
+- `false_rollback_rate` (default 0.01): the rollout-level guarantee. Every guardrail's fail side is an
+  anytime-valid bound at its share of this budget (split over the judged (guardrail, phase) pairs by each
+  guardrail's `budget_weight`), so a challenger within every margin is rolled back by a failing guardrail with
+  probability at most this. `false_promotion_rate` (default 0.05): a challenger beyond one guardrail's margin
+  passes it with probability at most this (the pass side).
+- `planning` (optional): the traffic the phases are planned for (`rps`, `fraud_rate`, `label_delay_s`, ...);
+  when given, `monitoring.rollout.planner` refuses phases that cannot decide at that rate.
 - gates: a phase with `require_approval: true` holds after its guardrails pass until `mlops rollout approve`,
   for at most `approval_timeout_s` (then `on_approval_timeout`: `hold` or `rollback`).
 - `hooks`: HTTP receivers (see `Hook`): notifications of the rollout's events, and the gating hooks
@@ -33,10 +43,15 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core.schema import COLUMNS_BY_NAME, SLICE_COLUMNS
+
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
 
-PhaseKind = Literal["shadow", "canary"]
-GuardrailPhase = Literal["shadow", "canary", "watch"]
+PhaseKind = Literal["replay", "shadow", "canary"]
+GuardrailPhase = Literal["replay", "shadow", "canary", "watch"]
+ReplayOutcome = Literal["advance", "rollback"]
+# Fields only a replay phase has (refused on the other kinds).
+REPLAY_FIELDS = ("requests", "label_delay_s", "lookback_s", "on_inconclusive")
 GUARDRAIL_KINDS = (
     "error_rate",
     "latency_p99",
@@ -45,6 +60,10 @@ GUARDRAIL_KINDS = (
     "decline_rate",
     "online_recall",
     "online_log_loss",
+    "slice_recall",
+    "slice_decline_rate",
+    "slice_agreement",
+    "fraud_amount_caught",
     "prometheus",
 )
 
@@ -110,13 +129,25 @@ def _fraction(value: float | None, lower_open: bool = True, upper_open: bool = T
 
 
 class Phase(_Strict):
-    """One step of the rollout. Shadow phases have no weight; canary phases send `weight` of the traffic."""
+    """One step of the rollout. Replay and shadow phases have no weight; canary phases send `weight` of the
+    traffic.
+
+    A replay phase is judged once, on a fixed sample: the last `requests` labelled requests the champion
+    answered at least `label_delay_s` ago (labels have had time to arrive) and at most `lookback_s` ago,
+    replayed through the challenger's slot. Any failing guardrail rolls back at once (a second look would
+    replay the same requests); all passing with `min_samples` replayed advances; anything else (too few
+    labelled requests, as on a model's first rollout, or an inconclusive guardrail) does what
+    `on_inconclusive` says: `advance` (the live phases gather the evidence; the default) or `rollback`."""
 
     name: str
     kind: PhaseKind
     weight: float | None = None
     min_duration_s: float
     min_samples: int
+    requests: int | None = None
+    label_delay_s: float | None = None
+    lookback_s: float | None = None
+    on_inconclusive: ReplayOutcome | None = None
     # The progress deadline (like Flagger's progressDeadlineSeconds): a phase whose guardrails still have not
     # all passed after this long rolls back instead of waiting forever on evidence that does not come.
     max_duration_s: float | None = None
@@ -128,6 +159,24 @@ class Phase(_Strict):
     _name = field_validator("name")(_non_empty)
     _duration = field_validator("min_duration_s")(_non_negative)
     _samples = field_validator("min_samples")(_at_least_one)
+    _delays = field_validator("label_delay_s")(lambda v: None if v is None else _non_negative(v))
+    _lookback = field_validator("lookback_s")(lambda v: None if v is None else _positive(v))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replay_defaults(cls, data: Any) -> Any:
+        """A replay phase is judged once, so it has no minimum duration; its other fields have defaults."""
+        if isinstance(data, Mapping) and data.get("kind") == "replay":
+            defaults = {"min_duration_s": 0.0, "label_delay_s": 0.0, "lookback_s": 3600.0, "on_inconclusive": "advance"}
+            return {**defaults, **data}
+        return data
+
+    @field_validator("requests")
+    @classmethod
+    def _requests(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"must be > 0, got {value}: a replay phase replays at least one request")
+        return value
 
     @model_validator(mode="after")
     def _deadline_after_minimum(self) -> Phase:
@@ -152,19 +201,24 @@ class Phase(_Strict):
 class _GuardrailBase(_Strict):
     """Fields every guardrail has. Subclasses name the phases they support and their absolute (watch) bound."""
 
-    SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow", "canary", "watch")
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("replay", "shadow", "canary", "watch")
     UNSUPPORTED_WHY: ClassVar[str] = ""
     WATCH_LIMIT: ClassVar[str | None] = None  # the absolute-bound field a `watch` evaluation needs
+    USES_LABELS: ClassVar[bool] = False  # judged on labelled feedback (its detail counts ignored labels)
 
     name: str
     applies_to: list[GuardrailPhase]
     min_samples: int
     # Ignored, kept so older specs load: each guardrail's level now comes from the spec's false_rollback_rate,
-    # split across guardrails and phases (`monitoring.rollout.guardrails.alpha_per_look_set`).
+    # split across guardrails and phases (`monitoring.rollout.guardrails.error_budget`).
     confidence: float | None = None
+    # This guardrail's share of the spec's false_rollback_rate, relative to the others' (a weighted Bonferroni
+    # split over the (guardrail, phase) pairs judged; `monitoring.rollout.guardrails.error_budget`).
+    budget_weight: float = 1.0
 
     _name = field_validator("name")(_non_empty)
     _samples = field_validator("min_samples")(_at_least_one)
+    _weight = field_validator("budget_weight")(_positive)
 
     @field_validator("confidence")
     @classmethod
@@ -228,7 +282,7 @@ class LatencyP99Guardrail(_GuardrailBase):
     watch: p99 <= `max_p99_ms`."""
 
     SUPPORTED: ClassVar[tuple[str, ...]] = ("canary", "watch")
-    UNSUPPORTED_WHY: ClassVar[str] = "shadow latency is measured per batch, not per request"
+    UNSUPPORTED_WHY: ClassVar[str] = "replay and shadow latency is measured per batch, not per request"
     WATCH_LIMIT: ClassVar[str | None] = "max_p99_ms"
 
     kind: Literal["latency_p99"]
@@ -254,7 +308,7 @@ class ScoreShiftGuardrail(_GuardrailBase):
     threshold/2, threshold, 2 x threshold is reported, not judged: a shift where no decision changes is no
     regression."""
 
-    SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow", "canary")
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("replay", "shadow", "canary")
     UNSUPPORTED_WHY: ClassVar[str] = "after promotion there is no champion to compare scores with"
 
     kind: Literal["score_shift"]
@@ -276,8 +330,8 @@ class ShadowAgreementGuardrail(_GuardrailBase):
     `min_decline_overlap` must be declined by both (the overlap of the two decline sets, Jaccard). A challenger
     whose decisions are independent of the champion's has an overlap near the decline rate (~0.01)."""
 
-    SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow",)
-    UNSUPPORTED_WHY: ClassVar[str] = "only the shadow phase scores the same requests with both models"
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("replay", "shadow")
+    UNSUPPORTED_WHY: ClassVar[str] = "only the replay and shadow phases score the same requests with both models"
 
     kind: Literal["shadow_agreement"]
     min_decline_overlap: float = 0.5
@@ -292,7 +346,7 @@ class DeclineRateGuardrail(_GuardrailBase):
     """The challenger's decline rate (share of scores >= the decision threshold; no labels needed) may differ
     from the champion's by at most `max_change` relative, either way."""
 
-    SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow", "canary")
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("replay", "shadow", "canary")
     UNSUPPORTED_WHY: ClassVar[str] = "after promotion there is no champion to compare decline rates with"
 
     kind: Literal["decline_rate"]
@@ -309,6 +363,7 @@ class OnlineRecallGuardrail(_GuardrailBase):
     watch: >= `min_recall`."""
 
     WATCH_LIMIT: ClassVar[str | None] = "min_recall"
+    USES_LABELS: ClassVar[bool] = True
 
     kind: Literal["online_recall"]
     max_drop: float = 0.1
@@ -329,6 +384,7 @@ class OnlineLogLossGuardrail(_GuardrailBase):
     """Challenger mean log loss may be at most (1 + `max_increase`) x the champion's; watch: <= `max_log_loss`."""
 
     WATCH_LIMIT: ClassVar[str | None] = "max_log_loss"
+    USES_LABELS: ClassVar[bool] = True
 
     kind: Literal["online_log_loss"]
     max_increase: float = 0.1
@@ -340,6 +396,107 @@ class OnlineLogLossGuardrail(_GuardrailBase):
     @classmethod
     def _bound(cls, value: float | None) -> float | None:
         return None if value is None else _positive(value)
+
+
+def _slice_column_problems(columns: list[str]) -> list[tuple[Loc, str]]:
+    """Every slice column must be a categorical column of the data schema (core/schema.py): the gateway logs
+    exactly those, so a column it does not have could never be judged."""
+    problems: list[tuple[Loc, str]] = []
+    categorical = [c.name for c in COLUMNS_BY_NAME.values() if c.kind == "categorical"]
+    if not columns:
+        problems.append(((), f"must name at least one column; slice columns: {', '.join(categorical)}"))
+    for index, column in enumerate(columns):
+        if column not in categorical:
+            what = "not a categorical column" if column in COLUMNS_BY_NAME else "not a column"
+            problems.append(
+                (
+                    (index,),
+                    f"{column!r} is {what} of the data schema (core/schema.py); "
+                    f"slice columns: {', '.join(categorical)}",
+                )
+            )
+        elif column in columns[:index]:
+            problems.append(((index,), f"duplicate slice column {column!r}"))
+    return problems
+
+
+class _SliceGuardrailBase(_GuardrailBase):
+    """A guardrail judged per slice: per value of each column in `slices` (categorical columns of the data
+    schema, which the prediction log carries), each slice with its own `min_samples`. The guardrail's share of
+    the error budget is split again, Bonferroni, over every slice its columns can have (the schema's
+    categories), see `monitoring.rollout.slice_guardrails`."""
+
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow", "canary")
+    UNSUPPORTED_WHY: ClassVar[str] = "after promotion there is no champion to compare slices with"
+
+    slices: list[str] = Field(default_factory=lambda: list(SLICE_COLUMNS))
+
+    @field_validator("slices")
+    @classmethod
+    def _slice_columns(cls, value: list[str]) -> list[str]:
+        problems = _slice_column_problems(value)
+        if problems:
+            raise _Problems(problems)
+        return value
+
+
+class SliceRecallGuardrail(_SliceGuardrailBase):
+    """Per slice, challenger recall on labelled frauds at most `max_drop` (relative) below the champion's;
+    `min_samples` counts the slice's labelled frauds."""
+
+    kind: Literal["slice_recall"]
+    max_drop: float = 0.3
+
+    @field_validator("max_drop")
+    @classmethod
+    def _drop(cls, value: float) -> float:
+        return _fraction(value, lower_open=False)  # type: ignore[return-value]
+
+
+class SliceDeclineRateGuardrail(_SliceGuardrailBase):
+    """Per slice, the challenger's decline rate within `max_change` (relative, either way) of the champion's;
+    `min_samples` counts the slice's scored requests (no labels needed)."""
+
+    kind: Literal["slice_decline_rate"]
+    max_change: float = 0.4
+
+    @field_validator("max_change")
+    @classmethod
+    def _change(cls, value: float) -> float:
+        return _fraction(value)  # type: ignore[return-value]
+
+
+class SliceAgreementGuardrail(_SliceGuardrailBase):
+    """Per slice, in shadow: of the requests either model declines, at least `min_decline_overlap` declined by
+    both; `min_samples` counts the slice's requests declined by either model."""
+
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow",)
+    UNSUPPORTED_WHY: ClassVar[str] = "only the shadow phase scores the same requests with both models"
+
+    kind: Literal["slice_agreement"]
+    min_decline_overlap: float = 0.4
+
+    @field_validator("min_decline_overlap")
+    @classmethod
+    def _overlap(cls, value: float) -> float:
+        return _fraction(value)  # type: ignore[return-value]
+
+
+class FraudAmountCaughtGuardrail(_GuardrailBase):
+    """The business guardrail: the fraud amount (EUR, the `amount` of labelled frauds declined) the challenger
+    catches may be at most `max_drop` (relative) below what the champion catches, e.g. 0.05: "roll back if the
+    fraud amount caught drops by more than 5 %". `min_samples` counts labelled frauds."""
+
+    SUPPORTED: ClassVar[tuple[str, ...]] = ("shadow", "canary")
+    UNSUPPORTED_WHY: ClassVar[str] = "after promotion there is no champion to compare the amount caught with"
+
+    kind: Literal["fraud_amount_caught"]
+    max_drop: float = 0.1
+
+    @field_validator("max_drop")
+    @classmethod
+    def _drop(cls, value: float) -> float:
+        return _fraction(value, lower_open=False)  # type: ignore[return-value]
 
 
 class PrometheusGuardrail(_GuardrailBase):
@@ -469,6 +626,34 @@ class Hook(_Strict):
         return [event for event in self.events if event in HOOK_GATES]
 
 
+class Planning(_Strict):
+    """The traffic a spec is planned for (`monitoring.rollout.planner`): its phases must be able to decide at this
+    rate. The champion's figures are planning assumptions of the power calculation, not measured."""
+
+    rps: float = 200.0
+    fraud_rate: float = 0.02
+    label_delay_s: float = 30.0
+    champion_recall: float = 0.6  # at the decision threshold
+    decline_rate: float = 0.025
+    error_rate: float = 0.001
+    # Share of labelled frauds that exactly one of two healthy retrains catches: the noise of the paired recall
+    # test (3.5 % for the benchmark's logistic models, ~14 % for the scenarios' small MLPs).
+    discordant_frauds: float = 0.035
+
+    _rps = field_validator("rps")(_positive)
+    _delay = field_validator("label_delay_s")(_non_negative)
+
+    @field_validator("fraud_rate", "champion_recall", "decline_rate", "discordant_frauds")
+    @classmethod
+    def _share(cls, value: float) -> float:
+        return _fraction(value)  # type: ignore[return-value]
+
+    @field_validator("error_rate")
+    @classmethod
+    def _errors(cls, value: float) -> float:
+        return _fraction(value, lower_open=False)  # type: ignore[return-value]
+
+
 GuardrailConfig = Annotated[
     ErrorRateGuardrail
     | LatencyP99Guardrail
@@ -477,6 +662,10 @@ GuardrailConfig = Annotated[
     | DeclineRateGuardrail
     | OnlineRecallGuardrail
     | OnlineLogLossGuardrail
+    | SliceRecallGuardrail
+    | SliceDeclineRateGuardrail
+    | SliceAgreementGuardrail
+    | FraudAmountCaughtGuardrail
     | PrometheusGuardrail,
     Field(discriminator="kind"),
 ]
@@ -496,6 +685,11 @@ class RolloutSpec(_Strict):
     # failing guardrail, at any look of any phase or of the watch, is at most this. Split evenly (Bonferroni)
     # over the (guardrail, phase) pairs that are judged; see monitoring.rollout.guardrails.
     false_rollback_rate: float = 0.01
+    # The pass side: a challenger beyond one guardrail's margin passes that guardrail (and so can be promoted)
+    # with probability at most this. It costs no false rollbacks, so it is not split.
+    false_promotion_rate: float = 0.05
+    # The traffic the phases are planned for; validated by `monitoring.rollout.planner` (None: not planned).
+    planning: Planning | None = None
 
     _name = field_validator("name")(_non_empty)
     _interval = field_validator("analysis_interval_s")(_positive)
@@ -509,16 +703,33 @@ class RolloutSpec(_Strict):
             raise ValueError(f"must be in (0, 0.5), got {value}: an error budget <= 0 cannot be guaranteed")
         return value
 
+    @field_validator("false_promotion_rate")
+    @classmethod
+    def _pass_level(cls, value: float) -> float:
+        if not 0 < value < 0.5:
+            raise ValueError(f"must be in (0, 0.5), got {value}: a pass error <= 0 can never pass")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> RolloutSpec:
         problems = _cross_field_problems(self.model_dump())
         if problems:
             raise _Problems(problems)
+        # Imported here: the planner models the guardrails, which read this module's types.
+        from monitoring.rollout.planner import plan_problems
+
+        planned = plan_problems(self)
+        if planned:
+            raise _Problems(planned)
         return self
 
     @property
     def shadow_phase(self) -> Phase | None:
-        return self.phases[0] if self.phases[0].kind == "shadow" else None
+        return next((phase for phase in self.phases if phase.kind == "shadow"), None)
+
+    @property
+    def replay_phase(self) -> Phase | None:
+        return self.phases[0] if self.phases[0].kind == "replay" else None
 
     @property
     def canary_phases(self) -> list[Phase]:
@@ -566,9 +777,32 @@ def _cross_field_problems(data: Mapping[str, Any]) -> list[tuple[Loc, str]]:
                         (("phases", index, "name"), f"duplicate phase name {name!r} (also phases[{names[name]}])")
                     )
                 names.setdefault(name, index)
-            if kind == "shadow":
+            first_kind = phases[0].get("kind") if isinstance(phases[0], Mapping) else None
+            if kind == "replay":
                 if index != 0:
-                    problems.append((("phases", index, "kind"), "only the first phase may be a shadow phase"))
+                    problems.append((("phases", index, "kind"), "only the first phase may be a replay phase"))
+                if weight is not None:
+                    problems.append((("phases", index, "weight"), "only canary phases have a weight"))
+                requests, minimum = phase.get("requests"), phase.get("min_samples")
+                if requests is None:
+                    problems.append((("phases", index, "requests"), "required for a replay phase: how many, > 0"))
+                elif _is_number(requests) and _is_number(minimum) and 0 < requests < minimum:
+                    problems.append(
+                        (
+                            ("phases", index, "min_samples"),
+                            f"must be <= requests ({requests:g}): a replay of {requests:g} requests never reaches "
+                            f"{minimum:g} samples",
+                        )
+                    )
+            else:
+                for key in REPLAY_FIELDS:
+                    if phase.get(key) is not None:
+                        problems.append((("phases", index, key), "only a replay phase has this field"))
+            if kind == "shadow":
+                if index != 0 and not (index == 1 and first_kind == "replay"):
+                    problems.append(
+                        (("phases", index, "kind"), "only the first phase (or the one after replay) may be shadow")
+                    )
                 if weight is not None:
                     problems.append((("phases", index, "weight"), "only canary phases have a weight"))
             elif kind == "canary":
@@ -643,6 +877,11 @@ def _format_loc(loc: Loc) -> str:
         else:
             text += f".{item}" if text else item
     return text or "<spec>"
+
+
+def format_location(loc: Loc) -> str:
+    """A problem's location as the spec's problems name it, e.g. `phases[0].max_duration_s`."""
+    return _format_loc(loc)
 
 
 def _problems_from(error: ValidationError) -> list[tuple[Loc, str]]:

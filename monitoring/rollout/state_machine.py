@@ -7,7 +7,7 @@ carries on where the previous one stopped.
 
 Lifecycle (``S`` = the plan's phases, ``W`` = the watch index ``len(plan.phases)``)::
 
-    pending --Start--> phase 0 (status = its kind: "shadow" or "canary")
+    pending --Start--> phase 0 (status = its kind: "replay", "shadow" or "canary")
     phase i --all-pass analysis, gates met--> phase i+1 ... --last phase passes--> promoted_watching (index W)
     promoted_watching --watch window elapsed--> succeeded
     shadow/canary --failure_limit consecutive failures | ManualAbort--> rolled_back | aborted (champion untouched)
@@ -22,6 +22,11 @@ Rules, deliberately simple:
   ``consecutive_failures``; an all-pass analysis resets it; an inconclusive one (no fail, not all pass) changes
   nothing. Reaching ``failure_limit`` rolls back at once. Failures count whether or not the gates are met: the
   guardrails themselves answer "inconclusive" while they lack samples.
+* **Replay** (a phase of kind ``replay``, the first): no live traffic (``SetTraffic(0, shadow=False)``); the driver
+  replays logged requests through the challenger's slot and sends one ``Analysis``, judged once: any ``"fail"``
+  rolls back at once (no ``failure_limit``: a second look would replay the same requests); all ``"pass"`` with
+  ``samples >= min_samples`` passes the phase (gate included); otherwise (too few labelled requests, an undecided
+  guardrail) the phase's ``on_inconclusive`` decides: ``advance`` (with the reason recorded) or ``rollback``.
 * **Roll back before promotion**: ``SetTraffic(0, shadow=False, champion_slot=<champion>)`` first, then
   ``MarkRejected(challenger)``, ``SetAlias("challenger", None)``, ``RecordDecision``, ``Notify``.
 * **Promote**: ``SetAlias("previous", champion)``, ``SetAlias("champion", challenger)``,
@@ -65,12 +70,13 @@ from typing import Any, Literal, TypeAlias
 from core.aliases import CHALLENGER, CHAMPION, PREVIOUS
 from monitoring.rollout.verdicts import VERDICTS, Verdict, combine_verdicts
 
-PhaseKind = Literal["shadow", "canary"]
-Status = Literal["pending", "shadow", "canary", "promoted_watching", "succeeded", "rolled_back", "aborted"]
+PhaseKind = Literal["replay", "shadow", "canary"]
+Status = Literal["pending", "replay", "shadow", "canary", "promoted_watching", "succeeded", "rolled_back", "aborted"]
 
 SLOT_NAMES: tuple[str, ...] = ("a", "b")
 STATUSES: tuple[str, ...] = (
     "pending",
+    "replay",
     "shadow",
     "canary",
     "promoted_watching",
@@ -79,9 +85,11 @@ STATUSES: tuple[str, ...] = (
     "aborted",
 )
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "rolled_back", "aborted"})
-PHASE_STATUSES: frozenset[str] = frozenset({"shadow", "canary"})
+PHASE_STATUSES: frozenset[str] = frozenset({"replay", "shadow", "canary"})
 GateOutcome = Literal["hold", "rollback"]
 GATE_OUTCOMES: tuple[str, ...] = ("hold", "rollback")
+ReplayOutcome = Literal["advance", "rollback"]
+REPLAY_OUTCOMES: tuple[str, ...] = ("advance", "rollback")
 
 
 def _jsonable(value: Any) -> Any:
@@ -106,7 +114,8 @@ def _finite_nonneg(name: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class PhaseSpec:
-    """One phase: ``shadow`` (weight 0, mirrored traffic) or ``canary`` (a share of live traffic in (0, 1])."""
+    """One phase: ``replay`` (weight 0, no live traffic: logged requests replayed through the challenger's slot,
+    judged once), ``shadow`` (weight 0, mirrored traffic) or ``canary`` (a share of live traffic in (0, 1])."""
 
     name: str
     kind: PhaseKind
@@ -118,12 +127,16 @@ class PhaseSpec:
     require_approval: bool = False
     approval_timeout_s: float | None = None  # None: wait for the approval forever
     on_approval_timeout: GateOutcome = "rollback"
+    # A replay phase: what an inconclusive replay (too few labelled requests, or a guardrail undecided) does.
+    on_inconclusive: ReplayOutcome = "advance"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("shadow", "canary"):
-            raise ValueError(f"phase {self.name!r}: kind must be 'shadow' or 'canary', got {self.kind!r}")
-        if self.kind == "shadow" and self.weight != 0:
-            raise ValueError(f"phase {self.name!r}: a shadow phase has weight 0, got {self.weight!r}")
+        if self.kind not in ("replay", "shadow", "canary"):
+            raise ValueError(f"phase {self.name!r}: kind must be 'replay', 'shadow' or 'canary', got {self.kind!r}")
+        if self.kind in ("replay", "shadow") and self.weight != 0:
+            raise ValueError(f"phase {self.name!r}: a {self.kind} phase has weight 0, got {self.weight!r}")
+        if self.on_inconclusive not in REPLAY_OUTCOMES:
+            raise ValueError(f"phase {self.name!r}: on_inconclusive must be advance or rollback")
         if self.kind == "canary" and not (
             isinstance(self.weight, int | float) and math.isfinite(self.weight) and 0 < self.weight <= 1
         ):
@@ -157,6 +170,7 @@ class PhaseSpec:
             require_approval=bool(data.get("require_approval", False)),
             approval_timeout_s=None if data.get("approval_timeout_s") is None else float(data["approval_timeout_s"]),
             on_approval_timeout=data.get("on_approval_timeout", "rollback"),
+            on_inconclusive=data.get("on_inconclusive", "advance"),
         )
 
 
@@ -245,6 +259,9 @@ class AnalysisResult:
     samples: int
     verdicts: dict[str, Verdict]
     values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # What was judged: the window of the prediction log (and for a replay, how many requests were asked for,
+    # found and replayed). Recorded with the analysis; the state machine does not read it.
+    window: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         bad = {k: v for k, v in self.verdicts.items() if v not in VERDICTS}
@@ -262,6 +279,7 @@ class AnalysisResult:
             samples=int(data["samples"]),
             verdicts=dict(data["verdicts"]),
             values=copy.deepcopy(dict(data.get("values") or {})),
+            window=None if data.get("window") is None else copy.deepcopy(dict(data["window"])),
         )
 
 
@@ -670,7 +688,7 @@ def _phase_traffic(plan: RolloutPlan, index: int, reason: str) -> SetTraffic:
     phase = plan.phases[index]
     shadow = phase.kind == "shadow"
     return SetTraffic(
-        challenger_weight=0.0 if shadow else float(phase.weight),
+        challenger_weight=float(phase.weight) if phase.kind == "canary" else 0.0,
         shadow=shadow,
         champion_slot=plan.champion_slot,
         reason=reason,
@@ -690,7 +708,7 @@ def _enter_phase(plan: RolloutPlan, state: RolloutState, index: int, at: float, 
             SetAlias(CHALLENGER, plan.challenger_version),
         ]
     effects.append(_phase_traffic(plan, index, f"{plan.rollout_id}: phase {phase.name}"))
-    what = "shadow" if phase.kind == "shadow" else f"canary at {phase.weight:.0%}"
+    what = phase.kind if phase.kind in ("replay", "shadow") else f"canary at {phase.weight:.0%}"
     return _transition(
         state,
         at=at,
@@ -810,6 +828,13 @@ def _on_start(plan: RolloutPlan, state: RolloutState, event: Start) -> _Result:
     return _enter_phase(plan, state, 0, event.at, "rollout started", {"phases": len(plan.phases)})
 
 
+def _named(guardrail: str, values: Any) -> str:
+    """A failed guardrail as a decision names it: a slice guardrail with its slice, e.g.
+    `slice-recall (merchant_category=electronics)`."""
+    where = values.get("slice") if isinstance(values, dict) else None
+    return f"{guardrail} ({where})" if where else guardrail
+
+
 def _on_analysis(plan: RolloutPlan, state: RolloutState, result: AnalysisResult) -> _Result:
     if state.status == "pending":
         return _ignore(state)
@@ -827,9 +852,11 @@ def _on_analysis(plan: RolloutPlan, state: RolloutState, result: AnalysisResult)
         "verdicts": dict(result.verdicts),
         "values": result.values,
     }
+    if state.status == "replay":
+        return _on_replay(plan, state, result, metrics)
     combined = combine_verdicts(result.verdicts.values())
     if combined == "fail":
-        failed = sorted(k for k, v in result.verdicts.items() if v == "fail")
+        failed = sorted(_named(k, result.values.get(k)) for k, v in result.verdicts.items() if v == "fail")
         where = "after promotion" if watching else f"in phase {plan.phases[state.phase_index].name}"
         return _count_failure(plan, state, result.at, f"guardrails failed {where}: {', '.join(failed)}", metrics)
     if combined == "inconclusive":
@@ -846,22 +873,7 @@ def _on_analysis(plan: RolloutPlan, state: RolloutState, result: AnalysisResult)
                 "consecutive_failures": state.consecutive_failures,
             }
             reason = f"phase {phase.name} passed: all guardrails pass ({result.samples} samples, {elapsed:g}s)"
-            if phase.require_approval:
-                timeout = phase.approval_timeout_s
-                return _transition(
-                    state,
-                    at=result.at,
-                    to_status=state.status,
-                    reason=f"{reason}; awaiting approval"
-                    + (f" (timeout {timeout:g}s, then {phase.on_approval_timeout})" if timeout is not None else ""),
-                    metrics={**metrics, "approval_timeout_s": timeout, "consecutive_failures": 0},
-                    effects=[],
-                    event="awaiting-approval",
-                    notify=f"{_label(plan)}: phase {phase.name!r} passed and awaits approval",
-                    awaiting_approval_since=float(result.at),
-                    consecutive_failures=0,
-                )
-            return _advance(plan, state, result.at, reason, metrics)
+            return _phase_passed(plan, state, result.at, reason, metrics)
         if _past_deadline(plan, state, result.at):
             gates = f"{result.samples}/{phase.min_samples} samples"
             return _deadline_roll_back(plan, state, result.at, f"all pass but only {gates}", metrics)
@@ -877,6 +889,66 @@ def _on_analysis(plan: RolloutPlan, state: RolloutState, result: AnalysisResult)
             consecutive_failures=0,
         )
     return _ignore(state)
+
+
+def _phase_passed(plan: RolloutPlan, state: RolloutState, at: float, reason: str, metrics: dict) -> _Result:
+    """The current phase's evidence is in: advance, or hold at its gate until approved."""
+    phase = plan.phases[state.phase_index]
+    if not phase.require_approval:
+        return _advance(plan, state, at, reason, metrics)
+    timeout = phase.approval_timeout_s
+    return _transition(
+        state,
+        at=at,
+        to_status=state.status,
+        reason=f"{reason}; awaiting approval"
+        + (f" (timeout {timeout:g}s, then {phase.on_approval_timeout})" if timeout is not None else ""),
+        metrics={**metrics, "approval_timeout_s": timeout, "consecutive_failures": 0},
+        effects=[],
+        event="awaiting-approval",
+        notify=f"{_label(plan)}: phase {phase.name!r} passed and awaits approval",
+        awaiting_approval_since=float(at),
+        consecutive_failures=0,
+    )
+
+
+def _on_replay(plan: RolloutPlan, state: RolloutState, result: AnalysisResult, metrics: dict) -> _Result:
+    """A replay phase is judged once, on a fixed sample of logged requests (a second look would replay the same
+    requests, so counting failures towards ``failure_limit`` would only wait): a failing guardrail rolls back at
+    once; all passing with ``min_samples`` replayed passes the phase; anything else (too few labelled requests,
+    as on a model's first rollout, or an undecided guardrail) does what ``on_inconclusive`` says. Paused, or
+    holding at its gate, the phase does not advance, but a failure still rolls back."""
+    phase = plan.phases[state.phase_index]
+    metrics = {**metrics, "window": result.window, "min_samples": phase.min_samples}
+    combined = combine_verdicts(result.verdicts.values())
+    replayed = f"{result.samples} replayed request{'s' if result.samples != 1 else ''}"
+    if combined == "fail":
+        failed = sorted(k for k, v in result.verdicts.items() if v == "fail")
+        reason = f"guardrails failed in replay phase {phase.name} on {replayed}: {', '.join(failed)}"
+        return _roll_back(plan, state, result.at, "rolled_back", reason, metrics)
+    if state.paused or state.awaiting_approval:
+        return _ignore(state)
+    if combined == "pass" and result.samples >= phase.min_samples:
+        return _phase_passed(
+            plan, state, result.at, f"phase {phase.name} passed: all guardrails pass on {replayed}", metrics
+        )
+    if result.samples < phase.min_samples:
+        why = f"only {replayed}, {phase.min_samples} needed"
+    else:
+        why = "undecided: " + ", ".join(sorted(k for k, v in result.verdicts.items() if v != "pass"))
+    metrics |= {"replay": "inconclusive", "on_inconclusive": phase.on_inconclusive}
+    if phase.on_inconclusive == "rollback":
+        return _roll_back(
+            plan,
+            state,
+            result.at,
+            "rolled_back",
+            f"replay phase {phase.name} inconclusive ({why}); on_inconclusive: rollback",
+            metrics,
+        )
+    following = plan.phases[state.phase_index + 1].name if state.phase_index + 1 < len(plan.phases) else "promotion"
+    reason = f"replay phase {phase.name} inconclusive ({why}); on_inconclusive: advance to {following}"
+    return _advance(plan, state, result.at, reason, metrics)
 
 
 def _on_tick(plan: RolloutPlan, state: RolloutState, event: Tick) -> _Result:
@@ -1073,7 +1145,7 @@ def describe(state: RolloutState, plan: RolloutPlan | None = None) -> str:
         if plan is not None and state.phase_index < len(plan.phases):
             phase = plan.phases[state.phase_index]
             where += f"/{len(plan.phases)} {phase.name!r}"
-            where += " (shadow)" if phase.kind == "shadow" else f" ({phase.weight:.0%} to challenger)"
+            where += f" ({phase.kind})" if phase.kind != "canary" else f" ({phase.weight:.0%} to challenger)"
         where += f" since {_when(state.phase_started_at)}"
         if state.paused:
             where += " PAUSED"

@@ -52,7 +52,9 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
@@ -98,6 +100,9 @@ rollouts_table = Table(
     Column("reason", Text, nullable=True),
     Column("plan", Text, nullable=False),
     Column("state", Text, nullable=False),
+    # The rollout spec this rollout runs under (JSON of the validated spec), when it was given one of its own at
+    # start; NULL: the controller's spec.
+    Column("spec", Text, nullable=True),
     Column("created_at", Double, nullable=False),
     Column("updated_at", Double, nullable=False),
     Index("ix_rollout_rollouts_model_name", "model_name"),
@@ -138,6 +143,8 @@ analyses_table = Table(
     Column("verdict", String(32), nullable=False),  # the combined verdict: pass, fail or inconclusive
     Column("verdicts", Text, nullable=False),
     Column("values", Text, nullable=False),
+    # What was judged: the log window, and for a replay the requests asked for, found and replayed (JSON).
+    Column("window", Text, nullable=True),
     Column("state_version", Integer, nullable=False),  # the rollout's version once this analysis was applied
     Column("transition", Boolean, nullable=False),  # whether it caused a transition (saved with it)
 )
@@ -258,6 +265,25 @@ class RolloutStore:
             metadata.create_all(self._engine)
         except (OperationalError, ProgrammingError, IntegrityError):
             metadata.create_all(self._engine)  # another process created them between our check and CREATE
+        self._add_new_columns()
+
+    def _add_new_columns(self) -> None:
+        """Columns added after a table was first created (nullable, so old rows stay valid): a database made by
+        an earlier version gets them with ``ALTER TABLE ... ADD COLUMN``, which SQLite and PostgreSQL both take."""
+        inspector = inspect(self._engine)
+        preparer = self._engine.dialect.identifier_preparer
+        for table in metadata.sorted_tables:
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present or not column.nullable:
+                    continue
+                kind = column.type.compile(dialect=self._engine.dialect)
+                statement = f"ALTER TABLE {preparer.quote(table.name)} ADD COLUMN {preparer.quote(column.name)} {kind}"
+                try:
+                    with self._engine.begin() as conn:
+                        conn.execute(text(statement))
+                except (OperationalError, ProgrammingError):  # another process added it first
+                    pass
 
     def close(self) -> None:
         self._engine.dispose()
@@ -286,8 +312,9 @@ class RolloutStore:
         query = select(rollouts_table.c.rollout_id).where(rollouts_table.c.rollout_id == rollout_id)
         return conn.execute(query).first() is not None
 
-    def create(self, plan: RolloutPlan, state: RolloutState) -> None:
-        """Store a new rollout. Raises RolloutExists, or ActiveRolloutExists when its model has an active one."""
+    def create(self, plan: RolloutPlan, state: RolloutState, spec: dict[str, Any] | None = None) -> None:
+        """Store a new rollout (with ``spec``, the rollout spec of its own, if given). Raises RolloutExists, or
+        ActiveRolloutExists when its model has an active one."""
         rollout_id = _check_name("rollout_id", plan.rollout_id)
         _check_name("model_name", plan.model_name)
         if state.rollout_id != rollout_id:
@@ -299,6 +326,7 @@ class RolloutStore:
             "challenger_version": plan.challenger_version,
             "champion_version": plan.champion_version,
             "plan": _dumps(plan.to_dict()),
+            "spec": None if spec is None else _dumps(spec),
             "created_at": now,
             **_state_columns(state, plan.model_name),
         }
@@ -331,6 +359,14 @@ class RolloutStore:
         plan = RolloutPlan.from_dict(json.loads(row.plan))
         state = RolloutState.from_dict(json.loads(row.state))
         return plan, state, [action for _, action in pending]
+
+    def spec_of(self, rollout_id: str) -> dict[str, Any] | None:
+        """The rollout spec the rollout was started with (a mapping), or None: it runs under the controller's."""
+        with self._read() as conn:
+            row = conn.execute(select(rollouts_table.c.spec).where(rollouts_table.c.rollout_id == rollout_id)).first()
+        if row is None:
+            raise UnknownRollout(rollout_id)
+        return None if row.spec is None else json.loads(row.spec)
 
     def active(self, model_name: str) -> str | None:
         """The id of the model's non-terminal rollout, if any."""
@@ -514,6 +550,7 @@ class RolloutStore:
                 verdict=combine_verdicts(result.verdicts.values()),
                 verdicts=_dumps(result.verdicts),
                 values=_dumps(result.values),
+                window=None if result.window is None else _dumps(result.window),
                 state_version=state_version,
                 transition=transition,
             )
@@ -541,6 +578,7 @@ class RolloutStore:
         for row in rows:
             row["verdicts"] = json.loads(row["verdicts"])
             row["values"] = json.loads(row["values"])
+            row["window"] = None if row["window"] is None else json.loads(row["window"])
             row["transition"] = bool(row["transition"])
         return rows
 
@@ -555,6 +593,7 @@ class RolloutStore:
             samples=row["samples"],
             verdicts=row["verdicts"],
             values=row["values"],
+            window=row["window"],
         )
 
     # -- hook deliveries ------------------------------------------------------------------------------------
