@@ -822,6 +822,8 @@ def scenario(
     spec: Annotated[str, typer.Option(help="rollout spec for a stack this command starts")] = "fast",
     keep_stack: Annotated[bool, typer.Option(help="leave a stack this command started running")] = False,
     target: Annotated[str, typer.Option(help="local (the embedded stack) or kind (`make up`)")] = "local",
+    group: Annotated[str | None, typer.Option(help="only the scenarios of this group, e.g. faults")] = None,
+    exclude_group: Annotated[str | None, typer.Option(help="all but the scenarios of this group")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Run rollback scenarios against the running stack (starting it if needed); exit 1 if any outcome differs."""
@@ -834,7 +836,7 @@ def scenario(
     logging.getLogger("mlflow").setLevel(logging.ERROR)
 
     try:
-        scenarios = resolve(selector)
+        scenarios = resolve(selector, group=group, exclude_group=exclude_group)
     except ScenarioError as error:
         raise _fail(str(error)) from None
     # For a stack started here (its processes inherit these): the rollout and the drift monitor compressed to

@@ -32,6 +32,9 @@ CHUNK_SECONDS = 10  # transactions are generated this many seconds ahead, not al
 # ...but never fewer than this many: the generator draws ~rows/25 accounts per call, and a small call's few
 # accounts would make clean traffic look drifted (account age, home country) next to the training data.
 MIN_CHUNK_ROWS = 20_000
+CLIENT_DEADLINE_S = 10.0  # what a client waits for an answer, connection retries included
+CONNECT_RETRY_S = 0.2  # pause before trying a refused connection again
+CLIENT_KEEPALIVE_S = 2.0  # below the gateway server's keep-alive timeout
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,11 @@ class TrafficStats:
     sent: int = 0
     answered: int = 0  # 2xx
     failed: int = 0  # anything else, transport errors included: what a client would call an outage
+    # Of `failed`: sent, then the connection broke with no answer (a gateway that died with them in flight).
+    in_flight_lost: int = 0
+    # Connections refused (nothing listening: a gateway restarting) and tried again; the request was never sent,
+    # so a client retries it within its deadline, as a card terminal does. Not failures unless the deadline passes.
+    connects_retried: int = 0
     by_status: collections.Counter[str] = field(default_factory=collections.Counter)  # the gateway's status field
     by_variant: collections.Counter[str] = field(default_factory=collections.Counter)
     labels_sent: int = 0
@@ -82,10 +90,11 @@ class TrafficStats:
     latencies_ms: list[float] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
 
-    def record_failure(self, message: str) -> None:
+    def record_failure(self, message: str, in_flight_lost: bool = False) -> None:
         """Count a failed request; keep the first few verbatim, with when they failed (seconds into the run and
         wall-clock time, to place them against the gateway's policy log: an intermittent failure must say when)."""
         self.failed += 1
+        self.in_flight_lost += in_flight_lost
         if len(self.errors) < 5:
             now = time.time()
             stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
@@ -98,6 +107,8 @@ class TrafficStats:
             "sent": self.sent,
             "answered": self.answered,
             "failed": self.failed,
+            "in_flight_lost": self.in_flight_lost,
+            "connects_retried": self.connects_retried,
             "achieved_rps": round(self.sent / elapsed, 1),
             "by_status": dict(self.by_status),
             "by_variant": dict(self.by_variant),
@@ -144,20 +155,38 @@ async def run_traffic(
     due_labels: collections.deque[tuple[float, str, int]] = collections.deque()
     rng = np.random.default_rng(plan.seed)
     limit = asyncio.Semaphore(plan.concurrency)
-    connector = aiohttp.TCPConnector(limit=plan.concurrency * 2)
-    timeout = aiohttp.ClientTimeout(total=10)
+    # Idle connections are dropped after 2 s, before the gateway's server closes them (uvicorn: 5 s): a request sent
+    # on a connection the server is closing at that moment fails with "Server disconnected" (seen in the scenarios
+    # as a client error in a quiet moment; the gateway does the same towards its slots).
+    connector = aiohttp.TCPConnector(limit=plan.concurrency * 2, keepalive_timeout=CLIENT_KEEPALIVE_S)
+    timeout = aiohttp.ClientTimeout(total=CLIENT_DEADLINE_S)
     stopped = stop or threading.Event()
     label_headers = {"Authorization": f"Bearer {labels_token}"}
     async with aiohttp.ClientSession(gateway_url, connector=connector, timeout=timeout) as session:
 
+        async def post_score(body: dict[str, Any], sent_at: float) -> tuple[int, Any]:
+            """One request; a refused connection (never sent) is tried again until the client's deadline."""
+            while True:
+                try:
+                    async with session.post("/v1/score", json=body) as response:
+                        return response.status, await response.json(content_type=None)
+                except aiohttp.ClientConnectorError:
+                    if time.perf_counter() - sent_at + CONNECT_RETRY_S >= CLIENT_DEADLINE_S:
+                        raise
+                    stats.connects_retried += 1
+                    await asyncio.sleep(CONNECT_RETRY_S)
+
         async def score(body: dict[str, Any], label: int) -> None:
             sent_at = time.perf_counter()
             try:
-                async with session.post("/v1/score", json=body) as response:
-                    answer = await response.json(content_type=None)
-                    if response.status >= 300:
-                        stats.record_failure(f"HTTP {response.status}: {answer}")
-                        return
+                status, answer = await asyncio.wait_for(post_score(body, sent_at), CLIENT_DEADLINE_S)
+                if status >= 300:
+                    stats.record_failure(f"HTTP {status}: {answer}")
+                    return
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
+                lost = not isinstance(error, aiohttp.ClientConnectorError)  # sent, and the connection broke
+                stats.record_failure(f"{type(error).__name__}: {error}", in_flight_lost=lost)
+                return
             except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as error:
                 stats.record_failure(f"{type(error).__name__}: {error}")
                 return

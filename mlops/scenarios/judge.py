@@ -26,6 +26,9 @@ class Observed:
     received: list[dict[str, Any]] = field(default_factory=list)  # the local hook receiver's requests
     deliveries: list[dict[str, Any]] = field(default_factory=list)  # the controller's record of hook deliveries
     dead_url: str | None = None  # where nothing listens (`{dead}` in the scenario's hooks)
+    plan: dict[str, Any] | None = None  # the rollout's plan: versions and slots
+    # After a fault scenario: traffic policy, slot assignments, MLflow aliases, pending actions (`final_state`).
+    final_state: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,13 @@ class ScenarioResult:
     def to_summary(self) -> dict[str, Any]:
         """The fields `mlops scenario --json` promises, plus why it failed."""
         keys = ("name", "expected", "outcome", "passed", "decision_seconds", "reason", "failures")
-        return {k: v for k, v in asdict(self).items() if k in keys}
+        summary = {k: v for k, v in asdict(self).items() if k in keys}
+        traffic = self.details.get("traffic") or {}
+        # What the clients saw: requests sent and failed, of which lost in flight with a dead gateway.
+        summary["requests"] = traffic.get("sent")
+        summary["client_errors"] = self.details.get("client_errors")
+        summary["dead_gateway_errors"] = self.details.get("dead_gateway_errors")
+        return summary
 
 
 def is_promotion(decision: dict[str, Any]) -> bool:
@@ -85,6 +94,46 @@ def max_challenger_weight(decisions: list[dict[str, Any]], phases: list[dict[str
         elif decision["to_status"] == "canary" and 0 <= decision["phase_index"] < len(phases):
             weight = max(weight, float(phases[decision["phase_index"]].get("weight") or 0.0))
     return weight
+
+
+def consistency_failures(outcome: str, plan: dict[str, Any], final: dict[str, Any]) -> list[str]:
+    """Whether the platform agrees with the rollout's outcome: the traffic policy sends everything to one slot
+    with no shadow, that slot is assigned the winning version, MLflow's `champion` alias names it, no
+    `challenger` alias is left, and no action is still pending. Promoted: the challenger won; rolled back
+    (before or after promotion) or aborted: the champion it started from."""
+    if "error" in final:
+        return [f"the platform could not be read after the fault: {final['error']}"]
+    if outcome == "promoted":
+        version, slot = plan["challenger_version"], plan["challenger_slot"]
+    elif outcome.startswith(("rolled_back", "aborted")):
+        version, slot = plan["champion_version"], plan["champion_slot"]
+    else:
+        return []  # undecided: the outcome check already failed it
+    policy, problems = final["policy"], []
+    if policy["champion_slot"] != slot:
+        problems.append(f"traffic policy's champion slot is {policy['champion_slot']}, expected {slot} ({outcome})")
+    other = {name: weight for name, weight in policy["weights"].items() if name != slot and weight > 0}
+    if other or policy["shadow"]:
+        problems.append(f"traffic policy still sends {other or 'shadow'} away from slot {slot}")
+    if final["slots"].get(slot) != version:
+        problems.append(f"slot {slot} is assigned version {final['slots'].get(slot)}, expected {version}")
+    aliases = final["aliases"]
+    if aliases.get("champion") != version:
+        problems.append(f"MLflow alias champion is {aliases.get('champion')}, expected {version} ({outcome})")
+    if aliases.get("challenger") is not None:
+        problems.append(f"MLflow alias challenger is still set (version {aliases['challenger']})")
+    if final.get("pending_actions"):
+        problems.append(f"{final['pending_actions']} action(s) of the rollout still pending")
+    return problems
+
+
+def dead_gateway_errors(scenario: Scenario, observed: Observed) -> int:
+    """Requests in flight to a gateway that died (its own fault, killed or restarted): counted apart, bounded
+    by `max_dead_gateway_errors`. With any other fault they are client errors like the rest."""
+    chaos = scenario.chaos
+    if chaos is None or chaos.kill != "gateway" or chaos.action == "hang":
+        return 0
+    return int(observed.traffic.get("in_flight_lost", 0))
 
 
 def phase_name(decision: dict[str, Any], phases: list[dict[str, Any]]) -> str:
@@ -149,12 +198,20 @@ def judge(scenario: Scenario, observed: Observed) -> ScenarioResult:
         failures.append(
             f"challenger got {weight:.0%} of live traffic, at most {expect.max_challenger_weight:.0%} allowed"
         )
-    if observed.client_errors > expect.max_client_errors:
+    lost = dead_gateway_errors(scenario, observed)
+    client_errors = observed.client_errors - lost
+    if client_errors > expect.max_client_errors:
         first = "; ".join(observed.traffic.get("errors", [])[:3])
         failures.append(
-            f"{observed.client_errors} client request(s) failed, at most {expect.max_client_errors} allowed"
+            f"{client_errors} client request(s) failed, at most {expect.max_client_errors} allowed"
             + (f"; first: {first}" if first else "")
         )
+    if lost > expect.max_dead_gateway_errors:
+        failures.append(
+            f"{lost} request(s) in flight lost with the gateway, at most {expect.max_dead_gateway_errors} allowed"
+        )
+    if observed.final_state is not None and observed.plan is not None:
+        failures += consistency_failures(outcome, observed.plan, observed.final_state)
     if expect.reason_contains and expect.reason_contains.lower() not in reason.lower():
         failures.append(f"decision reason does not mention {expect.reason_contains!r}: {reason}")
     failures += hook_failures(scenario, observed, decision)
@@ -169,5 +226,8 @@ def judge(scenario: Scenario, observed: Observed) -> ScenarioResult:
         "final_status": observed.status,
         "traffic": observed.traffic,
         "retrains": observed.retrains,
+        "client_errors": client_errors,
+        "dead_gateway_errors": lost,
+        "final_state": observed.final_state,
     }
     return ScenarioResult(scenario.name, expect.outcome, outcome, not failures, seconds, reason, failures, details)

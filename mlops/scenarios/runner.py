@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,13 +28,23 @@ from core.processes import free_port
 from core.settings import Settings
 from mlops.hook_receiver import HookReceiver
 from mlops.scenarios import models
-from mlops.scenarios.judge import Observed, ScenarioResult, judge
+from mlops.scenarios.judge import Observed, ScenarioResult, consistency_failures, judge, outcome_of
 from mlops.scenarios.spec import Scenario
 from mlops.traffic import BackgroundTraffic
 
 TERMINAL = ("succeeded", "rolled_back", "aborted")
 POLL_S = 0.25
 GRACE_S = 60.0  # beyond a scenario's time bound, how long to wait for any decision before giving up
+SETTLE_S = 30.0  # after a fault scenario, how long the platform may take to agree with the outcome
+
+
+def stack_service(target: str, plan: dict[str, Any]) -> str:
+    """The stack's process name for a scenario's chaos target (the slots by their role in this rollout)."""
+    if target == "champion-slot":
+        return f"slot-{plan['champion_slot']}"
+    if target == "challenger-slot":
+        return f"slot-{plan['challenger_slot']}"
+    return target
 
 
 class Target(Protocol):
@@ -41,6 +52,9 @@ class Target(Protocol):
 
     def ensure_up(self, on_progress: Callable[[str], None]) -> None: ...
     def kill(self, service: str) -> None: ...  # "controller", "slot-a", "slot-b": SIGKILL or pod deletion
+    def hang(self, service: str) -> None: ...  # SIGSTOP of every process of the service
+    def resume(self, service: str) -> None: ...  # SIGCONT: the end of a hang
+    def restart(self, service: str) -> None: ...  # a graceful stop, after which it is started again
     def wait_healthy(self, timeout: float) -> None: ...
     def release(self, on_progress: Callable[[str], None]) -> None: ...  # stop what ensure_up started
 
@@ -72,6 +86,41 @@ class LocalTarget:
         if entry is None:
             raise RuntimeError(f"{service} is not part of the running local stack")
         kill_tree(entry["pid"], entry.get("mark", ""))
+
+    def _members(self, service: str) -> list[Any]:
+        from core.processes import group_members
+        from mlops.local_stack import read_state
+
+        entry = read_state(self.settings).get(service)
+        if entry is None:
+            raise RuntimeError(f"{service} is not part of the running local stack")
+        return group_members(entry["pid"], entry.get("mark", ""))
+
+    def hang(self, service: str) -> None:
+        """SIGSTOP the whole group (workers in sessions of their own too, found by the mark): all of it stops,
+        as a process stalled on a dead disk does; the supervisor sees it alive and does nothing."""
+        import signal
+
+        for process in self._members(service):
+            with contextlib.suppress(Exception):
+                process.send_signal(signal.SIGSTOP)
+
+    def resume(self, service: str) -> None:
+        import signal
+
+        for process in self._members(service):
+            with contextlib.suppress(Exception):
+                process.send_signal(signal.SIGCONT)
+
+    def restart(self, service: str) -> None:
+        """SIGTERM the group and wait for it to end (a rolling restart's old pod); the supervisor starts a new one."""
+        from core.processes import stop_pid
+        from mlops.local_stack import read_state
+
+        entry = read_state(self.settings).get(service)
+        if entry is None:
+            raise RuntimeError(f"{service} is not part of the running local stack")
+        stop_pid(entry["pid"], timeout=20.0, mark=entry.get("mark", ""))
 
     def wait_healthy(self, timeout: float) -> None:
         from mlops.local_stack import stack_status
@@ -121,6 +170,24 @@ class KindTarget:
         if result.returncode != 0:
             raise RuntimeError(f"could not delete the {service} pod: {result.stderr.strip()}")
 
+    def _signal(self, service: str, signal_name: str) -> None:
+        # The service is PID 1 of its container (the image's entrypoint execs it): stop or continue it there.
+        deployment = f"deployment/{service}"
+        result = self._kubectl("exec", deployment, "--", "kill", f"-{signal_name}", "1")
+        if result.returncode != 0:
+            raise RuntimeError(f"could not send SIG{signal_name} to {service}: {result.stderr.strip()}")
+
+    def hang(self, service: str) -> None:
+        self._signal(service, "STOP")
+
+    def resume(self, service: str) -> None:
+        self._signal(service, "CONT")
+
+    def restart(self, service: str) -> None:
+        result = self._kubectl("rollout", "restart", f"deployment/{service}")
+        if result.returncode != 0:
+            raise RuntimeError(f"could not restart {service}: {result.stderr.strip()}")
+
     def wait_healthy(self, timeout: float) -> None:
         result = self._kubectl("wait", "--for=condition=Available", "deployment", "--all", f"--timeout={timeout:.0f}s")
         if result.returncode != 0:
@@ -156,6 +223,7 @@ class ScenarioRunner:
         self.control = ControlPlaneClient(settings.control_plane_url, token=self.token)
         self.http = httpx.Client(timeout=30.0)
         self.controller = RolloutsClient(settings.controller_url, token=self.token, timeout=30.0)
+        self._hangs: list[threading.Timer] = []
 
     # --- the platform's APIs ---------------------------------------------------------------------
 
@@ -238,15 +306,17 @@ class ScenarioRunner:
                 if spec is not None and spec.get("hooks"):
                     deliveries = self._settled_deliveries(view["rollout_id"])
         finally:
+            self._end_hangs()
             stats = traffic.stop()
         summary = stats.summary()
         received = [
             {"event": r.event, "path": r.path, "signature_ok": r.signature_ok}
             for r in (receiver.received if receiver else [])
         ]
+        final = self._settled(scenario, view["plan"], status, view["rollout_id"]) if scenario.chaos else None
         observed = Observed(
             status, decisions, view["plan"]["phases"], stats.failed, summary,
-            received=received, deliveries=deliveries, dead_url=dead_url,
+            received=received, deliveries=deliveries, dead_url=dead_url, plan=view["plan"], final_state=final,
         )  # fmt: skip
         result = judge(scenario, observed)
         result.details.update(
@@ -314,9 +384,7 @@ class ScenarioRunner:
             if status in TERMINAL:
                 break
             if scenario.chaos and status in scenario.chaos.when and status not in killed_in:
-                service = "controller" if scenario.chaos.kill == "controller" else f"slot-{challenger_slot}"
-                self.say(f"{scenario.name}: killing {service} (SIGKILL) during {status}")
-                self.target.kill(service)
+                self._inject(scenario, view["plan"], status)
                 killed_in.add(status)
             waiting_since = state.get("awaiting_approval_since")
             held = None if waiting_since is None else time.time() - waiting_since
@@ -336,6 +404,72 @@ class ScenarioRunner:
             time.sleep(POLL_S)
         decisions = self.controller.decisions(rollout_id)
         return status, decisions
+
+    def _inject(self, scenario: Scenario, plan: dict[str, Any], status: str) -> None:
+        """The scenario's fault, now. A hang ends on a timer of its own (not on the next poll, which may wait on
+        the very service that hangs)."""
+        assert scenario.chaos is not None
+        chaos, service = scenario.chaos, stack_service(scenario.chaos.kill, plan)
+        if chaos.action == "kill":
+            self.say(f"{scenario.name}: killing {service} (SIGKILL) during {status}")
+            self.target.kill(service)
+        elif chaos.action == "restart":
+            self.say(f"{scenario.name}: restarting {service} (SIGTERM) during {status}")
+            self.target.restart(service)
+        else:
+            self.say(f"{scenario.name}: hanging {service} (SIGSTOP) for {chaos.for_s:g}s during {status}")
+            self.target.hang(service)
+            timer = threading.Timer(chaos.for_s, self._resume, (scenario.name, service))
+            self._hangs.append(timer)
+            timer.start()
+
+    def _resume(self, name: str, service: str) -> None:
+        self.say(f"{name}: {service} continues (SIGCONT)")
+        self.target.resume(service)
+
+    def _end_hangs(self) -> None:
+        """A hang never outlives its scenario: pending timers fire now."""
+        for timer in self._hangs:
+            if timer.is_alive():
+                timer.cancel()
+                timer.function(*timer.args)
+        self._hangs.clear()
+
+    def final_state(self, rollout_id: str) -> dict[str, Any]:
+        """What the platform says after the scenario: traffic policy, slot assignments, MLflow aliases."""
+        from mlflow import MlflowClient
+
+        from core.aliases import CHALLENGER, CHAMPION, PREVIOUS
+        from core.registry import alias_version
+
+        policy = self.control.get_policy()
+        slots = {name: a.model_version for name, a in self.control.get_assignments().items()}
+        client = MlflowClient(self.settings.tracking_uri)
+        aliases = {a: alias_version(client, self.settings.model_name, a) for a in (CHAMPION, CHALLENGER, PREVIOUS)}
+        pending = self.controller.rollout(rollout_id).get("pending_actions", [])
+        return {
+            "policy": {"weights": dict(policy.weights), "shadow": policy.shadow, "champion_slot": policy.champion_slot},
+            "slots": slots,
+            "aliases": aliases,
+            "pending_actions": len(pending) if isinstance(pending, list) else int(pending or 0),
+        }
+
+    def _settled(self, scenario: Scenario, plan: dict[str, Any], status: str, rollout_id: str) -> dict[str, Any]:
+        """After a fault, wait for the stack to be healthy and the platform to agree with the outcome (a pending
+        action finishes on the controller's next tick), up to SETTLE_S; then return what it says."""
+        self.target.wait_healthy(120)
+        deadline = time.monotonic() + SETTLE_S
+        while True:
+            try:
+                state = self.final_state(rollout_id)
+            except Exception as error:  # a service still coming back: ask again
+                state = {"error": f"{type(error).__name__}: {error}"}
+            outcome = outcome_of(status, self.controller.decisions(rollout_id))
+            if "error" not in state and not consistency_failures(outcome, plan, state):
+                return state
+            if time.monotonic() > deadline:
+                return state
+            time.sleep(1.0)
 
     def _run_drift(self, scenario: Scenario, index: int, progress: Progress) -> ScenarioResult:
         """Traffic only: the drift monitor must (or must not) retrain, and the retrained model must go through

@@ -13,14 +13,22 @@ Example::
   slice: `defect: {slice: {merchant_category: electronics}, score_scale_above: 0.3}`; `fault: {when, defect}`
   switches one on in the challenger's slot at run time, once the rollout reaches status `when` (e.g. a
   model that degrades after its promotion).
-- `chaos.kill`: `challenger-slot` or `controller`, killed (SIGKILL, with every child) as soon as the rollout
-  reaches `chaos.when`: a status (`shadow`, `canary`, `promoted_watching`) or a list of them, one kill in each.
+- `chaos.kill`: the stack service the fault hits: `mlflow`, `control-plane`, `gateway`, `champion-slot`,
+  `challenger-slot`, `controller` or `drift-monitor`; `chaos.action`: `kill` (SIGKILL of its whole group, the
+  default), `hang` (SIGSTOP of every member for `chaos.for_s` seconds, then SIGCONT: a process that is there but
+  answers nothing, like a slow disk or a long GC pause) or `restart` (SIGTERM, a graceful stop the supervisor
+  follows with a new process); done as soon as the rollout reaches `chaos.when`: a status (`shadow`, `canary`,
+  `promoted_watching`) or a list of them, once in each.
+- `group`: a tag (`faults` for the fault matrix) that `mlops scenario` can select (`--group faults`) or leave out
+  (`--exclude-group faults`).
 - `challenger.source: retrained`: no challenger is built; drifted traffic must make the drift monitor submit a
   retraining run whose model then goes through a guarded rollout (`expect.retrain: true`, outcome `decided`:
   any decision), or clean traffic must trigger nothing for `traffic.duration_s` (`outcome: none`).
 - `expect.outcome`: `promoted`, `rolled_back` (before promotion) or `rolled_back_after_promotion`;
   `within_s` bounds the time from the rollout's start to that decision; `max_challenger_weight` bounds the
-  live traffic the challenger ever got; `max_client_errors` the requests clients saw fail; `decided_in` names
+  live traffic the challenger ever got; `max_client_errors` the requests clients saw fail;
+  `max_dead_gateway_errors` (only with a gateway fault) the requests in flight to the gateway when it died,
+  which no gateway can answer: counted separately from the client errors; `decided_in` names
   the phase whose decision settled it (e.g. `replay`); `held_s`: the rollout waited at an approval gate at
   least this long; `received`: events the local hook receiver must have got, every request signed with
   `MLOPS_HOOK_SECRET`; `dead_attempts`: every delivery to the dead receiver made exactly this many attempts,
@@ -117,8 +125,15 @@ class TrafficSpec(_Strict):
 ChaosStatus = Literal["shadow", "canary", "promoted_watching"]
 
 
+ChaosTarget = Literal[
+    "mlflow", "control-plane", "gateway", "champion-slot", "challenger-slot", "controller", "drift-monitor"
+]
+
+
 class ChaosSpec(_Strict):
-    kill: Literal["challenger-slot", "controller"]
+    kill: ChaosTarget = Field(description="the service the fault hits")
+    action: Literal["kill", "hang", "restart"] = "kill"
+    for_s: float = Field(4.0, gt=0, le=120, description="hang: how long the service stays stopped")
     when: list[ChaosStatus] = Field(default_factory=lambda: ["canary"], min_length=1)
 
     @field_validator("when", mode="before")
@@ -176,6 +191,7 @@ class Expectation(_Strict):
     within_s: float = Field(180, gt=0, le=3_600)
     max_challenger_weight: float | None = Field(None, ge=0, le=1)
     max_client_errors: int = Field(0, ge=0)
+    max_dead_gateway_errors: int = Field(0, ge=0, description="requests in flight to a gateway that died")
     reason_contains: str | None = None
     retrain: bool | None = Field(None, description="whether the drift monitor must (true) or must not submit a run")
     decided_in: str | None = Field(None, description="the phase whose decision settled the outcome")
@@ -187,6 +203,7 @@ class Expectation(_Strict):
 class Scenario(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     description: str = ""
+    group: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]*$", description="a tag, e.g. faults")
     challenger: ChallengerSpec = ChallengerSpec()
     traffic: TrafficSpec = TrafficSpec()
     chaos: ChaosSpec | None = None
@@ -231,8 +248,20 @@ def available(directory: Path = REPO_SCENARIOS) -> list[str]:
     return sorted(p.stem for p in directory.glob("*.yaml"))
 
 
-def resolve(selector: str, directory: Path = REPO_SCENARIOS) -> list[Scenario]:
-    """`all`, a scenario name from `scenarios/`, or a path to a YAML file."""
+def resolve(
+    selector: str, directory: Path = REPO_SCENARIOS, group: str | None = None, exclude_group: str | None = None
+) -> list[Scenario]:
+    """`all`, a scenario name from `scenarios/`, or a path to a YAML file; with `group`, only the scenarios of
+    that group (`all` then means all of the group); with `exclude_group`, all but that group's."""
+    if group is not None or exclude_group is not None:
+        chosen = [
+            s
+            for s in resolve(selector, directory)
+            if (group is None or s.group == group) and (exclude_group is None or s.group != exclude_group)
+        ]
+        if not chosen:
+            raise ScenarioError(f"no scenario of group {group!r} (excluding {exclude_group!r}) in {selector!r}")
+        return chosen
     if selector == "all":
         names = available(directory)
         if not names:

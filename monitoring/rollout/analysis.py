@@ -67,7 +67,10 @@ def rows_of_versions(predictions: pd.DataFrame, versions: dict[str, str]) -> pd.
 
 CONTINUITY = "log-continuity"
 GAP_FALSE_ALARM = 1e-6  # chance that Poisson traffic's own silences are taken for a gap, per analysis
-GAP_FLOOR_S = 1.0  # silences shorter than this are never gaps, whatever the rate
+# Silences shorter than this are never gaps, whatever the rate: a loaded machine stalls the gateway's event loop
+# and the traffic's own sender for a second or two (seen at 1 s in the fault scenarios on 2 busy cores, where the
+# evidence kept restarting and a healthy shadow never passed); a killed or hung gateway is gone for longer.
+GAP_FLOOR_S = 2.5
 MIN_ROWS_FOR_RATE = 20  # fewer rows say too little about the rate; no guardrail passes on so few anyway
 FLUSH_SLACK_S = 1.0  # beyond the flush interval: the flush loop's tick, the write, a busy machine
 
