@@ -14,7 +14,7 @@ from mlops.scenarios.spec import resolve
 from tests.conftest import run_cli
 from tests.test_stack_commands import stack_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 
 def test_every_fault_scenario_reaches_its_outcome_and_leaves_the_platform_consistent(
