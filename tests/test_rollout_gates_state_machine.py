@@ -202,6 +202,24 @@ def test_a_failing_guardrail_still_rolls_back_a_paused_rollout():
     assert state.status == "rolled_back" and isinstance(actions[0], SetTraffic)
 
 
+def test_a_spec_that_holds_failures_while_paused_records_them_and_acts_once_resumed():
+    holding = replace(GATED, on_failure_while_paused="hold")
+    paused, _ = step(holding, started(holding), Pause(1.0))
+    state = paused
+    for at in (2.0, 3.0, 4.0):  # more failures than failure_limit: none acted on while paused
+        state, actions = step(holding, state, analysis(at, 0, "fail"))
+        assert state == paused and actions == []
+    resumed, _ = step(holding, state, Resume(5.0))
+    state, _ = step(holding, resumed, analysis(6.0, 0, "fail"))
+    state, actions = step(holding, state, analysis(7.0, 0, "fail"))
+    assert state.status == "rolled_back" and isinstance(actions[0], SetTraffic)
+
+
+def test_an_unknown_choice_for_failures_while_paused_is_refused():
+    with pytest.raises(ValueError, match="on_failure_while_paused"):
+        replace(GATED, on_failure_while_paused="ignore")
+
+
 def test_the_phase_deadline_does_not_run_while_paused_and_restarts_at_resume():
     state = at_phase(1, GATED)  # canary-50 began at 1000, deadline 500 s
     paused, _ = step(GATED, state, Pause(1010.0))

@@ -286,3 +286,12 @@ def test_a_phase_deadline_shorter_than_its_minimum_duration_is_refused_with_its_
 def test_every_shipped_phase_has_a_progress_deadline() -> None:
     for spec in (default_spec(), fast_spec()):
         assert all(p.max_duration_s is not None and p.max_duration_s >= p.min_duration_s for p in spec.phases)
+
+
+def test_failures_while_paused_default_to_rollback_and_a_spec_can_hold_them_for_the_person_who_paused() -> None:
+    from monitoring.rollout.driver import plan_for
+
+    assert load_spec(spec_data()).on_failure_while_paused == "rollback"
+    held = load_spec(spec_data(on_failure_while_paused="hold"))
+    assert plan_for(held, "fraud", "2", "1", "a", None).on_failure_while_paused == "hold"
+    assert any(p.startswith("on_failure_while_paused") for p in problems_of(spec_data(on_failure_while_paused="no")))

@@ -108,6 +108,7 @@ def plan_for(
         on_pre_rollout_timeout=(
             "rollback" if any(h.on_timeout == "rollback" for h in pre_rollout) or not pre_rollout else "hold"
         ),
+        on_failure_while_paused=spec.on_failure_while_paused,
     )
 
 

@@ -690,6 +690,9 @@ class RolloutSpec(_Strict):
     false_promotion_rate: float = 0.05
     # The traffic the phases are planned for; validated by `monitoring.rollout.planner` (None: not planned).
     planning: Planning | None = None
+    # While paused (`mlops rollout pause`), a failing guardrail still rolls back ("rollback"), or is only
+    # recorded until the rollout is resumed ("hold").
+    on_failure_while_paused: GateOutcome = "rollback"
 
     _name = field_validator("name")(_non_empty)
     _interval = field_validator("analysis_interval_s")(_positive)

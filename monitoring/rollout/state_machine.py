@@ -193,6 +193,10 @@ class RolloutPlan:
     # roll back (the champion never lost any traffic). None: no gate, no timeout.
     pre_rollout_timeout_s: float | None = None
     on_pre_rollout_timeout: GateOutcome = "rollback"
+    # While a person has paused the rollout (to look at something), a failing guardrail still counts towards
+    # ``failure_limit`` and rolls back ("rollback", the default), or is recorded but not acted on until the
+    # rollout resumes ("hold": the person decides; resuming acts on the next failing analysis).
+    on_failure_while_paused: GateOutcome = "rollback"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "phases", tuple(self.phases))
@@ -211,6 +215,8 @@ class RolloutPlan:
             _finite_nonneg("pre_rollout_timeout_s", self.pre_rollout_timeout_s)
         if self.on_pre_rollout_timeout not in GATE_OUTCOMES:
             raise ValueError("on_pre_rollout_timeout must be hold or rollback")
+        if self.on_failure_while_paused not in GATE_OUTCOMES:
+            raise ValueError("on_failure_while_paused must be hold or rollback")
 
     @property
     def watch_index(self) -> int:
@@ -238,6 +244,7 @@ class RolloutPlan:
                 None if data.get("pre_rollout_timeout_s") is None else float(data["pre_rollout_timeout_s"])
             ),
             on_pre_rollout_timeout=data.get("on_pre_rollout_timeout", "rollback"),
+            on_failure_while_paused=data.get("on_failure_while_paused", "rollback"),
         )
 
 
@@ -855,6 +862,8 @@ def _on_analysis(plan: RolloutPlan, state: RolloutState, result: AnalysisResult)
     if state.status == "replay":
         return _on_replay(plan, state, result, metrics)
     combined = combine_verdicts(result.verdicts.values())
+    if combined == "fail" and state.paused and plan.on_failure_while_paused == "hold":
+        return _ignore(state)  # recorded by the caller as an analysis; the person who paused decides
     if combined == "fail":
         failed = sorted(_named(k, result.values.get(k)) for k, v in result.verdicts.items() if v == "fail")
         where = "after promotion" if watching else f"in phase {plan.phases[state.phase_index].name}"
