@@ -56,6 +56,23 @@ class TrainParams:
         if self.inject_failure_at_epoch is not None and self.max_failures < 1:
             raise ValueError("injecting a worker failure needs max_failures >= 1 to recover")
 
+    def entry_args(self) -> list[str]:
+        """These parameters as `components.train_entry` arguments: one rendering for the local attempts
+        (`components.train_attempts`) and the RayJob (`components.rayjob`), so the two cannot drift apart."""
+        args = [
+            "--workers", str(self.workers),
+            "--epochs", str(self.epochs),
+            "--batch-size", str(self.batch_size),
+            "--learning-rate", repr(float(self.learning_rate)),
+            "--max-failures", str(self.max_failures),
+            "--seed", str(self.seed),
+        ]  # fmt: skip
+        if self.inject_failure_at_epoch:
+            args += ["--inject-failure-at-epoch", str(self.inject_failure_at_epoch)]
+        if self.inject_error_at_epoch:
+            args += ["--inject-error-at-epoch", str(self.inject_error_at_epoch)]
+        return args
+
 
 @dataclass
 class TrainOutcome:

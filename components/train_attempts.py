@@ -113,18 +113,8 @@ def entry_args(
         "--run-name", run_name,
         "--model-out", str(model_dir),
         "--outcome", str(outcome),
-        "--workers", str(params.workers),
-        "--epochs", str(params.epochs),
-        "--batch-size", str(params.batch_size),
-        "--learning-rate", repr(float(params.learning_rate)),
-        "--max-failures", str(params.max_failures),
-        "--seed", str(params.seed),
     ]  # fmt: skip
-    if params.inject_failure_at_epoch:
-        args += ["--inject-failure-at-epoch", str(params.inject_failure_at_epoch)]
-    if params.inject_error_at_epoch:
-        args += ["--inject-error-at-epoch", str(params.inject_error_at_epoch)]
-    return args
+    return args + params.entry_args()
 
 
 def _attempt_env() -> dict[str, str]:
