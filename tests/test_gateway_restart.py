@@ -55,7 +55,7 @@ def test_a_restarted_gateway_starts_before_its_history_is_read_and_judges_labels
             assert not gateway.history_loaded.is_set()  # the history's read is still held up by the FIFO
             gateway.known_ids.add("new-1")  # served meanwhile
             # Release the read: a writer opens the FIFO and closes it (an empty file: not Parquet).
-            await asyncio.to_thread(lambda: open(fifo, "wb").close())  # noqa: SIM115 - open-and-close is the point
+            await asyncio.to_thread(lambda: open(fifo, "wb").close())
             await asyncio.wait_for(gateway.history_loaded.wait(), 10.0)
         finally:
             await gateway.stop()
