@@ -157,7 +157,7 @@ def simulate_rollout(spec: RolloutSpec, rng: np.random.Generator, rps: int, labe
         labelled = window[window["ts"] <= now - label_delay_s]
         feedback = labelled[["request_id", "label"]]
         predictions = window.drop(columns=["label", "failed"])
-        results = evaluate_guardrails(spec, phase.kind, predictions, feedback, threshold=THRESHOLD)
+        results = evaluate_guardrails(spec, phase.kind, predictions, feedback, threshold=THRESHOLD, weight=phase.weight)
         from monitoring.rollout.analysis import phase_samples, to_analysis
 
         analysis = to_analysis(results, index, now, phase_samples(phase.kind, predictions))

@@ -194,6 +194,15 @@ class RecentIds:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def add_older(self, older: RecentIds) -> None:
+        """Put `older`'s ids before the ones held (ids loaded from the log while new ones were being served), so
+        the capacity bound evicts the oldest first."""
+        merged: OrderedDict[str, None] = OrderedDict(older._ids)
+        merged.update(self._ids)
+        while len(merged) > self.capacity:
+            merged.popitem(last=False)
+        self._ids = merged
+
     def load(self, directory: str | Path) -> None:
         files = sorted(Path(directory).glob("*.parquet"))
         chosen: list[Path] = []

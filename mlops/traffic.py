@@ -80,6 +80,10 @@ class TrafficStats:
     # Connections refused (nothing listening: a gateway restarting) and tried again; the request was never sent,
     # so a client retries it within its deadline, as a card terminal does. Not failures unless the deadline passes.
     connects_retried: int = 0
+    # Of `failed`: requests whose connection was refused (no gateway listening: the only one was restarting) and
+    # that were still unanswered at the deadline. On kind a second gateway replica would have taken them; here they
+    # are counted apart, for an expectation to bound (`max_gateway_down_errors`), never dropped.
+    gateway_down: int = 0
     by_status: collections.Counter[str] = field(default_factory=collections.Counter)  # the gateway's status field
     by_variant: collections.Counter[str] = field(default_factory=collections.Counter)
     labels_sent: int = 0
@@ -90,11 +94,12 @@ class TrafficStats:
     latencies_ms: list[float] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
 
-    def record_failure(self, message: str, in_flight_lost: bool = False) -> None:
+    def record_failure(self, message: str, in_flight_lost: bool = False, gateway_down: bool = False) -> None:
         """Count a failed request; keep the first few verbatim, with when they failed (seconds into the run and
         wall-clock time, to place them against the gateway's policy log: an intermittent failure must say when)."""
         self.failed += 1
         self.in_flight_lost += in_flight_lost
+        self.gateway_down += gateway_down and not in_flight_lost
         if len(self.errors) < 5:
             now = time.time()
             stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
@@ -109,6 +114,7 @@ class TrafficStats:
             "failed": self.failed,
             "in_flight_lost": self.in_flight_lost,
             "connects_retried": self.connects_retried,
+            "gateway_down": self.gateway_down,
             "achieved_rps": round(self.sent / elapsed, 1),
             "by_status": dict(self.by_status),
             "by_variant": dict(self.by_variant),
@@ -164,13 +170,15 @@ async def run_traffic(
     label_headers = {"Authorization": f"Bearer {labels_token}"}
     async with aiohttp.ClientSession(gateway_url, connector=connector, timeout=timeout) as session:
 
-        async def post_score(body: dict[str, Any], sent_at: float) -> tuple[int, Any]:
-            """One request; a refused connection (never sent) is tried again until the client's deadline."""
+        async def post_score(body: dict[str, Any], sent_at: float, refused: list[bool]) -> tuple[int, Any]:
+            """One request; a refused connection (never sent) is tried again until the client's deadline, and
+            noted in `refused`."""
             while True:
                 try:
                     async with session.post("/v1/score", json=body) as response:
                         return response.status, await response.json(content_type=None)
                 except aiohttp.ClientConnectorError:
+                    refused[0] = True
                     if time.perf_counter() - sent_at + CONNECT_RETRY_S >= CLIENT_DEADLINE_S:
                         raise
                     stats.connects_retried += 1
@@ -178,17 +186,18 @@ async def run_traffic(
 
         async def score(body: dict[str, Any], label: int) -> None:
             sent_at = time.perf_counter()
+            refused = [False]  # met no listening gateway: a failure by the deadline is then `gateway_down`
             try:
-                status, answer = await asyncio.wait_for(post_score(body, sent_at), CLIENT_DEADLINE_S)
+                status, answer = await asyncio.wait_for(post_score(body, sent_at, refused), CLIENT_DEADLINE_S)
                 if status >= 300:
                     stats.record_failure(f"HTTP {status}: {answer}")
                     return
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
                 lost = not isinstance(error, aiohttp.ClientConnectorError)  # sent, and the connection broke
-                stats.record_failure(f"{type(error).__name__}: {error}", in_flight_lost=lost)
+                stats.record_failure(f"{type(error).__name__}: {error}", in_flight_lost=lost, gateway_down=refused[0])
                 return
             except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as error:
-                stats.record_failure(f"{type(error).__name__}: {error}")
+                stats.record_failure(f"{type(error).__name__}: {error}", gateway_down=refused[0])
                 return
             finally:
                 limit.release()

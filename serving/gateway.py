@@ -197,6 +197,9 @@ class Gateway:
         self.metrics.registry.register(LogCollector({"predictions": self.predictions, "feedback": self.feedback}))
         self.known_ids = RecentIds()
         self.labels = LabelBook(self.known_ids.capacity)
+        # Set once the ids and labels of the log's history are loaded (`load_history`). Scoring never waits for
+        # it; /v1/feedback does, so that a label for a request served before a restart is judged on the history.
+        self.history_loaded = asyncio.Event()
         self.labels_token = resolve_labels_token(settings)
         self.operator_token = resolve_token(settings)  # QA routing (X-Mlops-Variant) is an operator's act
         self.shadow_queue: asyncio.Queue[tuple[dict[str, Any], bytes]] = asyncio.Queue(settings.shadow_queue_size)
@@ -211,9 +214,6 @@ class Gateway:
     # --- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        # Labels for requests served before a restart are still accepted: reload their ids.
-        await asyncio.to_thread(self.known_ids.load, self.predictions.directory)
-        await asyncio.to_thread(self.labels.load, self.feedback.directory)  # labelled ids stay labelled
         # Idle connections are dropped well before the slots' server closes them (uvicorn's keep-alive is 5 s):
         # reusing one the server is closing at that moment fails the request ("Server disconnected"), which
         # hit slots whose traffic had just thinned out (the old champion during the watch, then a rollback).
@@ -221,9 +221,26 @@ class Gateway:
         self.session = aiohttp.ClientSession(connector=connector)
         self._tasks = [
             asyncio.create_task(self.watch_policy()),
+            asyncio.create_task(self.load_history()),
             asyncio.create_task(flush_loop([self.predictions, self.feedback])),
             *[asyncio.create_task(self.shadow_worker()) for _ in range(self.settings.shadow_workers)],
         ]
+
+    async def load_history(self) -> None:
+        """Labels for requests served before a restart are still accepted: reload their ids, and the labels already
+        given (labelled ids stay labelled). In the background, not before serving: after a few scenarios' traffic
+        this read takes seconds (7 s of a 23 s gateway restart in `fault-gateway-kill`, the clients' deadline
+        being 10 s), and scoring needs none of it. Ids served meanwhile stay the newest (`RecentIds.add_older`);
+        /v1/feedback waits for `history_loaded`, so no label is judged, or offered, before the history is in."""
+        try:
+            older = RecentIds(self.known_ids.capacity)
+            await asyncio.to_thread(older.load, self.predictions.directory)
+            self.known_ids.add_older(older)
+            await asyncio.to_thread(self.labels.load, self.feedback.directory)
+        except Exception:  # an unreadable history must not stop labels for what this process serves
+            log.exception("could not load the log's history: labels for requests served before the restart are refused")
+        finally:
+            self.history_loaded.set()
 
     async def stop(self) -> None:
         """Clean stop: finish logging what was served (pending shadow work is logged as cancelled)."""
@@ -607,6 +624,7 @@ def create_gateway_app(settings: Settings) -> Starlette:
         return Response(encode(body), status, _answered_by(body), media_type=JSON)
 
     async def feedback(request: Request) -> Response:
+        await gateway.history_loaded.wait()  # seconds after a restart at most; see Gateway.load_history
         try:
             status, body = gateway.record_feedback(await request.body(), request.headers.get("authorization"))
         except RequestError as error:

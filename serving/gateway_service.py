@@ -19,7 +19,7 @@ class Gateway:
     @bentoml.on_startup
     def _startup(self) -> None:
         log_to_home(_SETTINGS, "gateway")
-        lean_process()
+        lean_process(torch_threads=False)  # the gateway scores nothing itself: no torch to import
 
     def __is_ready__(self) -> bool:
         return bool(gateway_app.state.gateway.policy_loaded)

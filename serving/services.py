@@ -43,10 +43,14 @@ def log_to_home(settings: Settings, name: str) -> None:
     logger.addHandler(handler)
 
 
-def lean_process() -> None:
-    import torch
+def lean_process(torch_threads: bool = True) -> None:
+    """One intra-op thread for torch (`torch_threads`: the slots, which score with it; the gateway never imports
+    torch, and importing it only to set this took 5 s of a restarted gateway's start on a busy machine), then the
+    start-up objects frozen out of the garbage collector's way."""
+    if torch_threads:
+        import torch
 
-    torch.set_num_threads(1)  # one core per process; intra-op threads only fight over it
+        torch.set_num_threads(1)  # one core per process; intra-op threads only fight over it
     gc.collect()
     gc.freeze()
 

@@ -111,3 +111,22 @@ def test_requests_lost_with_a_dead_gateway_are_counted_apart_and_bounded() -> No
     # With a hung gateway, or any other service's fault, a broken connection is a client error like the rest.
     assert any("8 client request(s) failed" in f for f in run("gateway", "hang", failed=8, lost=8))
     assert any("8 client request(s) failed" in f for f in run("champion-slot", "kill", failed=8, lost=8))
+
+
+def test_requests_refused_while_no_gateway_listened_are_counted_apart_and_bounded() -> None:
+    """A request whose connection was refused (the only gateway restarting) and that was still unanswered at the
+    client's deadline is counted apart from the client errors, bounded by `max_gateway_down_errors`, and only
+    with a gateway kill or restart: otherwise it is a client error like the rest."""
+    decisions = [{"at": 1.0, "from_status": "canary", "to_status": "rolled_back", "phase_index": 0, "reason": "e"}]
+
+    def run(kill: str, action: str, failed: int, lost: int, down: int) -> list[str]:
+        expect = {"outcome": "rolled_back", "max_dead_gateway_errors": 10, "max_gateway_down_errors": 20}
+        scenario = parse_scenario({"name": "s", "chaos": {"kill": kill, "action": action}, "expect": expect})
+        traffic = {"in_flight_lost": lost, "gateway_down": down}
+        return judge(scenario, Observed("rolled_back", decisions, PHASES, failed, traffic)).failures
+
+    assert run("gateway", "kill", failed=28, lost=8, down=20) == []
+    assert any("21 request(s) refused by a gateway not listening" in f for f in run("gateway", "kill", 29, 8, 21))
+    assert any("1 client request(s) failed" in f for f in run("gateway", "kill", failed=29, lost=8, down=20))
+    assert any("20 client request(s) failed" in f for f in run("champion-slot", "kill", failed=20, lost=0, down=20))
+    assert parse_scenario({"name": "s", "expect": {"outcome": "promoted"}}).expect.max_gateway_down_errors == 0

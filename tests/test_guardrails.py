@@ -281,6 +281,42 @@ def test_a_healthy_challenger_can_pass_the_full_weight_step() -> None:
     assert all(r.verdict == "pass" for r in results.values()), {n: r.detail for n, r in results.items()}
 
 
+def leftover_champion_log() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The 100 % step of `fault-controller-hang` as logged: 188 champion rows answered before the gateways applied
+    the step (none after), and 4,100 challenger rows of which 39 failed (0.95 %, answered by the champion)."""
+    rng = np.random.default_rng(12)
+    predictions, feedback = canary_log(rng, 188, 4100, champion_errors=0.0, challenger_errors=0.0, fraud_rate=0.02)
+    failed = predictions.index[predictions["variant"] == "challenger"][:39]  # clustered early in the step
+    predictions.loc[failed, ["variant", "slot", "model_version", "status"]] = ["champion", "a", "1", "fallback"]
+    return predictions, feedback
+
+
+def test_leftover_champion_rows_at_the_full_weight_step_do_not_make_the_error_rate_relative() -> None:
+    """The defect: with >= min_samples leftover champion rows, the relative test compared 4,100 challenger rows
+    with 188 champion ones that never grow; its interval could not resolve a 1-point margin, and the step was
+    rolled back at its deadline. Told the phase's weight, the guardrail holds the challenger to its bound."""
+    spec = fast_spec()
+    predictions, feedback = leftover_champion_log()
+    unknown = by_name(evaluate_guardrails(spec, "canary", predictions, feedback, threshold=THRESHOLD))
+    assert unknown["error-rate"].verdict == "inconclusive" and unknown["error-rate"].limit == 0.01  # relative
+    full = by_name(evaluate_guardrails(spec, "canary", predictions, feedback, threshold=THRESHOLD, weight=1.0))
+    assert full["error-rate"].limit == 0.05 and full["error-rate"].verdict == "pass", full["error-rate"].detail
+
+
+def test_the_full_weight_step_still_fails_a_challenger_beyond_the_absolute_bound() -> None:
+    spec = fast_spec()
+    predictions, feedback = canary_log(np.random.default_rng(13), 188, 4100, champion_errors=0.0, challenger_errors=0.2)
+    full = by_name(evaluate_guardrails(spec, "canary", predictions, feedback, threshold=THRESHOLD, weight=1.0))
+    assert full["error-rate"].verdict == "fail", full["error-rate"].detail
+
+
+def test_a_partial_canary_step_stays_relative_with_a_large_enough_champion() -> None:
+    predictions, feedback = leftover_champion_log()
+    half = observe("canary", predictions, feedback, threshold=THRESHOLD, weight=0.5)
+    assert not half.full_step
+    assert observe("canary", predictions, feedback, threshold=THRESHOLD, weight=1.0).full_step
+
+
 # ------------------------------------------------------------------------------------------- shadow
 
 

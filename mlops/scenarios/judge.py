@@ -51,6 +51,7 @@ class ScenarioResult:
         summary["requests"] = traffic.get("sent")
         summary["client_errors"] = self.details.get("client_errors")
         summary["dead_gateway_errors"] = self.details.get("dead_gateway_errors")
+        summary["gateway_down_errors"] = self.details.get("gateway_down_errors")
         return summary
 
 
@@ -127,6 +128,19 @@ def consistency_failures(outcome: str, plan: dict[str, Any], final: dict[str, An
     return problems
 
 
+def gateway_fault(scenario: Scenario) -> bool:
+    """The scenario kills or restarts the gateway (a hang keeps its socket: nothing is refused or lost)."""
+    chaos = scenario.chaos
+    return chaos is not None and chaos.kill == "gateway" and chaos.action != "hang"
+
+
+def gateway_down_errors(scenario: Scenario, observed: Observed) -> int:
+    """Requests refused by a gateway that was not listening (the only one was restarting) and unanswered at the
+    client's deadline: counted apart, bounded by `max_gateway_down_errors`. With any other fault (and with none)
+    they are client errors like the rest."""
+    return int(observed.traffic.get("gateway_down", 0)) if gateway_fault(scenario) else 0
+
+
 def dead_gateway_errors(scenario: Scenario, observed: Observed) -> int:
     """Requests in flight to a gateway that died (its own fault, killed or restarted): counted apart, bounded
     by `max_dead_gateway_errors`. With any other fault they are client errors like the rest."""
@@ -199,7 +213,8 @@ def judge(scenario: Scenario, observed: Observed) -> ScenarioResult:
             f"challenger got {weight:.0%} of live traffic, at most {expect.max_challenger_weight:.0%} allowed"
         )
     lost = dead_gateway_errors(scenario, observed)
-    client_errors = observed.client_errors - lost
+    down = gateway_down_errors(scenario, observed)
+    client_errors = observed.client_errors - lost - down
     if client_errors > expect.max_client_errors:
         first = "; ".join(observed.traffic.get("errors", [])[:3])
         failures.append(
@@ -209,6 +224,11 @@ def judge(scenario: Scenario, observed: Observed) -> ScenarioResult:
     if lost > expect.max_dead_gateway_errors:
         failures.append(
             f"{lost} request(s) in flight lost with the gateway, at most {expect.max_dead_gateway_errors} allowed"
+        )
+    if down > expect.max_gateway_down_errors:
+        failures.append(
+            f"{down} request(s) refused by a gateway not listening and unanswered at the deadline, at most "
+            f"{expect.max_gateway_down_errors} allowed"
         )
     if observed.final_state is not None and observed.plan is not None:
         failures += consistency_failures(outcome, observed.plan, observed.final_state)
@@ -228,6 +248,7 @@ def judge(scenario: Scenario, observed: Observed) -> ScenarioResult:
         "retrains": observed.retrains,
         "client_errors": client_errors,
         "dead_gateway_errors": lost,
+        "gateway_down_errors": down,
         "final_state": observed.final_state,
     }
     return ScenarioResult(scenario.name, expect.outcome, outcome, not failures, seconds, reason, failures, details)

@@ -28,7 +28,10 @@ Example::
   `within_s` bounds the time from the rollout's start to that decision; `max_challenger_weight` bounds the
   live traffic the challenger ever got; `max_client_errors` the requests clients saw fail;
   `max_dead_gateway_errors` (only with a gateway fault) the requests in flight to the gateway when it died,
-  which no gateway can answer: counted separately from the client errors; `decided_in` names
+  which no gateway can answer: counted separately from the client errors; `max_gateway_down_errors` (only with
+  a gateway kill or restart) the requests whose connection was refused (no gateway listening: the only one was
+  restarting; on kind a second replica would answer them) and that were still unanswered at the client's
+  deadline, also counted apart, never dropped; `decided_in` names
   the phase whose decision settled it (e.g. `replay`); `held_s`: the rollout waited at an approval gate at
   least this long; `received`: events the local hook receiver must have got, every request signed with
   `MLOPS_HOOK_SECRET`; `dead_attempts`: every delivery to the dead receiver made exactly this many attempts,
@@ -192,6 +195,9 @@ class Expectation(_Strict):
     max_challenger_weight: float | None = Field(None, ge=0, le=1)
     max_client_errors: int = Field(0, ge=0)
     max_dead_gateway_errors: int = Field(0, ge=0, description="requests in flight to a gateway that died")
+    max_gateway_down_errors: int = Field(
+        0, ge=0, description="requests refused while no gateway listened and unanswered at the client's deadline"
+    )
     reason_contains: str | None = None
     retrain: bool | None = Field(None, description="whether the drift monitor must (true) or must not submit a run")
     decided_in: str | None = Field(None, description="the phase whose decision settled the outcome")

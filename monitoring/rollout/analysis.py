@@ -198,7 +198,8 @@ def analyse(
     judged = {"kind": phase_kind, "since": max(since, continuity.evidence_from), "until": at}
     if predictions.empty:
         return AnalysisResult(at=at, phase_index=phase_index, samples=0, verdicts={}, values={}, window=judged)
-    results = evaluate_guardrails(spec, phase_kind, predictions, feedback, threshold=threshold)
+    weight = spec.phases[phase_index].weight if phase_kind == "canary" and phase_index < len(spec.phases) else None
+    results = evaluate_guardrails(spec, phase_kind, predictions, feedback, threshold=threshold, weight=weight)
     champion_serves = bool((predictions[VARIANT] == "champion").any())
     results += prometheus_guardrail.evaluate(spec, phase_kind, champion_serves, prometheus, since, at)
     if continuity.found:

@@ -57,8 +57,14 @@ Who is compared with whom (`observe`)
 - watch (after promotion): the champion's rows alone, against each guardrail's absolute bound.
 - rows answered by the default rule (`status == "degraded"`: the budget ran out or the gateway shed the request)
   are evidence against neither variant and left out of every phase.
-In a canary phase where the champion has fewer than `min_samples` requests (the 100 % step), a guardrail with
-an absolute bound is held to it instead; a purely relative one is left out there.
+At the 100 % step (a canary phase of weight 1, or any canary phase where the champion has fewer than
+`min_samples` requests) a guardrail with an absolute bound is held to it instead; a purely relative one is left
+out there. The weight decides, not only the champion's count: at 100 % the champion gets no new traffic, so the
+rows it has are leftovers answered before the gateways applied the step's policy (a controller that hung between
+recording the step and writing the policy leaves seconds of them). Their count can exceed `min_samples` and
+never grows, so a relative test against them could never resolve its margin (seen in `fault-controller-hang`:
+188 champion rows, the error-rate guardrail inconclusive until the step's deadline rolled a healthy challenger
+back).
 """
 
 from __future__ import annotations
@@ -425,6 +431,15 @@ class Observations:
     baseline: Arm | None
     pairs: Pairs | None
     threshold: float
+    weight: float | None = None  # the canary phase's traffic weight, when the caller knows it
+
+    @property
+    def full_step(self) -> bool:
+        """A canary step whose champion gets no new traffic: weight 1 (its rows are leftovers from before the
+        gateways applied the step), or, without a weight, no champion row at all."""
+        if self.phase_kind != "canary" or self.baseline is None:
+            return False
+        return self.baseline.requests == 0 if self.weight is None else self.weight >= 1.0
 
 
 def _column(frame: pd.DataFrame, name: str, dtype: str = "object") -> pd.Series:
@@ -474,8 +489,10 @@ def observe(
     feedback: pd.DataFrame | None,
     *,
     threshold: float,
+    weight: float | None = None,
 ) -> Observations:
-    """Split the prediction log into the arms a phase compares (see the module docstring)."""
+    """Split the prediction log into the arms a phase compares (see the module docstring); `weight`: the canary
+    phase's traffic weight (1.0 at the 100 % step), None when unknown."""
     if phase_kind not in PHASE_KINDS:
         raise ValueError(f"phase_kind must be one of {', '.join(PHASE_KINDS)}, got {phase_kind!r}")
     frame = without_degraded(predictions).reset_index(drop=True)  # answered by the rule: evidence against neither
@@ -486,7 +503,8 @@ def observe(
     if phase_kind == "watch":
         return Observations(phase_kind, champion, None, None, threshold)
     if phase_kind == "canary":
-        return Observations(phase_kind, _arm("challenger", frame[challenger_rows], label), champion, None, threshold)
+        challenger = _arm("challenger", frame[challenger_rows], label)
+        return Observations(phase_kind, challenger, champion, None, threshold, weight)
     shadowed = frame[(variant == "champion") & ~challenger_rows & _column(frame, SHADOW_STATUS).isin(["ok", "error"])]
     shadow = _arm("shadow", shadowed, label, prefix=SHADOW_PREFIX)
     own = _arm("champion", shadowed, label)
@@ -542,11 +560,13 @@ def _cs(judged: Judgement) -> str:
 
 
 def _absolute(cfg: GuardrailConfig, obs: Observations, bound: float | None) -> bool:
-    """Whether to hold the candidate to the absolute bound: in watch, and in a canary phase whose champion has
-    fewer than min_samples requests (the 100 % step) when a bound is configured."""
+    """Whether to hold the candidate to the absolute bound, when one is configured: in watch, at the 100 % step
+    (`Observations.full_step`), and in a canary phase whose champion has fewer than min_samples requests."""
     if bound is None:
         return False
-    return obs.baseline is None or (obs.phase_kind == "canary" and obs.baseline.requests < cfg.min_samples)
+    if obs.baseline is None or obs.full_step:
+        return True
+    return obs.phase_kind == "canary" and obs.baseline.requests < cfg.min_samples
 
 
 def _short(counts: dict[str, int], minimum: int) -> str:
@@ -973,13 +993,15 @@ def evaluate_guardrails(
     feedback: pd.DataFrame | None,
     *,
     threshold: float,
+    weight: float | None = None,
 ) -> list[GuardrailResult]:
     """Every guardrail of `spec` that applies to `phase_kind` ("shadow", "canary" or "watch"), in spec order,
     on the given window of the prediction log (the caller picks the window: the current phase's, so each CS
-    starts with the phase) and the feedback received so far, each at its share of the error budget."""
+    starts with the phase) and the feedback received so far, each at its share of the error budget. `weight`: the
+    canary phase's traffic weight (at 1.0, the 100 % step, bounds are absolute: see the module docstring)."""
     from monitoring.rollout.slice_guardrails import SLICE_GUARDRAILS  # built on this module, so imported late
 
-    obs = observe(phase_kind, predictions, feedback, threshold=threshold)
+    obs = observe(phase_kind, predictions, feedback, threshold=threshold, weight=weight)
     kinds = GUARDRAILS | SLICE_GUARDRAILS
     results = [
         kinds[cfg.kind](cfg, obs, levels_for(spec, cfg))
@@ -1008,12 +1030,12 @@ def ignored_labels(predictions: pd.DataFrame, feedback: pd.DataFrame | None) -> 
 
 
 def applies(cfg: GuardrailConfig, obs: Observations) -> bool:
-    """A guardrail applies to the phase kinds it names, except that in a canary step where the champion serves
-    no request at all (the 100 % step) a purely relative guardrail (no absolute bound) has nothing to compare
+    """A guardrail applies to the phase kinds it names, except that at the 100 % step (`Observations.full_step`:
+    the champion gets no new traffic) a purely relative guardrail (no absolute bound) has nothing to compare
     with: it is left out, so it neither blocks the step forever as "inconclusive" nor passes without evidence."""
     if obs.phase_kind not in cfg.applies_to:
         return False
-    if obs.phase_kind == "canary" and obs.baseline is not None and obs.baseline.requests == 0:
+    if obs.full_step:
         bound_name = type(cfg).WATCH_LIMIT
         return bound_name is not None and getattr(cfg, bound_name) is not None
     return True
