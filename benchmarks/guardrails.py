@@ -18,6 +18,9 @@ What is simulated, per rollout (200 requests/s, 2 % fraud):
   fed to `step` in order, plus a `Tick` at the phase deadline and at the end of the post-promotion watch, so a
   rollout ends rolled back (in a phase or after promotion) or succeeded.
 
+- Two slice cases side by side: `slice_recall_halved` halves recall in the category nearest 10 % of the
+  payments (fuel: 10 % of payments, 1 % of frauds), `slice_recall_halved_frauds` in the category nearest 10 %
+  of the frauds (travel: 5 % of payments, 17 % of frauds); `benchmarks/slice_power.py` sizes what each needs.
 - Slice guardrails per merchant category (the category is part of the request type), each slice at its
   Bonferroni share over all 22 slices of its columns; the fraud amount caught from the pool's amounts (per-cell
   mean and within-cell variance, like log loss).
@@ -89,6 +92,7 @@ CASES = (
     "p99_x2",
     "errors_plus_2pt",
     "slice_recall_halved",
+    "slice_recall_halved_frauds",
     "declines_halved",
     "random_decisions",
 )
@@ -188,6 +192,13 @@ def make_case(name: str, spec: RolloutSpec, pool: Pool, rng: np.random.Generator
     if name == "slice_recall_halved":
         counts = {k: (pool.category == k).mean() for k in np.unique(pool.category)}
         category = min(counts, key=lambda k: abs(counts[k] - 0.10))
+        return Case(_drop_caught(c, pool.label, 0.5, rng, pool.category == category), BASE_ERROR, 1.0)
+    if name == "slice_recall_halved_frauds":
+        # Side by side with the case above: the category carrying closest to 10 % of the frauds (travel in the
+        # synthetic data: 5 % of payments, 17 % of frauds), so that the slice has evidence at the planned rate.
+        frauds = pool.label == 1
+        shares = {k: (pool.category[frauds] == k).mean() for k in np.unique(pool.category)}
+        category = min(shares, key=lambda k: abs(shares[k] - 0.10))
         return Case(_drop_caught(c, pool.label, 0.5, rng, pool.category == category), BASE_ERROR, 1.0)
     if name == "declines_halved":
         halve = (c >= THRESHOLD) & (rng.random(len(c)) < 0.5)

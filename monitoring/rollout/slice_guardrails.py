@@ -21,7 +21,9 @@ sequences are all tight (small slices never would be within a phase, and a healt
 at every deadline). Its job is to catch a regression confined to a slice, which the whole-traffic guardrails
 cannot; their passes, not the slices', carry the evidence that the challenger is good on average. So a slice
 regression is caught if its slice's sequence clears the margin before the phase ends: a question of power,
-which `benchmarks/guardrails.py` (`slice_recall_halved`) measures.
+which `benchmarks/guardrails.py` measures side by side (`slice_recall_halved`: the category with 10 % of the
+payments but 1 % of the frauds; `slice_recall_halved_frauds`: the category with about 10 % of the frauds), and
+`benchmarks/slice_power.py` sizes (labelled frauds and requests/s a slice needs).
 
 Multiplicity, stated: the guardrail's fail share of the spec's budget (`error_budget`, which counts slice
 guardrails like any other) is split by Bonferroni over **every slice its columns can have**: the schema's
