@@ -196,3 +196,32 @@ def test_supervisor_ends_a_killed_mlflow_servers_workers_and_its_restart_owns_th
     assert group_members(restarted_pid) == []
     assert not stand_in.alive() or stand_in.process.wait(timeout=5) is not None
     assert port_is_free(spec.port)
+
+
+def test_a_hung_service_has_every_member_stopped_until_resumed_and_a_restart_ends_the_whole_group(
+    spawner: tuple[ManagedProcess, int], tmp_path: Path
+) -> None:
+    """The scenario runner's `chaos.action` on the local stack: hang (SIGSTOP for `for_s`, then SIGCONT) reaches
+    the workers in sessions of their own too; restart (SIGTERM, the supervisor starts a new one) leaves nothing of
+    the old group, so the new process can own the port."""
+    from mlops.scenarios.runner import LocalTarget
+
+    managed, port = spawner
+    settings = Settings(home=tmp_path / "home")
+    _update_state(settings, "gateway", {"pid": managed.pid, "port": port, "mark": managed.mark})
+    target = LocalTarget(settings)
+    members = group_members(managed.pid, managed.mark)
+    assert len(members) == 3
+
+    target.hang("gateway")
+    _wait_for(lambda: all(p.status() == psutil.STATUS_STOPPED for p in members), 10, "every member stopped")
+    target.resume("gateway")
+    _wait_for(lambda: all(p.status() != psutil.STATUS_STOPPED for p in members), 10, "every member running")
+    assert _connects(port)
+
+    target.restart("gateway")
+    managed.process.wait()
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in members)
+    assert port_is_free(port) and not _connects(port)
+    with pytest.raises(RuntimeError, match="not part of the running local stack"):
+        target.restart("drift-monitor")
