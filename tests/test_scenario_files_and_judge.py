@@ -130,6 +130,8 @@ def test_a_matching_outcome_within_its_bound_passes_with_the_deciding_reason() -
         ({"max_challenger_weight": 0}, rolled_back(decision(0, "canary", 1), decision(2, "rolled_back")), "10%"),
         ({}, rolled_back(decision(0, "shadow"), decision(2, "rolled_back"), errors=3), "3 client"),
         ({"reason_contains": "latency"}, rolled_back(decision(0, "rolled_back", 0, "errors")), "latency"),
+        ({"reason_contains": ["decline-rate", "shadow-agreement"]},
+         rolled_back(decision(0, "rolled_back", 0, "errors")), "'decline-rate' or 'shadow-agreement'"),
     ],
 )  # fmt: skip
 def test_each_broken_expectation_fails_the_scenario_and_says_which(
@@ -348,3 +350,9 @@ def test_random_decisions_decline_at_the_given_rate_independently_of_the_score()
     declined = [s >= 0.2 for s in _degrade(state, Defect(random_decisions=0.05), scores)]
     first, second = sum(declined[:10_000]) / 10_000, sum(declined[10_000:]) / 10_000
     assert 0.04 < first < 0.06 and 0.04 < second < 0.06  # the same rate whatever the model's own decision
+
+
+def test_a_reason_given_as_alternatives_passes_when_the_decision_names_any_one_of_them() -> None:
+    observed = rolled_back(decision(0, "rolled_back", 0, "guardrails failed in phase shadow: shadow-agreement"))
+    expect = {"outcome": "rolled_back", "reason_contains": ["decline-rate", "shadow-agreement"]}
+    assert judge(scenario(**expect), observed).passed

@@ -55,6 +55,14 @@ def first_run(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
     return run_in_tmux(args, env, tmp_path_factory.mktemp("first-run-pane"), "run")
 
 
+@pytest.fixture(scope="module")
+def second_run(env: dict[str, str], first_run: PaneRun) -> CliResult:
+    # A looser PR-AUC tolerance: this test is about aliases, not about which of two similar models wins.
+    return run_cli(
+        ["run", "--generate", "12000", "--param", "seed=2", "--param", "max_pr_auc_drop=0.5", *FAST, "--json"], env
+    )
+
+
 def elapsed_seconds(pane: str) -> int | None:
     match = re.search(r"elapsed (?:(\d+)m )?(\d+)s\b", pane)
     return int(match.group(1) or 0) * 60 + int(match.group(2)) if match else None

@@ -232,8 +232,9 @@ def judge(scenario: Scenario, observed: Observed) -> ScenarioResult:
         )
     if observed.final_state is not None and observed.plan is not None:
         failures += consistency_failures(outcome, observed.plan, observed.final_state)
-    if expect.reason_contains and expect.reason_contains.lower() not in reason.lower():
-        failures.append(f"decision reason does not mention {expect.reason_contains!r}: {reason}")
+    if expect.reason_contains and not any(word.lower() in reason.lower() for word in _words(expect.reason_contains)):
+        wanted = " or ".join(repr(word) for word in _words(expect.reason_contains))
+        failures.append(f"decision reason does not mention {wanted}: {reason}")
     failures += hook_failures(scenario, observed, decision)
     promotions = sum(is_promotion(d) for d in observed.decisions)
     rollbacks = sum(d["to_status"] in ROLLED_BACK for d in observed.decisions)
@@ -252,3 +253,8 @@ def judge(scenario: Scenario, observed: Observed) -> ScenarioResult:
         "final_state": observed.final_state,
     }
     return ScenarioResult(scenario.name, expect.outcome, outcome, not failures, seconds, reason, failures, details)
+
+
+def _words(reason_contains: str | list[str]) -> list[str]:
+    """`expect.reason_contains` is one word or a list of alternatives (guardrails that may fail first)."""
+    return [reason_contains] if isinstance(reason_contains, str) else list(reason_contains)

@@ -198,7 +198,9 @@ class Expectation(_Strict):
     max_gateway_down_errors: int = Field(
         0, ge=0, description="requests refused while no gateway listened and unanswered at the client's deadline"
     )
-    reason_contains: str | None = None
+    reason_contains: str | list[str] | None = Field(
+        None, description="a word the decision's reason must contain; a list: any one of them"
+    )
     retrain: bool | None = Field(None, description="whether the drift monitor must (true) or must not submit a run")
     decided_in: str | None = Field(None, description="the phase whose decision settled the outcome")
     held_s: float | None = Field(None, ge=0, description="waited at an approval gate at least this long")
