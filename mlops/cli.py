@@ -616,6 +616,10 @@ def rollout_plan(
         Console(width=150).print(table)
         if slices:
             Console(width=150).print(_slice_table(slices))
+            if any(row.beyond_whole_margin for row in slices):
+                Console(width=150, soft_wrap=True).print("* beyond online-recall's margin: the whole-traffic recall "
+                                                         "guardrail fails or holds the shadow phase itself",
+                                                         markup=False)  # fmt: skip
             for line in summary:
                 Console(width=150, soft_wrap=True).print(line, markup=False)
         for loc, message in problems:
@@ -647,12 +651,14 @@ def _slice_table(slices: list[Any]) -> Table:
     """`rollout plan`'s slice table: one row per slice of each slice-recall guardrail."""
     budget, names = slices[0].budget_s, list(dict.fromkeys(row.guardrail for row in slices))
     table = Table(title=f"Slices ({', '.join(names)}): a halved slice recall failed with 80 % power before a healthy "
-                  f"shadow phase ends ({budget:.0f} s)?")  # fmt: skip
+                  f"shadow phase ends ({budget:.0f} s)? frauds/s: the slice's labelled frauds per second; frauds "
+                  "needed: to fail its recall halved with 80 % power; whole drop: the halving's cut in the "
+                  "whole-traffic recall")  # fmt: skip
     if len(names) > 1:
         table.add_column("guardrail", no_wrap=True)
     table.add_column("slice", no_wrap=True)
-    for column in ("% payments", "% frauds", "recall", "labelled frauds/s", "frauds to catch a halving", "time",
-                   "covered", "rps needed"):  # fmt: skip
+    for column in ("% payments", "% frauds", "recall", "frauds/s", "frauds needed", "time",
+                   "covered", "rps needed", "whole drop"):  # fmt: skip
         table.add_column(column)
     never = float("inf")
     for row in slices:
@@ -660,7 +666,8 @@ def _slice_table(slices: list[Any]) -> Table:
         cells += [row.slice, f"{row.payments:.1%}", f"{row.frauds:.1%}", f"{row.recall:g}", f"{row.frauds_per_s:.3f}",
                   "never" if row.frauds_needed == never else f"{row.frauds_needed:,.0f}",
                   "never" if row.seconds == never else f"{row.seconds:,.0f} s", "yes" if row.covered else "no",
-                  "never" if row.rps_needed == never else f"{row.rps_needed:,.0f}"]  # fmt: skip
+                  "never" if row.rps_needed == never else f"{row.rps_needed:,.0f}",
+                  f"{row.whole_drop:.1%}" + (" *" if row.beyond_whole_margin else "")]  # fmt: skip
         table.add_row(*cells)
     return table
 

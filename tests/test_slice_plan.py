@@ -46,6 +46,8 @@ def test_a_slice_with_a_large_fraud_share_is_covered_and_a_fuel_like_slice_is_no
     electronics, fuel = _row(rows, "merchant_category=electronics"), _row(rows, "merchant_category=fuel")
     assert electronics.covered and electronics.seconds <= electronics.budget_s == 300
     assert not fuel.covered and fuel.seconds > 3600  # hours, not minutes
+    # electronics' halving also cuts the whole-traffic recall by ~ 0.4 x 0.9 / 0.6 / 2 = 30 %: online-recall's own
+    assert electronics.beyond_whole_margin and not fuel.beyond_whole_margin and fuel.whole_drop < 0.01
     assert fuel.rps_needed > 50 * electronics.rps_needed  # 50x the frauds share, and a lower recall
     assert len(rows) == 22  # every slice the schema's categories give, a slice absent from the shares included
     assert not _row(rows, "country=US").covered and _row(rows, "country=US").frauds_per_s == 0
@@ -108,7 +110,7 @@ def test_mlops_rollout_plan_prints_the_slice_table_and_its_summary(tmp_path: Pat
     shown = runner.invoke(app, ["rollout", "plan", "--spec", "default", "--reference", str(path)])
     assert shown.exit_code == 0, shown.output
     assert "Slices (slice-recall)" in shown.output and "merchant_category=fuel" in shown.output
-    assert "frauds to catch a halving" in shown.output and "rps needed" in shown.output
+    assert "frauds needed" in shown.output and "rps needed" in shown.output and "whole drop" in shown.output
     assert "slice-recall covers 0 of 22 slices at 200 rps: not covered:" in shown.output
     report = json.loads(runner.invoke(app, ["rollout", "plan", "--reference", str(path), "--json"]).stdout)
     fuel = next(row for row in report["slices"] if row["slice"] == "merchant_category=fuel")

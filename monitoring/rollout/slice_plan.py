@@ -42,7 +42,7 @@ from scipy import stats
 from monitoring.rollout.guardrails import levels_for, one_sided_boundary
 from monitoring.rollout.planner import NEVER, POWER, _paired_recall_variance, phase_pass_s
 from monitoring.rollout.slice_guardrails import slice_alpha, slice_keys, slice_recall_scale
-from monitoring.rollout.spec import Planning, RolloutSpec, SliceRecallGuardrail
+from monitoring.rollout.spec import OnlineRecallGuardrail, Planning, RolloutSpec, SliceRecallGuardrail
 
 PLANNED_SLICE_DROP = 0.5  # the slice regression planned for: the slice's recall halved
 MAX_UNITS = 1e9  # beyond this many labelled frauds a slice counts as never failed
@@ -67,7 +67,10 @@ class SliceCoverage:
     frauds_per_s: labelled frauds of the slice per second; frauds_needed: labelled frauds of the slice by which a
     halving of its recall is failed with 80 % probability (inf: never); seconds: when that many have arrived;
     budget_s: how long the shadow phase lasts for a healthy challenger (its median pass time, at most its
-    deadline); rps_needed: the smallest rate at which the slice is covered (inf: none)."""
+    deadline); rps_needed: the smallest rate at which the slice is covered (inf: none); whole_drop: the relative
+    drop of the whole-traffic recall the slice's halving causes (its share of the caught frauds, halved): beyond
+    `online_recall`'s `max_drop` in shadow, the whole-traffic guardrail fails or holds the shadow phase itself,
+    so an uncovered slice is then still not promoted (`beyond_whole_margin`)."""
 
     guardrail: str
     slice: str  # "merchant_category=fuel"
@@ -80,6 +83,8 @@ class SliceCoverage:
     budget_s: float
     covered: bool
     rps_needed: float
+    whole_drop: float
+    beyond_whole_margin: bool
 
 
 def frauds_to_fail_halving(
@@ -166,6 +171,9 @@ def slice_coverage(
         return min(passes[rps], deadline)
 
     budget = budget_at(planning.rps)
+    # the narrowest whole-traffic recall margin judged in shadow (None: no online_recall there)
+    whole_margin = min((g.max_drop for g in spec.guardrails_for("shadow") if isinstance(g, OnlineRecallGuardrail)),
+                       default=None)  # fmt: skip
     out: list[SliceCoverage] = []
     for cfg in spec.guardrails_for("shadow"):
         if not isinstance(cfg, SliceRecallGuardrail):
@@ -180,6 +188,7 @@ def slice_coverage(
                 return _seconds(needed, rps * per_rps, planning.label_delay_s) <= budget_at(rps)
 
             seconds = _seconds(needed, planning.rps * per_rps, planning.label_delay_s)
+            whole_drop = PLANNED_SLICE_DROP * share.frauds * recall / planning.champion_recall
             out.append(
                 SliceCoverage(
                     guardrail=cfg.name,
@@ -193,6 +202,8 @@ def slice_coverage(
                     budget_s=budget,
                     covered=seconds <= budget,
                     rps_needed=_rps_needed(covered_at),
+                    whole_drop=whole_drop,
+                    beyond_whole_margin=whole_margin is not None and whole_drop > whole_margin,
                 )
             )
     return out
@@ -208,7 +219,8 @@ def _duration(seconds: float) -> str:
 
 def coverage_summary(rows: list[SliceCoverage], rps: float) -> list[str]:
     """One line per guardrail: how many of its slices are covered at `rps`, and what each uncovered one needs
-    (slowest first)."""
+    (slowest first; "held by the whole-traffic recall" where the slice's halving also moves the whole-traffic
+    recall beyond its margin)."""
     lines: list[str] = []
     for name in dict.fromkeys(row.guardrail for row in rows):
         mine = [row for row in rows if row.guardrail == name]
@@ -217,7 +229,9 @@ def coverage_summary(rows: list[SliceCoverage], rps: float) -> list[str]:
         missing = sorted((row for row in mine if not row.covered), key=lambda row: -row.seconds)
         if missing:
             line += ": not covered: " + ", ".join(
-                f"{row.slice.partition('=')[2]} (needs {_duration(row.seconds)})" for row in missing
+                f"{row.slice.partition('=')[2]} (needs {_duration(row.seconds)}"
+                + ("; held by the whole-traffic recall)" if row.beyond_whole_margin else ")")
+                for row in missing
             )
         lines.append(line)
     return lines
