@@ -563,12 +563,23 @@ def rollout_plan(
     ] = None,
     fraud_rate: Annotated[float | None, typer.Option("--fraud-rate")] = None,
     label_delay: Annotated[float | None, typer.Option("--label-delay", help="seconds until a label arrives")] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            help="parquet or csv with the slice columns and is_fraud, for each slice's share of the "
+            "payments and frauds (default: 200,000 synthetic transactions)"
+        ),
+    ] = None,
+    reference_seed: Annotated[int, typer.Option(help="seed of the default synthetic reference")] = 0,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Per phase, the expected seconds to a decision for an identical challenger and for a 20 % recall drop at the
-    given traffic, and whether each deadline can be met (monitoring/rollout/planner.py). Exit 1 if one cannot."""
+    given traffic, and whether each deadline can be met (monitoring/rollout/planner.py). Exit 1 if one cannot.
+    Then per slice, whether slice-recall catches a halving of the slice's recall before a healthy shadow phase
+    ends (monitoring/rollout/slice_plan.py): information only, slices never make a spec invalid."""
     from monitoring.rollout.planner import plan, plan_problems
-    from monitoring.rollout.spec import Planning, SpecError, format_location, spec_from_setting
+    from monitoring.rollout.slice_plan import coverage_summary, shares_from_frame, slice_coverage
+    from monitoring.rollout.spec import Planning, SliceRecallGuardrail, SpecError, format_location, spec_from_setting
 
     try:
         loaded = spec_from_setting(spec)
@@ -579,11 +590,20 @@ def rollout_plan(
     except (SpecError, ValueError) as error:
         raise _fail(str(error)) from None
     rows = plan(loaded, planning)
+    columns = sorted({c for g in loaded.guardrails if isinstance(g, SliceRecallGuardrail) for c in g.slices})
+    slices = (
+        slice_coverage(loaded, planning, shares_from_frame(_reference(reference, reference_seed), columns))
+        if columns
+        else []
+    )
+    summary = coverage_summary(slices, planning.rps)
     shown = lambda value: "-" if value is None or value == float("inf") else f"{value:.0f}"  # noqa: E731
     if as_json:
+        finite = lambda row: {k: v if v != float("inf") else None for k, v in row.__dict__.items()}  # noqa: E731
         _emit_json({"spec": loaded.name, "planning": planning.model_dump(),
                     "phases": [row.__dict__ for row in rows], "problems": [f"{format_location(loc)}: {m}"
-                                                                         for loc, m in problems]})  # fmt: skip
+                                                                         for loc, m in problems],
+                    "slices": [finite(row) for row in slices], "slice_summary": summary})  # fmt: skip
     else:
         table = Table(title=f"{loaded.name} at {planning.rps:g} requests/s, {planning.fraud_rate:g} fraud, labels "
                       f"{planning.label_delay_s:g} s late")  # fmt: skip
@@ -594,10 +614,62 @@ def rollout_plan(
             table.add_row(row.name, shown(row.deadline_s), shown(row.pass_s), shown(row.sure_pass_s), row.bottleneck,
                           shown(row.fail_s), shown(row.power_fail_s))  # fmt: skip
         Console(width=150).print(table)
+        if slices:
+            Console(width=150).print(_slice_table(slices))
+            if any(row.beyond_whole_margin for row in slices):
+                Console(width=150, soft_wrap=True).print("* beyond online-recall's margin: the whole-traffic recall "
+                                                         "guardrail fails or holds the shadow phase itself",
+                                                         markup=False)  # fmt: skip
+            for line in summary:
+                Console(width=150, soft_wrap=True).print(line, markup=False)
         for loc, message in problems:
             err.print(f"{format_location(loc)}: {message}", style="red", markup=False)
     if problems:
         raise typer.Exit(1)
+
+
+def _reference(path: Path | None, seed: int) -> Any:
+    """The reference dataset of `rollout plan`'s slice shares: a parquet or csv file, or synthetic transactions of
+    the family the training pipeline uses."""
+    import pandas as pd
+
+    if path is None:
+        from core.synthetic import generate_transactions
+
+        return generate_transactions(200_000, seed=seed)
+    try:
+        frame = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+    except (OSError, ValueError) as error:
+        raise _fail(f"cannot read the reference {path}: {error}") from None
+    missing = [c for c in ("merchant_category", "country", "is_fraud") if c not in frame.columns]
+    if missing:
+        raise _fail(f"the reference {path} lacks the column(s) {', '.join(missing)}")
+    return frame
+
+
+def _slice_table(slices: list[Any]) -> Table:
+    """`rollout plan`'s slice table: one row per slice of each slice-recall guardrail."""
+    budget, names = slices[0].budget_s, list(dict.fromkeys(row.guardrail for row in slices))
+    table = Table(title=f"Slices ({', '.join(names)}): a halved slice recall failed with 80 % power before a healthy "
+                  f"shadow phase ends ({budget:.0f} s)? frauds/s: the slice's labelled frauds per second; frauds "
+                  "needed: to fail its recall halved with 80 % power; whole drop: the halving's cut in the "
+                  "whole-traffic recall")  # fmt: skip
+    if len(names) > 1:
+        table.add_column("guardrail", no_wrap=True)
+    table.add_column("slice", no_wrap=True)
+    for column in ("% payments", "% frauds", "recall", "frauds/s", "frauds needed", "time",
+                   "covered", "rps needed", "whole drop"):  # fmt: skip
+        table.add_column(column)
+    never = float("inf")
+    for row in slices:
+        cells = [row.guardrail] if len(names) > 1 else []
+        cells += [row.slice, f"{row.payments:.1%}", f"{row.frauds:.1%}", f"{row.recall:g}", f"{row.frauds_per_s:.3f}",
+                  "never" if row.frauds_needed == never else f"{row.frauds_needed:,.0f}",
+                  "never" if row.seconds == never else f"{row.seconds:,.0f} s", "yes" if row.covered else "no",
+                  "never" if row.rps_needed == never else f"{row.rps_needed:,.0f}",
+                  f"{row.whole_drop:.1%}" + (" *" if row.beyond_whole_margin else "")]  # fmt: skip
+        table.add_row(*cells)
+    return table
 
 
 @rollout_app.command("status")

@@ -253,9 +253,7 @@ def plan(spec: RolloutSpec, planning: Planning | None = None) -> list[PhasePlan]
     plans: list[PhasePlan] = []
     for phase in phases:
         parts = contrasts(spec, phase, planning)
-        start = 0.0 if phase is None else phase.min_duration_s
-        rate = planning.rps * (1.0 if phase is None or phase.kind == "shadow" else float(phase.weight or 1.0))
-        start = max(start, 0.0 if phase is None else phase.min_samples / rate)
+        start = _start(phase, planning)
         z_each = float(stats.norm.ppf(1 - (1 - sure) / max(len(parts), 1)))
         passes = {c.name: c.time_to_pass(0.0, start) for c in parts}
         sure_passes = {c.name: c.time_to_pass(z_each, start) for c in parts}
@@ -275,6 +273,21 @@ def plan(spec: RolloutSpec, planning: Planning | None = None) -> list[PhasePlan]
             )
         )
     return plans
+
+
+def _start(phase: Phase | None, planning: Planning) -> float:
+    """The earliest second a phase can decide: its `min_duration_s` and its `min_samples` at the phase's rate."""
+    if phase is None:
+        return 0.0
+    rate = planning.rps * (1.0 if phase.kind == "shadow" else float(phase.weight or 1.0))
+    return max(phase.min_duration_s, phase.min_samples / rate)
+
+
+def phase_pass_s(spec: RolloutSpec, phase: Phase, planning: Planning) -> float:
+    """A phase's median seconds to pass an identical challenger (`PhasePlan.pass_s`), alone: how long a healthy
+    rollout stays in it (`monitoring.rollout.slice_plan` measures slices against it)."""
+    start = _start(phase, planning)
+    return max((c.time_to_pass(0.0, start) for c in contrasts(spec, phase, planning)), default=start)
 
 
 def live_phases(spec: RolloutSpec) -> list[Phase]:

@@ -207,12 +207,18 @@ def _no_pairs(cfg: Any, alpha: Levels, test: str, limit: float) -> GuardrailResu
 # ---------------------------------------------------------------- slice recall
 
 
+def slice_recall_scale(cfg: SliceRecallGuardrail) -> float:
+    """The effect (in units of D) a slice's recall boundaries are tuned for: 60 % of the margin, at least 0.01
+    (the slice's own recall is unknown before any data; `monitoring.rollout.slice_plan` plans with the same)."""
+    return max(0.6 * cfg.max_drop, 0.01)
+
+
 def slice_recall(cfg: SliceRecallGuardrail, obs: Observations, alpha: Levels) -> GuardrailResult:
     """Per slice, recall among its labelled frauds: D = (1 - max_drop) recall_champion - recall_challenger.
     value/baseline: the named slice's recalls; limit: max_drop."""
     test = f"per-slice recall >= {1 - cfg.max_drop:g} x the champion's"
     a = slice_alpha(alpha, cfg.slices)
-    k, scale = 1 - cfg.max_drop, max(0.6 * cfg.max_drop, 0.01)
+    k, scale = 1 - cfg.max_drop, slice_recall_scale(cfg)
     slices: list[SliceJudged] = []
     if obs.pairs is not None:
         fraud = obs.pairs.label == 1
