@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any
 
@@ -32,10 +32,10 @@ from sqlalchemy import (
     insert,
     select,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError
 
 from control_plane.models import DEFAULT_POLICY, SLOTS, Generations, SlotAssignment, TrafficPolicy
-from core.db import WRITE_OPTION, make_engine
+from core.db import create_tables, make_engine, read_transaction, write_transaction
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -207,27 +207,13 @@ class ControlPlaneStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self._engine = make_engine(url)
-        self._create_tables()
+        create_tables(self._engine, metadata)
 
-    def _create_tables(self) -> None:
-        try:
-            metadata.create_all(self._engine)
-        except (OperationalError, ProgrammingError, IntegrityError):
-            # Another process created them between our existence check and CREATE (Postgres reports that as a
-            # unique violation in its catalog); the retry sees them.
-            metadata.create_all(self._engine)
+    def _read(self) -> AbstractContextManager[Connection]:
+        return read_transaction(self._engine)
 
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self._engine.connect() as conn, conn.begin():
-            yield conn
-
-    @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        with self._engine.connect() as conn:
-            conn.execution_options(**{WRITE_OPTION: True})
-            with conn.begin():
-                yield conn
+    def _write(self) -> AbstractContextManager[Connection]:
+        return write_transaction(self._engine)
 
     # -- policy -------------------------------------------------------------------------------------------------
 

@@ -49,6 +49,12 @@ def home(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    """A SQLite database for a store, in a folder that does not exist yet (the store makes it)."""
+    return f"sqlite:///{tmp_path / 'state' / 'control-plane.db'}"
+
+
+@pytest.fixture
 def cli_env(home: Path) -> dict[str, str]:
     """Environment for CLI subprocesses: isolated home, SQLite registry (no server)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLOPS_")}

@@ -1,14 +1,21 @@
-"""Helpers shared by serving tests and benchmarks: register small models without running Ray."""
+"""Helpers shared by tests and benchmarks: small registered models without running Ray, prediction logs, rollout
+plans and specs, Ray Train checkpoints.
+
+Light to import: what needs torch or MLflow is imported inside the helper that uses it, so a test that only
+writes a prediction log does not pay for them.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-from core.model import STATE_FILE, FraudScorer, NetworkConfig, Preprocessor, build_network
-from core.registry import log_training_run, register_version
+import numpy as np
+
+from core.prediction_log import FEEDBACK_SCHEMA, PREDICTION_SCHEMA, BatchedParquetLog
 from core.settings import Settings
-from core.synthetic import generate_transactions
+from monitoring.rollout.state_machine import PhaseSpec, RolloutPlan
 
 
 def register_model(
@@ -21,6 +28,10 @@ def register_model(
     """Register an untrained-but-valid fraud model (fitted preprocessing, base-rate output) and return
     its version. Serving cost is identical to a trained one; `defect` bakes in a slot fault; `unloadable`
     registers a version whose weights file is garbage, so a slot fails to load it."""
+    from core.model import STATE_FILE, FraudScorer, NetworkConfig, Preprocessor, build_network
+    from core.registry import log_training_run, register_version
+    from core.synthetic import generate_transactions
+
     frame = generate_transactions(2_000, seed=seed)
     preprocessor = Preprocessor.fit(frame)
     config = NetworkConfig()
@@ -34,3 +45,99 @@ def register_model(
     logged = log_training_run(settings, model_dir, reference, {"seed": seed}, [], {"mlops.run_name": f"quick-{seed}"})
     version, _ = register_version(settings, logged.model_uri, logged.run_id, {"mlops.pipeline_run_id": f"quick-{seed}"})
     return version
+
+
+def write_canary_log(
+    log_dir: Path,
+    times: np.ndarray,
+    challenger_error_rate: float = 0.0,
+    seed: int = 0,
+    labels_at: float | None = None,
+) -> None:
+    """Canary rows at `times` in the gateway's own Parquet format, 50/50 champion/challenger, the same score
+    distribution, each labelled: all at `labels_at`, or (None) half a second after its request. A challenger
+    request that errors (`challenger_error_rate`) is answered by the champion, as the gateway's fallback does."""
+    rng = np.random.default_rng(seed)
+    predictions = BatchedParquetLog(log_dir / "predictions", schema=PREDICTION_SCHEMA)
+    feedback = BatchedParquetLog(log_dir / "feedback", schema=FEEDBACK_SCHEMA)
+    for i, ts in enumerate(times):
+        challenger = i % 2 == 1
+        failed = challenger and rng.random() < challenger_error_rate
+        score = float(rng.beta(1, 30))
+        predictions.append(
+            {
+                "request_id": f"r{i}",
+                "ts": float(ts),
+                "account_id": f"acc{i}",
+                "variant": "champion" if failed or not challenger else "challenger",
+                "slot": "b" if challenger else "a",
+                "model_version": "2" if challenger and not failed else "1",
+                "score": score,
+                "latency_ms": float(rng.gamma(4, 0.5)),
+                "status": "fallback" if failed else "ok",
+                "policy_generation": 3,
+            }
+        )
+        received_at = float(ts) + 0.5 if labels_at is None else labels_at
+        feedback.append({"request_id": f"r{i}", "label": int(rng.random() < score), "received_at": received_at})
+    predictions.flush()
+    feedback.flush()
+
+
+def make_plan(rollout_id: str = "r1", model_name: str = "fraud", previous_version: str | None = None) -> RolloutPlan:
+    """A rollout of v5 (slot b) against champion v4 (slot a): shadow, then a 5 % canary, each 60 s and 100
+    samples; two failures roll back; a 10-minute watch."""
+    return RolloutPlan(
+        rollout_id=rollout_id,
+        model_name=model_name,
+        challenger_version="5",
+        champion_version="4",
+        champion_slot="a",
+        challenger_slot="b",
+        phases=(PhaseSpec("shadow", "shadow", 0.0, 60.0, 100), PhaseSpec("canary-5", "canary", 0.05, 60.0, 100)),
+        failure_limit=2,
+        post_promotion_watch_s=600.0,
+        previous_version=previous_version,
+    )
+
+
+def shadow_canary_spec(name: str, interval: float, watch_s: float, canary: dict[str, Any] | None = None) -> dict:
+    """A rollout spec of seconds for a live stack: shadow, then a 50 % canary (with `canary`'s extra fields, e.g. a
+    gate), each 1.5 s and 40 samples, judged by the error rate alone (also during the watch)."""
+    return {
+        "name": name,
+        "analysis_interval_s": interval,
+        "failure_limit": 2,
+        "post_promotion_watch_s": watch_s,
+        "phases": [
+            {"name": "shadow", "kind": "shadow", "min_duration_s": 1.5, "min_samples": 40},
+            {"name": "canary-50", "kind": "canary", "weight": 0.5, "min_duration_s": 1.5, "min_samples": 40}
+            | (canary or {}),
+        ],
+        "guardrails": [
+            {
+                "name": "error-rate",
+                "kind": "error_rate",
+                "applies_to": ["shadow", "canary", "watch"],
+                "min_samples": 40,
+                "max_increase": 0.05,
+                "max_rate": 0.1,
+            }
+        ],
+    }
+
+
+def registered_checkpoint_epoch(run_dir: Path) -> int:
+    """The latest epoch whose checkpoint Ray Train has *registered*: listed in its manager snapshot, which is what
+    a new driver restores from. A checkpoint folder alone is not enough: killed before the snapshot names it, a
+    new driver cannot know it exists."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return 0
+    registered = snapshot.read_text()
+    epochs = [
+        json.loads(path.read_text())["epoch"]
+        for path in run_dir.glob("checkpoint_*/metrics.json")
+        if path.parent.name in registered
+    ]
+    return max(epochs, default=0)

@@ -7,41 +7,20 @@ from pathlib import Path
 
 import numpy as np
 
-from core.prediction_log import FEEDBACK_SCHEMA, PREDICTION_SCHEMA, BatchedParquetLog, read_window
+from core.prediction_log import read_window
 from monitoring.rollout.analysis import analyse
 from monitoring.rollout.spec import fast_spec
+from tests.support import write_canary_log as write_rows
 
 # These tests were written for a threshold of 0.5; the live one comes from Settings (MLOPS_DECISION_THRESHOLD).
 THRESHOLD = 0.5
 
 
 def write_canary_log(log_dir: Path, n: int, challenger_error_rate: float, seed: int = 0) -> float:
-    """n requests, 50/50 champion/challenger, same score distribution; returns the window start."""
-    rng = np.random.default_rng(seed)
+    """n requests, 50/50 champion/challenger, same score distribution, labelled at once; returns the window
+    start."""
     start = time.time() - 1
-    predictions = BatchedParquetLog(log_dir / "predictions", schema=PREDICTION_SCHEMA)
-    feedback = BatchedParquetLog(log_dir / "feedback", schema=FEEDBACK_SCHEMA)
-    for i in range(n):
-        challenger = i % 2 == 1
-        failed = challenger and rng.random() < challenger_error_rate
-        score = float(rng.beta(1, 30))
-        predictions.append(
-            {
-                "request_id": f"r{i}",
-                "ts": start + i * 1e-4,
-                "account_id": f"acc{i}",
-                "variant": "champion" if failed or not challenger else "challenger",
-                "slot": "b" if challenger else "a",
-                "model_version": "2" if challenger and not failed else "1",
-                "score": score,
-                "latency_ms": float(rng.gamma(4, 0.5)),
-                "status": "fallback" if failed else "ok",
-                "policy_generation": 3,
-            }
-        )
-        feedback.append({"request_id": f"r{i}", "label": int(rng.random() < score), "received_at": start + 1})
-    predictions.flush()
-    feedback.flush()
+    write_rows(log_dir, start + np.arange(n) * 1e-4, challenger_error_rate, seed, labels_at=start + 1)
     return start
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,11 +19,6 @@ from control_plane.store import (
 )
 
 GOOD: dict[str, Any] = {"weights": {"a": 0.95, "b": 0.05}, "shadow": False, "champion_slot": "a", "reason": "canary 5%"}
-
-
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'state' / 'control-plane.db'}"
 
 
 @pytest.fixture

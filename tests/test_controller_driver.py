@@ -27,32 +27,13 @@ from mlops.local_stack import LocalStack
 from monitoring.rollout.driver import Controller
 from monitoring.rollout.effects import LiveEffects
 from monitoring.rollout.spec import load_spec
-from monitoring.rollout.state_machine import ManualAbort
+from monitoring.rollout.state_machine import ManualAbort, RolloutState
 from monitoring.rollout.store import RolloutStore
-from tests.support import register_model
+from tests.support import register_model, shadow_canary_spec
 
 pytestmark = pytest.mark.slow
 MODEL = "fraud-controller-test"
-SPEC = {
-    "name": "test",
-    "analysis_interval_s": 0.5,
-    "failure_limit": 2,
-    "post_promotion_watch_s": 3,
-    "phases": [
-        {"name": "shadow", "kind": "shadow", "min_duration_s": 1.5, "min_samples": 40},
-        {"name": "canary-50", "kind": "canary", "weight": 0.5, "min_duration_s": 1.5, "min_samples": 40},
-    ],
-    "guardrails": [
-        {
-            "name": "error-rate",
-            "kind": "error_rate",
-            "applies_to": ["shadow", "canary", "watch"],
-            "min_samples": 40,
-            "max_increase": 0.05,
-            "max_rate": 0.1,
-        },
-    ],
-}
+SPEC = shadow_canary_spec("test", interval=0.5, watch_s=3)
 
 
 @pytest.fixture(scope="module")
@@ -342,6 +323,15 @@ def logged_since(stack: LocalStack, since: float) -> pd.DataFrame:
     return frame if not frame.empty else pd.DataFrame(columns=["variant", "shadow_status"])
 
 
+def tick_through_replay(controller: Controller, store: RolloutStore, rollout_id: str) -> RolloutState:
+    """Tick the controller until its rollout has left the replay phase (at most a minute); its state then."""
+    deadline = time.monotonic() + 60
+    while store.get(rollout_id)[1].status == "replay" and time.monotonic() < deadline:
+        controller.tick()
+        time.sleep(0.3)
+    return store.get(rollout_id)[1]
+
+
 def test_replay_phase_on_a_real_slot_and_log_first_rollout_skips_then_a_worse_challenger_never_sees_traffic(
     world: dict,
 ) -> None:
@@ -355,11 +345,7 @@ def test_replay_phase_on_a_real_slot_and_log_first_rollout_skips_then_a_worse_ch
     # First rollout with replay: the champion has answered no labelled request yet. The replay is inconclusive
     # and the spec says advance: it goes on to shadow, the reason recorded.
     rollout_id = controller.start(healthy)
-    deadline = time.monotonic() + 60
-    while store.get(rollout_id)[1].status == "replay" and time.monotonic() < deadline:
-        controller.tick()
-        time.sleep(0.3)
-    state = store.get(rollout_id)[1]
+    state = tick_through_replay(controller, store, rollout_id)
     assert state.status == "shadow", state.reason
     assert state.reason.startswith("replay phase replay inconclusive (only 0 replayed requests, 300 needed)")
     first = store.analyses(rollout_id)[0]
@@ -390,11 +376,7 @@ def test_replay_phase_on_a_real_slot_and_log_first_rollout_skips_then_a_worse_ch
     # A challenger as good as the champion is not held back by the replay on the same traffic: it goes on to
     # shadow. (These untrained test models decline nothing, so the decline rate may stay undecided: advance.)
     rollout_id = controller.start(healthy)
-    deadline = time.monotonic() + 60
-    while store.get(rollout_id)[1].status == "replay" and time.monotonic() < deadline:
-        controller.tick()
-        time.sleep(0.3)
-    state = store.get(rollout_id)[1]
+    state = tick_through_replay(controller, store, rollout_id)
     assert state.status == "shadow", state.reason
     replayed = [a for a in store.analyses(rollout_id) if a["phase_index"] == 0][-1]
     assert replayed["verdicts"]["error-rate"] == "pass" and "fail" not in replayed["verdicts"].values()

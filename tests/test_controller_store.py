@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -12,7 +11,6 @@ from monitoring.rollout.state_machine import (
     Analysis,
     AnalysisResult,
     ManualAbort,
-    PhaseSpec,
     RecordDecision,
     RolloutPlan,
     SetTraffic,
@@ -27,21 +25,11 @@ from monitoring.rollout.store import (
     StaleState,
     UnknownRollout,
 )
+from tests import support
 
 
 def make_plan(rollout_id: str = "r1", model_name: str = "fraud") -> RolloutPlan:
-    return RolloutPlan(
-        rollout_id=rollout_id,
-        model_name=model_name,
-        challenger_version="5",
-        champion_version="4",
-        champion_slot="a",
-        challenger_slot="b",
-        phases=(PhaseSpec("shadow", "shadow", 0.0, 60.0, 100), PhaseSpec("canary-5", "canary", 0.05, 60.0, 100)),
-        failure_limit=2,
-        post_promotion_watch_s=600.0,
-        previous_version="3",
-    )
+    return support.make_plan(rollout_id, model_name, previous_version="3")
 
 
 def passing(at: float, index: int) -> Analysis:
@@ -49,11 +37,6 @@ def passing(at: float, index: int) -> Analysis:
     return Analysis(
         AnalysisResult(at=at, phase_index=index, samples=500, verdicts={"error_rate": "pass"}, values=values)
     )
-
-
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'state' / 'control-plane.db'}"
 
 
 @pytest.fixture

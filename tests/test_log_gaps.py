@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from core.prediction_log import FEEDBACK_SCHEMA, PREDICTION_SCHEMA, BatchedParquetLog
 from monitoring.rollout.analysis import CONTINUITY, GAP_FALSE_ALARM, analyse, log_continuity, max_silence_s
 from monitoring.rollout.spec import fast_spec
 from monitoring.rollout.verdicts import combine_verdicts
+from tests.support import write_canary_log
 
 THRESHOLD = 0.5
 FLUSH_S = 1.0
@@ -68,38 +68,10 @@ def test_the_silence_bound_follows_the_rate_and_says_nothing_on_too_few_rows() -
 # --- the analysis over real log files --------------------------------------------------------------------------
 
 
-def write_log(log_dir: Path, times: np.ndarray, challenger_error_rate: float = 0.0, seed: int = 0) -> None:
-    """Canary rows at `times`, 50/50 champion/challenger, the same score distribution, labelled."""
-    rng = np.random.default_rng(seed)
-    predictions = BatchedParquetLog(log_dir / "predictions", schema=PREDICTION_SCHEMA)
-    feedback = BatchedParquetLog(log_dir / "feedback", schema=FEEDBACK_SCHEMA)
-    for i, ts in enumerate(times):
-        challenger = i % 2 == 1
-        failed = challenger and rng.random() < challenger_error_rate
-        score = float(rng.beta(1, 30))
-        predictions.append(
-            {
-                "request_id": f"r{i}",
-                "ts": float(ts),
-                "account_id": f"acc{i}",
-                "variant": "champion" if failed or not challenger else "challenger",
-                "slot": "b" if challenger else "a",
-                "model_version": "2" if challenger and not failed else "1",
-                "score": score,
-                "latency_ms": float(rng.gamma(4, 0.5)),
-                "status": "fallback" if failed else "ok",
-                "policy_generation": 3,
-            }
-        )
-        feedback.append({"request_id": f"r{i}", "label": int(rng.random() < score), "received_at": float(ts) + 0.5})
-    predictions.flush()
-    feedback.flush()
-
-
 def test_an_identical_challenger_is_not_passed_on_a_stale_log(tmp_path: Path) -> None:
     now = time.time()
     times = poisson_times(np.random.default_rng(1), 300, now - 20, now - 8)  # the log stopped 8 s ago
-    write_log(tmp_path, times)
+    write_canary_log(tmp_path, times)
     result = analyse(fast_spec(), "canary", 1, tmp_path, now - 20, at=now, threshold=THRESHOLD, flush_s=FLUSH_S)
     assert result.verdicts[CONTINUITY] == "inconclusive"
     assert result.verdicts["error-rate"] == "pass"  # the guardrail alone would have passed it
@@ -109,7 +81,8 @@ def test_an_identical_challenger_is_not_passed_on_a_stale_log(tmp_path: Path) ->
 
 def test_a_failing_challenger_still_fails_on_a_stale_log(tmp_path: Path) -> None:
     now = time.time()
-    write_log(tmp_path, poisson_times(np.random.default_rng(2), 300, now - 20, now - 8), challenger_error_rate=0.3)
+    times = poisson_times(np.random.default_rng(2), 300, now - 20, now - 8)
+    write_canary_log(tmp_path, times, challenger_error_rate=0.3)
     result = analyse(fast_spec(), "canary", 1, tmp_path, now - 20, at=now, threshold=THRESHOLD, flush_s=FLUSH_S)
     assert result.verdicts["error-rate"] == "fail"
     assert combine_verdicts(result.verdicts.values()) == "fail"
@@ -119,7 +92,7 @@ def test_a_gap_inside_the_window_restarts_the_evidence(tmp_path: Path) -> None:
     now = time.time()
     rng = np.random.default_rng(3)
     before, after = poisson_times(rng, 300, now - 30, now - 15), poisson_times(rng, 300, now - 10, now - 0.5)
-    write_log(tmp_path, np.concatenate([before, after]))
+    write_canary_log(tmp_path, np.concatenate([before, after]))
     result = analyse(fast_spec(), "canary", 1, tmp_path, now - 30, at=now, threshold=THRESHOLD, flush_s=FLUSH_S)
     assert result.verdicts[CONTINUITY] == "pass"
     assert result.values[CONTINUITY]["value"] >= 5.0
@@ -128,7 +101,7 @@ def test_a_gap_inside_the_window_restarts_the_evidence(tmp_path: Path) -> None:
 
 def test_a_continuous_log_adds_no_continuity_verdict(tmp_path: Path) -> None:
     now = time.time()
-    write_log(tmp_path, poisson_times(np.random.default_rng(4), 300, now - 20, now - 0.5))
+    write_canary_log(tmp_path, poisson_times(np.random.default_rng(4), 300, now - 20, now - 0.5))
     result = analyse(fast_spec(), "canary", 1, tmp_path, now - 20, at=now, threshold=THRESHOLD, flush_s=FLUSH_S)
     assert CONTINUITY not in result.verdicts
     assert result.verdicts["error-rate"] == "pass"

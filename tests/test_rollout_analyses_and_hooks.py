@@ -17,29 +17,15 @@ from monitoring.rollout.spec import SpecError, fast_spec, load_spec
 from monitoring.rollout.state_machine import (
     Analysis,
     AnalysisResult,
-    PhaseSpec,
     RolloutPlan,
     Start,
     initial_state,
     step,
 )
 from monitoring.rollout.store import RolloutStore, StaleState
+from tests.support import make_plan
 
 SECRET = "s3cret"
-
-
-def make_plan(rollout_id: str = "r1") -> RolloutPlan:
-    return RolloutPlan(
-        rollout_id=rollout_id,
-        model_name="fraud",
-        challenger_version="5",
-        champion_version="4",
-        champion_slot="a",
-        challenger_slot="b",
-        phases=(PhaseSpec("shadow", "shadow", 0.0, 60.0, 100), PhaseSpec("canary-5", "canary", 0.05, 60.0, 100)),
-        failure_limit=2,
-        post_promotion_watch_s=600.0,
-    )
 
 
 def result(at: float, verdict: str, index: int = 0) -> AnalysisResult:

@@ -31,7 +31,7 @@ from core.processes import free_port, mlops_command, start_process, stop_process
 from core.settings import Settings
 from mlops.hook_receiver import HookReceiver
 from mlops.local_stack import LocalStack
-from tests.support import register_model
+from tests.support import register_model, shadow_canary_spec
 from tests.terminal import Tmux, run_in_tmux
 from tests.test_controller_driver import Traffic, wait_for_version
 
@@ -43,28 +43,7 @@ SCREENSHOT = REPO / "docs" / "rollout-watch.png"
 
 
 def spec(interval: float, hooks: list[dict], gate: dict | None = None) -> dict:
-    return {
-        "name": "operations",
-        "analysis_interval_s": interval,
-        "failure_limit": 2,
-        "post_promotion_watch_s": 2,
-        "phases": [
-            {"name": "shadow", "kind": "shadow", "min_duration_s": 1.5, "min_samples": 40},
-            {"name": "canary-50", "kind": "canary", "weight": 0.5, "min_duration_s": 1.5, "min_samples": 40}
-            | (gate or {}),
-        ],
-        "guardrails": [
-            {
-                "name": "error-rate",
-                "kind": "error_rate",
-                "applies_to": ["shadow", "canary", "watch"],
-                "min_samples": 40,
-                "max_increase": 0.05,
-                "max_rate": 0.1,
-            }
-        ],
-        "hooks": hooks,
-    }
+    return shadow_canary_spec("operations", interval, watch_s=2, canary=gate) | {"hooks": hooks}
 
 
 @pytest.fixture(scope="module")

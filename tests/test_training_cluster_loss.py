@@ -7,7 +7,6 @@ only after their own timeouts: both cost CI time for the same recovery.)"""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from components.train_attempts import (
 from core.processes import group_members
 from core.settings import Settings
 from core.synthetic import generate_transactions
+from tests.support import registered_checkpoint_epoch
 
 # --- which errors are retried (pure) ----------------------------------------------------------------------------
 
@@ -87,20 +87,6 @@ def test_cluster_retries_setting_is_validated() -> None:
 # --- real Ray -----------------------------------------------------------------------------------------------------
 
 
-def _registered_epoch(run_dir: Path) -> int:
-    """The latest epoch whose checkpoint Ray Train's manager snapshot names (what a new driver restores from)."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    if not snapshot.exists():
-        return 0
-    registered = snapshot.read_text()
-    epochs = [
-        json.loads(path.read_text())["epoch"]
-        for path in run_dir.glob("checkpoint_*/metrics.json")
-        if path.parent.name in registered
-    ]
-    return max(epochs, default=0)
-
-
 def _data(tmp_path: Path, rows: int = 8000) -> Path:
     path = tmp_path / "data.parquet"
     write_transactions(generate_transactions(rows, seed=0), path)
@@ -125,7 +111,7 @@ def test_killed_ray_cluster_is_replaced_and_training_resumes_from_its_checkpoint
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 240
-    while _registered_epoch(storage / run_name) < 1:
+    while registered_checkpoint_epoch(storage / run_name) < 1:
         assert thread.is_alive(), f"training ended before the kill: {result}"
         assert time.monotonic() < deadline, "no registered checkpoint within 240 s"
         time.sleep(0.1)
@@ -133,7 +119,7 @@ def test_killed_ray_cluster_is_replaced_and_training_resumes_from_its_checkpoint
     descendants = psutil.Process(first_attempt_pid).children(recursive=True)
     node = [p for p in descendants if p.name() == "raylet" or p.name().startswith("ray::")]
     assert sum(p.name() == "raylet" for p in node) == 1 and any("TrainController" in p.name() for p in node), node
-    killed_at = _registered_epoch(storage / run_name)
+    killed_at = registered_checkpoint_epoch(storage / run_name)
     for process in node:  # the node is lost: its raylet and every worker process on it, by PID
         process.kill()
     thread.join(timeout=400)

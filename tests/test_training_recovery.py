@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, run_cli
+from tests.support import registered_checkpoint_epoch
 
 pytestmark = pytest.mark.slow
 
@@ -42,22 +42,6 @@ def test_worker_killed_mid_training_resumes_from_its_checkpoint(cli_env: dict[st
     assert 0.0 < outcome["metrics"]["val_pr_auc"] <= 1.0
 
 
-def _latest_checkpoint_epoch(run_dir: Path) -> int:
-    """Latest epoch whose checkpoint Ray Train has *registered*: listed in its manager snapshot, which
-    is what a new driver restores from. A checkpoint folder alone is not enough: killed before the
-    snapshot names it, a new driver cannot know it exists."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    if not snapshot.exists():
-        return 0
-    registered = snapshot.read_text()
-    epochs = [
-        json.loads(path.read_text())["epoch"]
-        for path in run_dir.glob("checkpoint_*/metrics.json")
-        if path.parent.name in registered
-    ]
-    return max(epochs, default=0)
-
-
 def test_rerun_with_the_same_name_after_a_driver_crash_resumes(cli_env: dict[str, str], home: Path) -> None:
     args = [
         sys.executable,
@@ -81,14 +65,14 @@ def test_rerun_with_the_same_name_after_a_driver_crash_resumes(cli_env: dict[str
     )
     try:
         deadline = time.monotonic() + 300
-        while _latest_checkpoint_epoch(run_dir) < 2:
+        while registered_checkpoint_epoch(run_dir) < 2:
             assert driver.poll() is None, "training finished or died before the crash could be injected"
             assert time.monotonic() < deadline, "no checkpoint for epoch 2 within 300 s"
             time.sleep(0.05)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    crashed_at = _latest_checkpoint_epoch(run_dir)
+    crashed_at = registered_checkpoint_epoch(run_dir)
     assert crashed_at < 10, "the driver was killed after training had already finished"
 
     result = run_cli(

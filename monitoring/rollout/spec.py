@@ -36,7 +36,7 @@ A spec is a YAML file (see `monitoring/rollout/specs/`) validated into a frozen 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -44,6 +44,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.schema import COLUMNS_BY_NAME, SLICE_COLUMNS
+from monitoring.rollout.state_machine import DECISION_EVENTS
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
 
@@ -128,6 +129,41 @@ def _fraction(value: float | None, lower_open: bool = True, upper_open: bool = T
     return value
 
 
+# Single-argument forms of the checks above, for `field_validator(...)(check)`: pydantic passes a validation
+# info to a function with a second parameter, so `_fraction`'s options cannot be given there.
+def _share(value: float) -> float:
+    """A share or a relative margin in (0, 1)."""
+    return _fraction(value)  # type: ignore[return-value]
+
+
+def _margin(value: float) -> float:
+    """A margin in [0, 1): 0 allows no regression at all."""
+    return _fraction(value, lower_open=False)  # type: ignore[return-value]
+
+
+def _optional_share(value: float | None) -> float | None:
+    return _fraction(value)
+
+
+def _optional_positive(value: float | None) -> float | None:
+    return None if value is None else _positive(value)
+
+
+def _optional_non_negative(value: float | None) -> float | None:
+    return None if value is None else _non_negative(value)
+
+
+def _error_rate(why: str) -> Callable[[float], float]:
+    """A check for a rollout-level error probability: in (0, 0.5), with why 0 is refused."""
+
+    def check(value: float) -> float:
+        if not 0 < value < 0.5:
+            raise ValueError(f"must be in (0, 0.5), got {value}: {why}")
+        return value
+
+    return check
+
+
 class Phase(_Strict):
     """One step of the rollout. Replay and shadow phases have no weight; canary phases send `weight` of the
     traffic.
@@ -159,8 +195,8 @@ class Phase(_Strict):
     _name = field_validator("name")(_non_empty)
     _duration = field_validator("min_duration_s")(_non_negative)
     _samples = field_validator("min_samples")(_at_least_one)
-    _delays = field_validator("label_delay_s")(lambda v: None if v is None else _non_negative(v))
-    _lookback = field_validator("lookback_s")(lambda v: None if v is None else _positive(v))
+    _delays = field_validator("label_delay_s")(_optional_non_negative)
+    _lookback = field_validator("lookback_s")(_optional_positive)
 
     @model_validator(mode="before")
     @classmethod
@@ -192,10 +228,7 @@ class Phase(_Strict):
     def _weight(cls, value: float | None) -> float | None:
         return _fraction(value, lower_open=True, upper_open=False)
 
-    @field_validator("approval_timeout_s")
-    @classmethod
-    def _approval_timeout(cls, value: float | None) -> float | None:
-        return None if value is None else _positive(value)
+    _approval_timeout = field_validator("approval_timeout_s")(_optional_positive)
 
 
 class _GuardrailBase(_Strict):
@@ -266,15 +299,8 @@ class ErrorRateGuardrail(_GuardrailBase):
     max_increase: float = 0.01
     max_rate: float | None = None
 
-    @field_validator("max_increase")
-    @classmethod
-    def _increase(cls, value: float) -> float:
-        return _fraction(value, lower_open=False)  # type: ignore[return-value]
-
-    @field_validator("max_rate")
-    @classmethod
-    def _rate(cls, value: float | None) -> float | None:
-        return _fraction(value)
+    _increase = field_validator("max_increase")(_margin)
+    _rate = field_validator("max_rate")(_optional_share)
 
 
 class LatencyP99Guardrail(_GuardrailBase):
@@ -296,10 +322,7 @@ class LatencyP99Guardrail(_GuardrailBase):
             raise ValueError(f"must be in [1, 100), got {value}")
         return value
 
-    @field_validator("max_p99_ms")
-    @classmethod
-    def _p99(cls, value: float | None) -> float | None:
-        return None if value is None else _positive(value)
+    _p99 = field_validator("max_p99_ms")(_optional_positive)
 
 
 class ScoreShiftGuardrail(_GuardrailBase):
@@ -336,10 +359,7 @@ class ShadowAgreementGuardrail(_GuardrailBase):
     kind: Literal["shadow_agreement"]
     min_decline_overlap: float = 0.5
 
-    @field_validator("min_decline_overlap")
-    @classmethod
-    def _overlap(cls, value: float) -> float:
-        return _fraction(value)  # type: ignore[return-value]
+    _overlap = field_validator("min_decline_overlap")(_share)
 
 
 class DeclineRateGuardrail(_GuardrailBase):
@@ -352,10 +372,7 @@ class DeclineRateGuardrail(_GuardrailBase):
     kind: Literal["decline_rate"]
     max_change: float = 0.3
 
-    @field_validator("max_change")
-    @classmethod
-    def _change(cls, value: float) -> float:
-        return _fraction(value)  # type: ignore[return-value]
+    _change = field_validator("max_change")(_share)
 
 
 class OnlineRecallGuardrail(_GuardrailBase):
@@ -369,15 +386,8 @@ class OnlineRecallGuardrail(_GuardrailBase):
     max_drop: float = 0.1
     min_recall: float | None = None
 
-    @field_validator("max_drop")
-    @classmethod
-    def _drop(cls, value: float) -> float:
-        return _fraction(value, lower_open=False)  # type: ignore[return-value]
-
-    @field_validator("min_recall")
-    @classmethod
-    def _recall(cls, value: float | None) -> float | None:
-        return _fraction(value)
+    _drop = field_validator("max_drop")(_margin)
+    _recall = field_validator("min_recall")(_optional_share)
 
 
 class OnlineLogLossGuardrail(_GuardrailBase):
@@ -391,11 +401,7 @@ class OnlineLogLossGuardrail(_GuardrailBase):
     max_log_loss: float | None = None
 
     _increase = field_validator("max_increase")(_non_negative)
-
-    @field_validator("max_log_loss")
-    @classmethod
-    def _bound(cls, value: float | None) -> float | None:
-        return None if value is None else _positive(value)
+    _bound = field_validator("max_log_loss")(_optional_positive)
 
 
 def _slice_column_problems(columns: list[str]) -> list[tuple[Loc, str]]:
@@ -447,10 +453,7 @@ class SliceRecallGuardrail(_SliceGuardrailBase):
     kind: Literal["slice_recall"]
     max_drop: float = 0.3
 
-    @field_validator("max_drop")
-    @classmethod
-    def _drop(cls, value: float) -> float:
-        return _fraction(value, lower_open=False)  # type: ignore[return-value]
+    _drop = field_validator("max_drop")(_margin)
 
 
 class SliceDeclineRateGuardrail(_SliceGuardrailBase):
@@ -460,10 +463,7 @@ class SliceDeclineRateGuardrail(_SliceGuardrailBase):
     kind: Literal["slice_decline_rate"]
     max_change: float = 0.4
 
-    @field_validator("max_change")
-    @classmethod
-    def _change(cls, value: float) -> float:
-        return _fraction(value)  # type: ignore[return-value]
+    _change = field_validator("max_change")(_share)
 
 
 class SliceAgreementGuardrail(_SliceGuardrailBase):
@@ -476,10 +476,7 @@ class SliceAgreementGuardrail(_SliceGuardrailBase):
     kind: Literal["slice_agreement"]
     min_decline_overlap: float = 0.4
 
-    @field_validator("min_decline_overlap")
-    @classmethod
-    def _overlap(cls, value: float) -> float:
-        return _fraction(value)  # type: ignore[return-value]
+    _overlap = field_validator("min_decline_overlap")(_share)
 
 
 class FraudAmountCaughtGuardrail(_GuardrailBase):
@@ -493,10 +490,7 @@ class FraudAmountCaughtGuardrail(_GuardrailBase):
     kind: Literal["fraud_amount_caught"]
     max_drop: float = 0.1
 
-    @field_validator("max_drop")
-    @classmethod
-    def _drop(cls, value: float) -> float:
-        return _fraction(value, lower_open=False)  # type: ignore[return-value]
+    _drop = field_validator("max_drop")(_margin)
 
 
 class PrometheusGuardrail(_GuardrailBase):
@@ -525,11 +519,7 @@ class PrometheusGuardrail(_GuardrailBase):
 
     _looks = field_validator("looks")(_at_least_one)
     _step = field_validator("step_s")(_positive)
-
-    @field_validator("max_relative_increase")
-    @classmethod
-    def _margin(cls, value: float | None) -> float | None:
-        return None if value is None else _non_negative(value)
+    _margin = field_validator("max_relative_increase")(_optional_non_negative)
 
     @model_validator(mode="after")
     def _queries(self) -> PrometheusGuardrail:
@@ -552,19 +542,9 @@ class PrometheusGuardrail(_GuardrailBase):
 
 
 GateOutcome = Literal["hold", "rollback"]
-HOOK_NOTIFICATIONS = (
-    "rollout-started",
-    "phase-advanced",
-    "failure-counted",
-    "awaiting-approval",
-    "approval-timeout",
-    "paused",
-    "resumed",
-    "promoted",
-    "rolled-back",
-    "aborted",
-    "succeeded",
-)
+# A hook may subscribe to the event of any decision the state machine records, but for the two that are not
+# offered to hooks: a reset failure streak and a slot outage.
+HOOK_NOTIFICATIONS = tuple(event for event in DECISION_EVENTS if event not in ("streak-reset", "slot-down"))
 HOOK_GATES = ("pre-rollout", "confirm-promotion")
 HOOK_EVENTS = HOOK_NOTIFICATIONS + HOOK_GATES
 
@@ -642,16 +622,8 @@ class Planning(_Strict):
 
     _rps = field_validator("rps")(_positive)
     _delay = field_validator("label_delay_s")(_non_negative)
-
-    @field_validator("fraud_rate", "champion_recall", "decline_rate", "discordant_frauds")
-    @classmethod
-    def _share(cls, value: float) -> float:
-        return _fraction(value)  # type: ignore[return-value]
-
-    @field_validator("error_rate")
-    @classmethod
-    def _errors(cls, value: float) -> float:
-        return _fraction(value, lower_open=False)  # type: ignore[return-value]
+    _shares = field_validator("fraud_rate", "champion_recall", "decline_rate", "discordant_frauds")(_share)
+    _errors = field_validator("error_rate")(_margin)
 
 
 GuardrailConfig = Annotated[
@@ -699,19 +671,8 @@ class RolloutSpec(_Strict):
     _failures = field_validator("failure_limit")(_at_least_one)
     _watch = field_validator("post_promotion_watch_s")(_non_negative)
 
-    @field_validator("false_rollback_rate")
-    @classmethod
-    def _budget(cls, value: float) -> float:
-        if not 0 < value < 0.5:
-            raise ValueError(f"must be in (0, 0.5), got {value}: an error budget <= 0 cannot be guaranteed")
-        return value
-
-    @field_validator("false_promotion_rate")
-    @classmethod
-    def _pass_level(cls, value: float) -> float:
-        if not 0 < value < 0.5:
-            raise ValueError(f"must be in (0, 0.5), got {value}: a pass error <= 0 can never pass")
-        return value
+    _budget = field_validator("false_rollback_rate")(_error_rate("an error budget <= 0 cannot be guaranteed"))
+    _pass_level = field_validator("false_promotion_rate")(_error_rate("a pass error <= 0 can never pass"))
 
     @model_validator(mode="after")
     def _consistent(self) -> RolloutSpec:

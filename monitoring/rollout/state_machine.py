@@ -404,15 +404,21 @@ class Tick:
 
 
 @dataclass(frozen=True)
-class ManualPromote:
+class _Command:
+    """An operator's command (a person, the CLI, or a gating hook): when, and why."""
+
     at: float
     reason: str = ""
 
 
 @dataclass(frozen=True)
-class ManualAbort:
-    at: float
-    reason: str = ""
+class ManualPromote(_Command):
+    """Promote now, in a shadow or canary phase, whatever the guardrails say (recorded as manual)."""
+
+
+@dataclass(frozen=True)
+class ManualAbort(_Command):
+    """Roll back now, from any status that is not terminal (recorded as aborted)."""
 
 
 @dataclass(frozen=True)
@@ -425,25 +431,18 @@ class SlotDown:
 
 
 @dataclass(frozen=True)
-class Pause:
+class Pause(_Command):
     """Hold the rollout where it is: analyses go on and a failing guardrail still rolls back."""
 
-    at: float
-    reason: str = ""
+
+@dataclass(frozen=True)
+class Resume(_Command):
+    """Let a paused rollout advance again; the phase's deadline counts again from here."""
 
 
 @dataclass(frozen=True)
-class Resume:
-    at: float
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class Approve:
+class Approve(_Command):
     """Open the gate of a phase that passed and waits for approval (a person, or a gating hook's 2xx)."""
-
-    at: float
-    reason: str = ""
 
 
 Event: TypeAlias = Start | Analysis | Tick | ManualPromote | ManualAbort | SlotDown | Pause | Resume | Approve
@@ -467,16 +466,25 @@ DECISION_EVENTS: tuple[str, ...] = (
 )
 
 
+def _tagged(value: Event | Action) -> dict[str, Any]:
+    return {"type": type(value).__name__, **_jsonable(value)}
+
+
+def _untagged(data: dict[str, Any], types: dict[str, type], what: str) -> tuple[type, dict[str, Any]]:
+    """The class a tagged dict names (one of ``types``) and its fields."""
+    kind = types.get(data.get("type", ""))
+    if kind is None:
+        raise ValueError(f"unknown {what} type {data.get('type')!r}")
+    return kind, {k: v for k, v in data.items() if k != "type"}
+
+
 def event_to_dict(event: Event) -> dict[str, Any]:
     """``{"type": "Analysis", ...fields}``: for an event log the driver may keep beside the state."""
-    return {"type": type(event).__name__, **_jsonable(event)}
+    return _tagged(event)
 
 
 def event_from_dict(data: dict[str, Any]) -> Event:
-    body = {k: v for k, v in data.items() if k != "type"}
-    kind = _EVENT_TYPES.get(data.get("type", ""))
-    if kind is None:
-        raise ValueError(f"unknown event type {data.get('type')!r}")
+    kind, body = _untagged(data, _EVENT_TYPES, "event")
     if kind is Analysis:
         return Analysis(AnalysisResult.from_dict(body["result"]))
     return kind(**body)
@@ -536,14 +544,11 @@ _ACTION_TYPES: dict[str, type] = {
 
 
 def action_to_dict(action: Action) -> dict[str, Any]:
-    return {"type": type(action).__name__, **_jsonable(action)}
+    return _tagged(action)
 
 
 def action_from_dict(data: dict[str, Any]) -> Action:
-    body = {k: v for k, v in data.items() if k != "type"}
-    kind = _ACTION_TYPES.get(data.get("type", ""))
-    if kind is None:
-        raise ValueError(f"unknown action type {data.get('type')!r}")
+    kind, body = _untagged(data, _ACTION_TYPES, "action")
     if kind is RecordDecision:
         return RecordDecision(Decision.from_dict(body["decision"]))
     return kind(**body)
@@ -691,6 +696,36 @@ def _transition(
     return new_state, actions
 
 
+def _stay(
+    state: RolloutState,
+    *,
+    at: float,
+    reason: str,
+    metrics: dict[str, Any],
+    event: str,
+    notify: str | None = None,
+    **changes: Any,
+) -> _Result:
+    """A recorded transition that keeps the status and moves no traffic or alias (a counted failure, a reset
+    streak, a gate, a pause): only the state's bookkeeping in ``changes`` changes."""
+    return _transition(
+        state,
+        at=at,
+        to_status=state.status,
+        reason=reason,
+        metrics=metrics,
+        effects=[],
+        event=event,
+        notify=notify,
+        **changes,
+    )
+
+
+def _given(reason: str) -> str:
+    """An operator's reason as a decision records it."""
+    return reason or "no reason given"
+
+
 def _phase_traffic(plan: RolloutPlan, index: int, reason: str) -> SetTraffic:
     phase = plan.phases[index]
     shadow = phase.kind == "shadow"
@@ -799,13 +834,11 @@ def _count_failure(plan: RolloutPlan, state: RolloutState, at: float, reason: st
     reason = f"{reason} ({count}/{plan.failure_limit} consecutive)"
     if count >= plan.failure_limit:
         return _roll_back(plan, state, at, "rolled_back", reason, metrics, consecutive_failures=count)
-    return _transition(
+    return _stay(
         state,
         at=at,
-        to_status=state.status,
         reason=reason,
         metrics=metrics,
-        effects=[],
         event="failure-counted",
         consecutive_failures=count,
     )
@@ -887,13 +920,11 @@ def _on_analysis(plan: RolloutPlan, state: RolloutState, result: AnalysisResult)
             gates = f"{result.samples}/{phase.min_samples} samples"
             return _deadline_roll_back(plan, state, result.at, f"all pass but only {gates}", metrics)
     if state.consecutive_failures:
-        return _transition(
+        return _stay(
             state,
             at=result.at,
-            to_status=state.status,
             reason=f"all guardrails pass; failure streak of {state.consecutive_failures} reset",
             metrics={**metrics, "consecutive_failures": 0},
-            effects=[],
             event="streak-reset",
             consecutive_failures=0,
         )
@@ -906,14 +937,12 @@ def _phase_passed(plan: RolloutPlan, state: RolloutState, at: float, reason: str
     if not phase.require_approval:
         return _advance(plan, state, at, reason, metrics)
     timeout = phase.approval_timeout_s
-    return _transition(
+    return _stay(
         state,
         at=at,
-        to_status=state.status,
         reason=f"{reason}; awaiting approval"
         + (f" (timeout {timeout:g}s, then {phase.on_approval_timeout})" if timeout is not None else ""),
         metrics={**metrics, "approval_timeout_s": timeout, "consecutive_failures": 0},
-        effects=[],
         event="awaiting-approval",
         notify=f"{_label(plan)}: phase {phase.name!r} passed and awaits approval",
         awaiting_approval_since=float(at),
@@ -1011,13 +1040,11 @@ def _approval_timeout(plan: RolloutPlan, state: RolloutState, at: float) -> _Res
     metrics = {"approval_timeout_s": phase.approval_timeout_s, "waited_s": waited, "outcome": phase.on_approval_timeout}
     if phase.on_approval_timeout == "rollback":
         return _roll_back(plan, state, at, "rolled_back", reason, metrics)
-    return _transition(
+    return _stay(
         state,
         at=at,
-        to_status=state.status,
         reason=f"{reason}; holding until approved or aborted",
         metrics=metrics,
-        effects=[],
         event="approval-timeout",
         notify=f"{_label(plan)}: {reason}; holding",
         gate_timed_out=True,
@@ -1027,35 +1054,27 @@ def _approval_timeout(plan: RolloutPlan, state: RolloutState, at: float) -> _Res
 def _on_pause(plan: RolloutPlan, state: RolloutState, event: Pause) -> _Result:
     if state.status not in PHASE_STATUSES or state.paused:
         return _ignore(state)
-    reason = f"paused: {event.reason or 'no reason given'}"
-    return _transition(
-        state,
-        at=event.at,
-        to_status=state.status,
-        reason=reason,
-        metrics={"manual": True, "phase": plan.phases[state.phase_index].name},
-        effects=[],
-        event="paused",
-        notify=f"{_label(plan)}: {reason}",
-        paused=True,
-    )
+    return _paused_or_resumed(plan, state, event, "paused", paused=True)
 
 
 def _on_resume(plan: RolloutPlan, state: RolloutState, event: Resume) -> _Result:
     if state.status not in PHASE_STATUSES or not state.paused:
         return _ignore(state)
-    reason = f"resumed: {event.reason or 'no reason given'}"
-    return _transition(
+    return _paused_or_resumed(plan, state, event, "resumed", paused=False, resumed_at=float(event.at))
+
+
+def _paused_or_resumed(
+    plan: RolloutPlan, state: RolloutState, event: Pause | Resume, what: str, **changes: Any
+) -> _Result:
+    reason = f"{what}: {_given(event.reason)}"
+    return _stay(
         state,
         at=event.at,
-        to_status=state.status,
         reason=reason,
         metrics={"manual": True, "phase": plan.phases[state.phase_index].name},
-        effects=[],
-        event="resumed",
+        event=what,
         notify=f"{_label(plan)}: {reason}",
-        paused=False,
-        resumed_at=float(event.at),
+        **changes,
     )
 
 
@@ -1064,7 +1083,7 @@ def _on_approve(plan: RolloutPlan, state: RolloutState, event: Approve) -> _Resu
         return _ignore(state)
     phase = plan.phases[state.phase_index]
     waited = event.at - (state.awaiting_approval_since or event.at)
-    reason = f"phase {phase.name} approved: {event.reason or 'no reason given'}"
+    reason = f"phase {phase.name} approved: {_given(event.reason)}"
     metrics = {"approved": True, "waited_s": waited, "phase": phase.name}
     return _advance(plan, state, event.at, reason, metrics)
 
@@ -1104,12 +1123,12 @@ def _on_manual_promote(plan: RolloutPlan, state: RolloutState, event: ManualProm
         "elapsed_s": event.at - state.phase_started_at,
         "consecutive_failures": state.consecutive_failures,
     }
-    return _promote(plan, state, event.at, f"manual promote: {event.reason or 'no reason given'}", metrics)
+    return _promote(plan, state, event.at, f"manual promote: {_given(event.reason)}", metrics)
 
 
 def _on_manual_abort(plan: RolloutPlan, state: RolloutState, event: ManualAbort) -> _Result:
     metrics = {"manual": True, "consecutive_failures": state.consecutive_failures}
-    return _roll_back(plan, state, event.at, "aborted", f"manual abort: {event.reason or 'no reason given'}", metrics)
+    return _roll_back(plan, state, event.at, "aborted", f"manual abort: {_given(event.reason)}", metrics)
 
 
 def _on_slot_down(plan: RolloutPlan, state: RolloutState, event: SlotDown) -> _Result:
@@ -1126,13 +1145,11 @@ def _on_slot_down(plan: RolloutPlan, state: RolloutState, event: SlotDown) -> _R
         reason = f"previous champion's slot {event.slot} not ready (rollback target unavailable): {event.detail}"
     else:
         reason = f"champion slot {event.slot} not ready (not counted against the challenger): {event.detail}"
-    return _transition(
+    return _stay(
         state,
         at=event.at,
-        to_status=state.status,
         reason=reason,
         metrics={**metrics, "consecutive_failures": state.consecutive_failures},
-        effects=[],
         event="slot-down",
         notify=f"{_label(plan)}: {reason}",
     )

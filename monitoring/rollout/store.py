@@ -34,8 +34,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 from sqlalchemy import (
@@ -59,7 +58,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-from core.db import WRITE_OPTION, make_engine
+from core.db import create_tables, make_engine, read_transaction, write_transaction
 from monitoring.rollout.state_machine import (
     Action,
     AnalysisResult,
@@ -261,10 +260,7 @@ class RolloutStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self._engine = make_engine(url)
-        try:
-            metadata.create_all(self._engine)
-        except (OperationalError, ProgrammingError, IntegrityError):
-            metadata.create_all(self._engine)  # another process created them between our check and CREATE
+        create_tables(self._engine, metadata)
         self._add_new_columns()
 
     def _add_new_columns(self) -> None:
@@ -288,17 +284,11 @@ class RolloutStore:
     def close(self) -> None:
         self._engine.dispose()
 
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self._engine.connect() as conn, conn.begin():
-            yield conn
+    def _read(self) -> AbstractContextManager[Connection]:
+        return read_transaction(self._engine)
 
-    @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        with self._engine.connect() as conn:
-            conn.execution_options(**{WRITE_OPTION: True})
-            with conn.begin():
-                yield conn
+    def _write(self) -> AbstractContextManager[Connection]:
+        return write_transaction(self._engine)
 
     # -- rollouts -----------------------------------------------------------------------------------------------
 
