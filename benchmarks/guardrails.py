@@ -75,7 +75,7 @@ from monitoring.rollout.guardrails import (  # noqa: E402
     score_edges,
 )
 from monitoring.rollout.guardrails import PROPORTION_PSEUDO as PSEUDO  # noqa: E402
-from monitoring.rollout.slice_guardrails import SLICE_GUARDRAILS, slice_alpha  # noqa: E402
+from monitoring.rollout.slice_guardrails import SLICE_GUARDRAILS, slice_alpha, slice_recall_scale  # noqa: E402
 from monitoring.rollout.spec import Planning, RolloutSpec, default_spec, fast_spec  # noqa: E402
 from monitoring.rollout.state_machine import Analysis, AnalysisResult, Start, Tick, initial_state, step  # noqa: E402
 
@@ -412,12 +412,14 @@ def slice_codes(
     for key in (k for k in v if k.startswith("cat=")):
         inside = v[key]
         if cfg.kind == "slice_recall":
-            d = (1 - cfg.max_drop) * v["dec_b"] - v["dec_c"]
+            slice_key = "merchant_category=" + key.removeprefix("cat=")
+            d = (1 - cfg.drop_for(slice_key)) * v["dec_b"] - v["dec_c"]
             n = _take(_cum(x @ (v["y"] * inside)), labelled_at)
             s = _take(_cum(x @ (d * v["y"] * inside)), labelled_at)
             ss = _take(_cum(x @ (d * d * v["y"] * inside)), labelled_at)
             enough = n >= cfg.min_samples
-            code = judge(*paired(Moments(n, s, ss, ss, s, n)), alpha, max(0.6 * cfg.max_drop, 0.01), enough).code
+            scale = slice_recall_scale(cfg, slice_key)
+            code = judge(*paired(Moments(n, s, ss, ss, s, n)), alpha, scale, enough).code
         elif cfg.kind == "slice_decline_rate":
             m = cfg.max_change
             up, down = (v["dec_c"] - (1 + m) * v["dec_b"]) * inside, ((1 - m) * v["dec_b"] - v["dec_c"]) * inside

@@ -30,7 +30,9 @@ merchant category, and one JSON line at the end.
    its z (net frauds caught by one and not the other over the square root of the discordant frauds). Reported: the
    smallest ratio, the share of pairs below the spec's 1 - max_drop and at or below 1/2 (as bad as the halving).
    A retrain is the normal case and must be promoted, so a slice where healthy retrains differ by as much as a
-   halving cannot have a guardrail that fails a halving and passes retrains.
+   halving cannot have a guardrail that fails a halving and passes retrains. Per slice it suggests a
+   `max_drop_by_slice`: the largest drop seen plus 0.1, rounded up to 0.05, where that exceeds the default margin
+   (the bundled specs carry these).
 
     .venv/bin/python benchmarks/slice_power.py [--categories fuel,travel] [--walks 1000] [--retrains 8]
 """
@@ -136,8 +138,20 @@ def oracle_seconds_for(power: float, caught_per_s: float, margin: float, alpha: 
 # ---------------------------------------------------------------- 3. how much healthy retrains differ per slice
 
 
+SPREAD_COLUMNS = ("merchant_category", "country")
+SPREAD_SLACK = 0.1  # added to the largest drop seen between healthy retrains: 8 retrains do not show the whole tail
+
+
+def suggested_margin(ratio_min: float, default: float) -> float:
+    """A slice's `max_drop_by_slice` from the retrains' smallest recall ratio: the largest drop seen plus
+    `SPREAD_SLACK`, rounded up to 0.05; None-like (the default) when that is not above the guardrail's default."""
+    margin = float(np.ceil((1.0 - ratio_min + SPREAD_SLACK) * 20.0 - 1e-9) / 20.0)
+    return min(margin, 0.95) if margin > default else default
+
+
 def retrain_spread(retrains: int, rows: int) -> dict[str, dict[str, Any]]:
-    """Per category: the recall of each healthy retrain (seeds 1..retrains) on one pool, and the pairwise ratios."""
+    """Per slice ("column=category"): the recall of each healthy retrain (seeds 1..retrains) on one pool, and
+    the pairwise ratios."""
     import pandas as pd
     from sklearn.linear_model import LogisticRegression
 
@@ -145,7 +159,6 @@ def retrain_spread(retrains: int, rows: int) -> dict[str, dict[str, Any]]:
 
     pool = generate_transactions(rows, seed=3)
     label = pool["is_fraud"].to_numpy() == 1
-    category = pool["merchant_category"].astype(str).to_numpy()
     caught: list[np.ndarray] = []
     for seed in range(1, retrains + 1):
         train = generate_transactions(60_000, seed=seed)
@@ -153,8 +166,9 @@ def retrain_spread(retrains: int, rows: int) -> dict[str, dict[str, Any]]:
         model = LogisticRegression(C=1.0, max_iter=400).fit(x[: len(train)], train["is_fraud"].to_numpy())
         caught.append(model.predict_proba(x[len(train) :])[:, 1] >= THRESHOLD)
     out: dict[str, dict[str, Any]] = {}
-    for name in sorted(set(category)):
-        frauds = label & (category == name)
+    keyed = [(f"{c}={v}", pool[c].astype(str).to_numpy() == v) for c in SPREAD_COLUMNS for v in sorted(set(pool[c]))]
+    for name, inside in keyed:
+        frauds = label & inside
         recalls = [float(c[frauds].mean()) for c in caught]
         pairs = []
         for i, j in itertools.permutations(range(retrains), 2):
@@ -233,14 +247,18 @@ def main() -> None:
                 "share_below_margin": round(float(np.mean(ratios < 1 - margin)), 3),
                 "share_at_or_below_half": round(float(np.mean(ratios <= 0.5)), 3),
                 "worst_pair": {"champion_seed": worst[2], "challenger_seed": worst[3], "z": round(worst[1], 1)},
+                "suggested_max_drop": suggested_margin(float(np.nanmin(ratios)), margin),
             }
             result["retrain_spread"][name] = summary
             print(
-                f"retrains {name:14s} {row['frauds']:5d} frauds: recall {summary['recall_min']:.3f}-"
+                f"retrains {name:32s} {row['frauds']:5d} frauds: recall {summary['recall_min']:.3f}-"
                 f"{summary['recall_max']:.3f}; smallest ratio {summary['ratio_min']:.2f} (seed {worst[3]} vs "
                 f"{worst[2]}, z {worst[1]:.1f}); pairs below 1 - {margin:g}: {summary['share_below_margin']:.0%}, "
-                f"at or below 1/2: {summary['share_at_or_below_half']:.0%}"
+                f"at or below 1/2: {summary['share_at_or_below_half']:.0%}; margin {summary['suggested_max_drop']:g}"
             )
+        spread = result["retrain_spread"].items()
+        own = {k: v["suggested_max_drop"] for k, v in spread if v["suggested_max_drop"] > margin}
+        print(f"suggested max_drop_by_slice (largest retrain drop + {SPREAD_SLACK:g}, rounded up to 0.05): {own}")
     print(json.dumps(result))
 
 

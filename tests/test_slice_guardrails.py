@@ -32,7 +32,7 @@ from monitoring.rollout.slice_guardrails import (
     slice_keys,
     slice_recall,
 )
-from monitoring.rollout.spec import SpecError, default_spec, fast_spec, load_spec
+from monitoring.rollout.spec import RolloutSpec, SpecError, default_spec, fast_spec, load_spec
 from monitoring.rollout.state_machine import Analysis, Start, initial_state, step
 
 THRESHOLD = 0.5
@@ -337,3 +337,41 @@ def test_the_prediction_log_carries_every_column_the_slice_and_business_guardrai
     spec_columns = {column for g in default_spec().guardrails for column in getattr(g, "slices", [])}
     assert spec_columns <= set(SLICE_LOGGED) <= set(PREDICTION_SCHEMA.names)
     assert "amount" in SLICE_LOGGED
+
+
+def _with_slice_recall(spec: RolloutSpec, **fields: object) -> RolloutSpec:
+    data = spec.model_dump(exclude_none=True)
+    data["guardrails"] = [
+        {**g, **fields} if g["kind"] == "slice_recall" else g for g in data["guardrails"]
+    ]  # fmt: skip
+    return load_spec(data)
+
+
+def test_a_slice_with_its_own_wider_margin_is_not_failed_by_a_drop_within_it() -> None:
+    # The same 75 % loss of electronics catches that fails at the guardrail's margin (test above) lies within
+    # an own margin of 0.8: a slice where healthy retrains differ that much must not be failed for it.
+    rng = np.random.default_rng(1)
+    frame = traffic(rng, 30_000)
+    electronics = (frame["merchant_category"] == "electronics").to_numpy()
+    logged = shadow_log(frame, lose_catches(frame, rng, electronics))
+    wide = _with_slice_recall(FAST, max_drop_by_slice={"merchant_category=electronics": 0.8})
+    found = by_name(evaluate_guardrails(wide, "shadow", *logged, threshold=THRESHOLD))["slice-recall"]
+    assert found.verdict != "fail"
+    assert "own margin: >= 0.2 x" in found.detail
+    # Another slice's own margin leaves electronics at the guardrail's margin: it still fails.
+    other = _with_slice_recall(FAST, max_drop_by_slice={"merchant_category=fuel": 0.8})
+    found = by_name(evaluate_guardrails(other, "shadow", *logged, threshold=THRESHOLD))["slice-recall"]
+    assert found.verdict == "fail" and found.slice == "merchant_category=electronics"
+
+
+def test_a_slice_margin_for_an_unknown_slice_or_out_of_range_is_refused_naming_the_field() -> None:
+    bad = {"merchant_category=crypto": 0.5, "country=US": 1.2, "merchant_category=fuel": 0.6}
+    with pytest.raises(SpecError) as error:
+        _with_slice_recall(FAST, slices=["merchant_category", "country"], max_drop_by_slice=bad)
+    text = str(error.value)
+    assert "max_drop_by_slice.merchant_category=crypto: not a slice of this guardrail's columns" in text
+    assert "max_drop_by_slice.country=US: must be in [0, 1), got 1.2" in text
+    assert "merchant_category=fuel" not in text.replace("e.g. merchant_category=fuel", "")
+    # a slice of a column the guardrail does not judge is refused too
+    with pytest.raises(SpecError, match="country=US: not a slice of this guardrail's columns"):
+        _with_slice_recall(FAST, slices=["merchant_category"], max_drop_by_slice={"country=US": 0.5})

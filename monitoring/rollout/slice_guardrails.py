@@ -207,18 +207,18 @@ def _no_pairs(cfg: Any, alpha: Levels, test: str, limit: float) -> GuardrailResu
 # ---------------------------------------------------------------- slice recall
 
 
-def slice_recall_scale(cfg: SliceRecallGuardrail) -> float:
-    """The effect (in units of D) a slice's recall boundaries are tuned for: 60 % of the margin, at least 0.01
-    (the slice's own recall is unknown before any data; `monitoring.rollout.slice_plan` plans with the same)."""
-    return max(0.6 * cfg.max_drop, 0.01)
+def slice_recall_scale(cfg: SliceRecallGuardrail, key: str | None = None) -> float:
+    """The effect (in units of D) a slice's recall boundaries are tuned for: 60 % of the slice's margin, at least
+    0.01 (the slice's own recall is unknown before any data; `monitoring.rollout.slice_plan` plans with the same)."""
+    return max(0.6 * (cfg.max_drop if key is None else cfg.drop_for(key)), 0.01)
 
 
 def slice_recall(cfg: SliceRecallGuardrail, obs: Observations, alpha: Levels) -> GuardrailResult:
     """Per slice, recall among its labelled frauds: D = (1 - max_drop) recall_champion - recall_challenger.
     value/baseline: the named slice's recalls; limit: max_drop."""
-    test = f"per-slice recall >= {1 - cfg.max_drop:g} x the champion's"
+    own = f" ({len(cfg.max_drop_by_slice)} slices with their own margin)" if cfg.max_drop_by_slice else ""
+    test = f"per-slice recall >= {1 - cfg.max_drop:g} x the champion's{own}"
     a = slice_alpha(alpha, cfg.slices)
-    k, scale = 1 - cfg.max_drop, slice_recall_scale(cfg)
     slices: list[SliceJudged] = []
     if obs.pairs is not None:
         fraud = obs.pairs.label == 1
@@ -231,8 +231,9 @@ def slice_recall(cfg: SliceRecallGuardrail, obs: Observations, alpha: Levels) ->
             if n < cfg.min_samples:
                 slices.append(SliceJudged(key, n, None, value, base, f"{key}: {n} labelled frauds"))
                 continue
-            j = judge(*paired(_moments(k * h[:, 0] - h[:, 1], acc[inside])), a, scale)
-            text = f"{key}: recall {value:.3f} vs champion {base:.3f} over {n} frauds, {_cs(j)}"
+            k = 1 - cfg.drop_for(key)
+            j = judge(*paired(_moments(k * h[:, 0] - h[:, 1], acc[inside])), a, slice_recall_scale(cfg, key))
+            text = f"{key}: recall {value:.3f} vs champion {base:.3f} over {n} frauds{_own_margin(cfg, key)}, {_cs(j)}"
             slices.append(SliceJudged(key, n, j, value, base, text))
     elif obs.baseline is not None:
         masks = [dict(_slices(arm.columns, cfg.slices, len(arm.score))) for arm in (obs.candidate, obs.baseline)]
@@ -247,13 +248,21 @@ def slice_recall(cfg: SliceRecallGuardrail, obs: Observations, alpha: Levels) ->
             if n < cfg.min_samples:
                 slices.append(SliceJudged(key, n, None, value, base, f"{key}: {int(mc.n)}/{int(mb.n)} labelled frauds"))
                 continue
+            k = 1 - cfg.drop_for(key)
             est, var = difference(mb, mc, 1.0 / k, 0.0)  # D / k: the same sign
-            j = judge(k * est, k * k * var, a, scale)
-            text = f"{key}: recall {value:.3f} vs champion {base:.3f} over {int(mc.n)}/{int(mb.n)} frauds, {_cs(j)}"
+            j = judge(k * est, k * k * var, a, slice_recall_scale(cfg, key))
+            text = (
+                f"{key}: recall {value:.3f} vs champion {base:.3f} over {int(mc.n)}/{int(mb.n)} frauds"
+                f"{_own_margin(cfg, key)}, {_cs(j)}"
+            )
             slices.append(SliceJudged(key, n, j, value, base, text))
     else:
         return _no_pairs(cfg, alpha, test, cfg.max_drop)
     return _combine(cfg, a, test, cfg.max_drop, slices, len(slice_keys(cfg.slices)))
+
+
+def _own_margin(cfg: SliceRecallGuardrail, key: str) -> str:
+    return f" (own margin: >= {1 - cfg.max_drop_by_slice[key]:g} x)" if key in cfg.max_drop_by_slice else ""
 
 
 def _slice_caught(arm: Any, inside: np.ndarray, threshold: float) -> Moments:

@@ -88,11 +88,17 @@ class SliceCoverage:
 
 
 def frauds_to_fail_halving(
-    cfg: SliceRecallGuardrail, spec: RolloutSpec, recall: float, discordant: float, power: float = POWER
+    cfg: SliceRecallGuardrail,
+    spec: RolloutSpec,
+    recall: float,
+    discordant: float,
+    power: float = POWER,
+    key: str | None = None,
 ) -> float:
     """Labelled frauds of one slice by which a halving of its recall (champion recall `recall`) is failed with
-    probability `power` (Gaussian model, see the module docstring); inf when the halving lies within the margin."""
-    k = 1 - cfg.max_drop
+    probability `power` (Gaussian model, see the module docstring); inf when the halving lies within the margin
+    (the slice `key`'s own margin when it has one)."""
+    k = 1 - (cfg.max_drop if key is None else cfg.drop_for(key))
     bad = (k - 1 + PLANNED_SLICE_DROP) * recall
     if bad <= 0:
         return NEVER
@@ -100,7 +106,7 @@ def frauds_to_fail_halving(
     discordant = min(discordant, 2 * recall, 2 * (1 - recall))
     variance = _paired_recall_variance(recall, discordant, k, PLANNED_SLICE_DROP)
     fail = slice_alpha(levels_for(spec, cfg), cfg.slices).fail
-    effect, z = slice_recall_scale(cfg), float(stats.norm.ppf(power))
+    effect, z = slice_recall_scale(cfg, key), float(stats.norm.ppf(power))
 
     def ok(n: np.ndarray) -> np.ndarray:
         information = n / variance
@@ -181,7 +187,7 @@ def slice_coverage(
         for column, category in slice_keys(cfg.slices):
             share = shares.get((column, category), SliceShare(0.0, 0.0))
             recall = planning.champion_recall if share.recall is None else share.recall
-            needed = frauds_to_fail_halving(cfg, spec, recall, planning.discordant_frauds)
+            needed = frauds_to_fail_halving(cfg, spec, recall, planning.discordant_frauds, key=f"{column}={category}")
             per_rps = planning.fraud_rate * share.frauds  # labelled frauds of the slice per second, per request/s
 
             def covered_at(rps: float, needed: float = needed, per_rps: float = per_rps) -> bool:
@@ -229,7 +235,8 @@ def coverage_summary(rows: list[SliceCoverage], rps: float) -> list[str]:
         missing = sorted((row for row in mine if not row.covered), key=lambda row: -row.seconds)
         if missing:
             line += ": not covered: " + ", ".join(
-                f"{row.slice.partition('=')[2]} (needs {_duration(row.seconds)}"
+                f"{row.slice.partition('=')[2]} ("
+                + (f"needs {_duration(row.seconds)}" if math.isfinite(row.seconds) else "halving within margin")
                 + ("; held by the whole-traffic recall)" if row.beyond_whole_margin else ")")
                 for row in missing
             )
