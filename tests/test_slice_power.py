@@ -71,3 +71,17 @@ def test_the_real_slice_guardrail_never_beats_the_oracle() -> None:
 def test_oracle_refuses_a_margin_that_the_halving_does_not_exceed() -> None:
     with pytest.raises(ValueError, match="margin must lie"):
         oracle_power(_exactly(10), 0.5, 0.01)
+
+
+@pytest.mark.slow
+def test_the_bundled_specs_own_slice_margins_cover_the_drop_between_healthy_retrains() -> None:
+    # Four retrains of the benchmark's recipe on a million-row pool (the README's figures use 8 on 3 million):
+    # no healthy retrain may be more than its slice's margin below another, in any slice of either bundled spec.
+    from benchmarks.slice_power import retrain_spread
+
+    spread = retrain_spread(4, 1_000_000)
+    for spec in (spec_from_setting("default"), spec_from_setting("fast")):
+        cfg = next(c for c in spec.guardrails if c.kind == "slice_recall")
+        for key, row in spread.items():
+            ratio_min = min(pair[0] for pair in row["pairs"])
+            assert 1 - ratio_min <= cfg.drop_for(key), (spec.name, key, ratio_min)
