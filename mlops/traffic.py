@@ -106,7 +106,7 @@ class TrafficStats:
             self.errors.append(f"t={now - self.started_at:.1f}s ({stamp}): {message}")
 
     def summary(self) -> dict[str, Any]:
-        latencies = np.asarray(self.latencies_ms) if self.latencies_ms else np.asarray([np.nan])
+        latencies = np.asarray(self.latencies_ms, dtype=float)
         elapsed = max(time.time() - self.started_at, 1e-9)
         return {
             "sent": self.sent,
@@ -122,8 +122,9 @@ class TrafficStats:
             "labels_failed": self.labels_failed,
             "frauds_labelled": self.frauds_labelled,
             "label_errors": list(self.label_errors),
-            "latency_p50_ms": round(float(np.nanpercentile(latencies, 50)), 2),
-            "latency_p99_ms": round(float(np.nanpercentile(latencies, 99)), 2),
+            # None, not NaN (which is not JSON), when nothing was answered
+            "latency_p50_ms": round(float(np.percentile(latencies, 50)), 2) if latencies.size else None,
+            "latency_p99_ms": round(float(np.percentile(latencies, 99)), 2) if latencies.size else None,
             "errors": list(self.errors),
         }
 
