@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     mlflow_port: int = Field(8750, ge=1, le=65_535, description="port of the MLflow server `mlops up` starts")
     controller_url: str = Field("http://127.0.0.1:8730", description="rollout controller API base URL")
     rollout_spec: str = Field("default", description="rollout spec: default, fast, or a YAML file path")
+    # Finished rollouts whose every analysis is kept; older ones keep only the analyses that caused a transition
+    # (their decisions' evidence), like Argo Rollouts' analysis-run history limits.
+    analyses_history_rollouts: int = Field(
+        20, ge=0, le=1_000_000, description="finished rollouts per model whose every analysis is kept"
+    )
     prometheus_url: str = Field(
         "", description="Prometheus server the prometheus guardrails read; empty = none (such a spec is refused)"
     )

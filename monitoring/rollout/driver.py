@@ -126,6 +126,8 @@ class Controller:
     hook_secret: str = ""  # settings.hook_secret: signs every hook body
     log_flush_s: float = 1.0  # settings.log_flush_seconds: how far behind the gateway's log may normally be
     prometheus: Any = None  # a PrometheusClient when settings.prometheus_url is set (prometheus guardrails)
+    analyses_history_rollouts: int = 20  # settings.analyses_history_rollouts: see `RolloutStore.prune_analyses`
+    _pruned_for: str | None = None  # the newest finished rollout when analyses were last pruned
     _slot_down: set[str] = field(default_factory=set)
     last_analysis: Any = None  # this process's latest AnalysisResult (the store has every one)
     gates: GateCaller | None = None
@@ -322,9 +324,15 @@ class Controller:
         """Actions of a rollout that is decided but whose last actions failed (MLflow or the control plane was
         down when the decision was taken): no longer active, so the loop above would never see them; finish them
         here, in order, exactly once (each is marked done as it completes)."""
-        for summary in self.store.list_rollouts(limit=3, model_name=self.model_name):
+        recent = self.store.list_rollouts(limit=3, model_name=self.model_name)
+        for summary in recent:
             if summary["pending_actions"] and not summary["active"]:
                 self._finish_pending(summary["rollout_id"])
+        # Once per finished rollout, while idle: thin the analyses of rollouts beyond the history kept.
+        newest = next((r["rollout_id"] for r in recent if not r["active"] and not r["pending_actions"]), None)
+        if newest is not None and newest != self._pruned_for:
+            self.store.prune_analyses(self.model_name, self.analyses_history_rollouts)
+            self._pruned_for = newest
 
     def _do(self, plan: RolloutPlan, action: Action) -> None:
         if isinstance(action, SetTraffic):

@@ -40,6 +40,7 @@ def build_controller(settings: Settings) -> Controller:
         hook_secret=settings.hook_secret,
         log_flush_s=settings.log_flush_seconds,
         prometheus=PrometheusClient(settings.prometheus_url) if settings.prometheus_url else None,
+        analyses_history_rollouts=settings.analyses_history_rollouts,
     )
 
 

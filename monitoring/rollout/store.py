@@ -82,6 +82,7 @@ __all__ = [
 MAX_ID_CHARS = 256
 
 metadata = MetaData()
+PRUNE_CHUNK = 500  # rollout ids per DELETE when analyses are pruned
 
 rollouts_table = Table(
     "rollout_rollouts",
@@ -571,6 +572,27 @@ class RolloutStore:
             row["window"] = None if row["window"] is None else json.loads(row["window"])
             row["transition"] = bool(row["transition"])
         return rows
+
+    def prune_analyses(self, model_name: str, keep_rollouts: int) -> int:
+        """Thin the analyses of the model's finished rollouts beyond its newest `keep_rollouts` finished ones:
+        delete those that caused no transition, keep those that did (with the decision log, the evidence of every
+        decision stays). Like Argo Rollouts' analysis-run history limits: without it the table grows by one row
+        per look of every rollout ever run. Active rollouts are never touched. Returns the rows deleted."""
+        r, c = rollouts_table.c, analyses_table.c
+        finished = (
+            select(r.rollout_id)
+            .where(r.model_name == model_name, r.active_model.is_(None))
+            .order_by(r.updated_at.desc(), r.rollout_id.desc())
+            .offset(max(0, keep_rollouts))
+        )
+        deleted = 0
+        with self._write() as conn:
+            old = [row[0] for row in conn.execute(finished)]
+            for start in range(0, len(old), PRUNE_CHUNK):  # bounded IN lists, whatever the database
+                chunk = old[start : start + PRUNE_CHUNK]
+                gone = conn.execute(delete(analyses_table).where(c.rollout_id.in_(chunk), c.transition.is_(False)))
+                deleted += int(gone.rowcount or 0)
+        return deleted
 
     def latest_analysis(self, rollout_id: str) -> AnalysisResult | None:
         rows = self.analyses(rollout_id, limit=1)
