@@ -7,13 +7,19 @@ writes a prediction log does not pay for them.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 from core.prediction_log import FEEDBACK_SCHEMA, PREDICTION_SCHEMA, BatchedParquetLog
+from core.processes import free_port, start_process, stop_process, wait_until_ready
 from core.settings import Settings
 from monitoring.rollout.state_machine import PhaseSpec, RolloutPlan
 
@@ -141,3 +147,45 @@ def registered_checkpoint_epoch(run_dir: Path) -> int:
         if path.parent.name in registered
     ]
     return max(epochs, default=0)
+
+
+@contextlib.contextmanager
+def running_prometheus(root: Path, targets: list[str], job: str = "scraped") -> Iterator[str]:
+    """A real Prometheus (Debian's package, which .ci/run installs) on a free loopback port, scraping the
+    `targets` (host:port, their /metrics) every second, its data under `root`; yields its URL and stops it after."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise AssertionError("prometheus is missing: install Debian's prometheus package (.ci/run does)")
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: {job}\n    static_configs: [{{targets: {json.dumps(targets)}}}]\n"
+    )
+    port = free_port()
+    server = start_process(
+        "prometheus",
+        [binary, f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"],
+        env={"PATH": "/usr/bin:/bin"},
+        log_dir=root,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(server, f"{url}/-/ready", timeout=60)
+        yield url
+    finally:
+        stop_process(server)
+
+
+def wait_for_scrapes(url: str, metric: str, count: int, timeout: float = 30.0) -> None:
+    """Wait until Prometheus at `url` holds at least `count` samples of `metric` from the last minute (so looks
+    a second apart all have data), or fail naming the metric."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = httpx.get(f"{url}/api/v1/query", params={"query": f"count_over_time({metric}[1m])"}).json()
+        if found["data"]["result"] and float(found["data"]["result"][0]["value"][1]) >= count:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"Prometheus at {url} never scraped {count} samples of {metric} within {timeout:g} s")

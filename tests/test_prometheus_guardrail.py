@@ -8,7 +8,6 @@ server, the last four inconclusive with the reason recorded."""
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -17,17 +16,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 import yaml
 
-from core.processes import free_port, start_process, stop_process, wait_until_ready
+from core.processes import free_port
 from core.settings import Settings, SettingsError, load_settings
 from monitoring.rollout import prometheus_guardrail as pg
 from monitoring.rollout.analysis import analyse
 from monitoring.rollout.guardrails import error_budget, judged_pairs
 from monitoring.rollout.process import build_controller
 from monitoring.rollout.spec import PrometheusGuardrail, SpecError, fast_spec, load_spec
+from tests.support import running_prometheus, wait_for_scrapes
 from tests.test_analysis import write_canary_log
 from tests.test_helm_chart import CHART, Helm, container_of, env_of, find, helm, render, run_helm  # noqa: F401
 
@@ -192,9 +191,6 @@ payments_total{variant="challenger"} 600
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prometheus (Debian's package) on a free port, scraping a real /metrics endpoint every second."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("prometheus is missing: install Debian's prometheus package (.ci/run does)")
 
     class Metrics(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -210,36 +206,12 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     exporter = ThreadingHTTPServer(("127.0.0.1", free_port()), Metrics)
     threading.Thread(target=exporter.serve_forever, daemon=True).start()
-    root = tmp_path_factory.mktemp("prometheus")
-    config = root / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        f"  - job_name: business\n    static_configs: [{{targets: ['127.0.0.1:{exporter.server_port}']}}]\n"
-    )
-    port = free_port()
-    server = start_process(
-        "prometheus",
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"],
-        env={"PATH": "/usr/bin:/bin"},
-        log_dir=root,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_ready(server, f"{url}/-/ready", timeout=60)
-        # Enough scrapes that three looks a second apart all have data.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            found = httpx.get(f"{url}/api/v1/query", params={"query": "count_over_time(good_ratio[1m])"}).json()
-            if found["data"]["result"] and float(found["data"]["result"][0]["value"][1]) >= 4:
-                break
-            time.sleep(0.5)
-        else:
-            raise AssertionError(f"Prometheus never scraped the exporter:\n{server.log_tail()}")
-        yield url
+        root = tmp_path_factory.mktemp("prometheus")
+        with running_prometheus(root, [f"127.0.0.1:{exporter.server_port}"], job="business") as url:
+            wait_for_scrapes(url, "good_ratio", 4)  # enough scrapes that three looks a second apart all have data
+            yield url
     finally:
-        stop_process(server)
         exporter.shutdown()
         exporter.server_close()
 
