@@ -157,7 +157,9 @@ def test_a_challenger_failing_the_prometheus_guardrail_is_rolled_back_by_it_in_t
     # Started in the 50 % step, a failure counted there, then rolled back from there: never a step further.
     steps = [(d["to_status"], d["phase_index"], d["reason"]) for d in decisions]  # the phase each was taken in
     assert {(status, index) for status, index, _ in steps} == {("canary", 0), ("rolled_back", 0)}, steps
-    assert steps[-1][0] == "rolled_back" and GUARDRAIL in steps[-1][2], steps
+    assert steps[-1][0] == "rolled_back", steps
+    # Rolled back by the guardrail's failures, not by the step's deadline (whose reason would say inconclusive).
+    assert "guardrails failed" in steps[-1][2] and "(2/2 consecutive)" in steps[-1][2], steps
     # Only the prometheus guardrail judged (the log-based ones are not in the spec), all in the 50 % step.
     assert analyses and all(set(a["verdicts"]) <= {GUARDRAIL} for a in analyses), analyses[-1]["verdicts"]
     assert {a["phase_index"] for a in analyses} == {0}
@@ -166,11 +168,11 @@ def test_a_challenger_failing_the_prometheus_guardrail_is_rolled_back_by_it_in_t
     for value in failed:
         # The PromQL readings: the challenger answers ~70 % of its calls, the champion all of them.
         assert value["test"] == TEST_NAME and "broken at all 3 looks" in value["detail"], value
-        assert value["baseline"] == pytest.approx(1.0) and value["limit"] == pytest.approx(0.9)
+        assert value["baseline"] > 0.95 and value["limit"] == pytest.approx(0.9 * value["baseline"]), value
         assert 0.5 < value["value"] < 0.9 and value["samples"] >= 40, value
     # The challenger never served everyone, and the champion's traffic and alias are back.
     challenger_slot = "b" if before.champion_slot == "a" else "a"
-    assert max(p.weights[challenger_slot] for p in run["policies"]) <= 0.5
+    assert max(p.weights[challenger_slot] for p in run["policies"]) == 0.5
     after = control.get_policy()
     assert after.champion_slot == before.champion_slot and after.weights[challenger_slot] == 0.0
     assert champion_alias(world) == champion
