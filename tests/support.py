@@ -11,9 +11,9 @@ import contextlib
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -22,6 +22,8 @@ from core.prediction_log import FEEDBACK_SCHEMA, PREDICTION_SCHEMA, BatchedParqu
 from core.processes import free_port, start_process, stop_process, wait_until_ready
 from core.settings import Settings
 from monitoring.rollout.state_machine import PhaseSpec, RolloutPlan
+
+T = TypeVar("T")
 
 
 def register_model(
@@ -189,3 +191,14 @@ def wait_for_scrapes(url: str, metric: str, count: int, timeout: float = 30.0) -
             return
         time.sleep(0.5)
     raise AssertionError(f"Prometheus at {url} never scraped {count} samples of {metric} within {timeout:g} s")
+
+
+def wait_until(condition: Callable[[], T], timeout: float, what: str) -> T:
+    """Poll `condition` every 0.25 s until it returns something truthy (returned), or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")

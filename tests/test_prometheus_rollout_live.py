@@ -13,9 +13,8 @@ per-variant counters: each variant's answered share of its slot calls.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
@@ -27,13 +26,12 @@ from core.registry import alias_version
 from core.settings import Settings
 from mlops.local_stack import LocalStack
 from monitoring.rollout.prometheus_guardrail import TEST_NAME
-from tests.support import register_model, running_prometheus, wait_for_scrapes
+from tests.support import register_model, running_prometheus, wait_for_scrapes, wait_until
 from tests.test_controller_driver import Traffic, wait_for_version
 
 pytestmark = pytest.mark.slow
 MODEL = "fraud-prometheus-rollout-test"
 GUARDRAIL = "answered-share"
-T = TypeVar("T")
 
 # Per variant: requests its slot answered / (those + its failed slot calls), over the last 5 s. A challenger
 # call that fails is answered by the champion (status `fallback`, counted as the champion's), so `ok` alone is
@@ -101,16 +99,6 @@ def world(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         if controller is not None:
             stop_process(controller)
         stack.stop()
-
-
-def wait_until(condition: Callable[[], T], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def run_rollout(world: dict[str, Any], version: str) -> dict[str, Any]:

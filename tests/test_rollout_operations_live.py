@@ -31,7 +31,7 @@ from core.processes import free_port, mlops_command, start_process, stop_process
 from core.settings import Settings
 from mlops.hook_receiver import HookReceiver
 from mlops.local_stack import LocalStack
-from tests.support import register_model, shadow_canary_spec
+from tests.support import register_model, shadow_canary_spec, wait_until
 from tests.terminal import Tmux, run_in_tmux
 from tests.test_controller_driver import Traffic, wait_for_version
 
@@ -100,16 +100,6 @@ class ControllerProcess:
 
     def client(self) -> RolloutsClient:
         return RolloutsClient(self.url, token="t", timeout=10)
-
-
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def guardrail_metrics(text: str) -> dict[tuple[str, str], float]:
