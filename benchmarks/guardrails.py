@@ -132,10 +132,14 @@ class Pool:
 
 
 def build_pool(rows: int = 200_000) -> Pool:
+    return pool_of(generate_transactions(rows, seed=3))
+
+
+def pool_of(pool: Any) -> Pool:
+    """Score the transactions `pool` with the two models trained apart (champion: seed 1, retrain: seed 2)."""
     import pandas as pd
     from sklearn.linear_model import LogisticRegression
 
-    pool = generate_transactions(rows, seed=3)
     scores = []
     for seed in (1, 2):
         train = generate_transactions(60_000, seed=seed)
