@@ -27,9 +27,10 @@ What is simulated, per rollout (200 requests/s, 2 % fraud):
 
 Not simulated (stated, not hidden): country slices (their budget share is still taken: each merchant slice is
 judged at 1/22 of its guardrail's share; more judged slices could only add fails to `identical` and catches to
-the slice cases), account-level clustering across seconds (requests are independent given the second), and
-latency or quality cases at the margin of every guardrail at once (`at_margin` and `inside_margin` put recall
-and errors at, or at half, their tolerances).
+the slice cases), account-level clustering across seconds (requests are independent given the second; it is
+simulated request by request in `benchmarks/guardrails_accounts.py`), and latency or quality cases at the margin
+of every guardrail at once (`at_margin` and `inside_margin` put recall and errors at, or at half, their
+tolerances).
 
     .venv/bin/python benchmarks/guardrails.py [--rollouts 1000] [--seed 0] [--cases a,b] [--pool-rows 200000]
 
@@ -132,10 +133,14 @@ class Pool:
 
 
 def build_pool(rows: int = 200_000) -> Pool:
+    return pool_of(generate_transactions(rows, seed=3))
+
+
+def pool_of(pool: Any) -> Pool:
+    """Score the transactions `pool` with the two models trained apart (champion: seed 1, retrain: seed 2)."""
     import pandas as pd
     from sklearn.linear_model import LogisticRegression
 
-    pool = generate_transactions(rows, seed=3)
     scores = []
     for seed in (1, 2):
         train = generate_transactions(60_000, seed=seed)
