@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.guardrails import THRESHOLD, _design, _planning, build_pool  # noqa: E402
 from monitoring.rollout.guardrails import FAIL, Moments, judge, levels_for, paired  # noqa: E402
-from monitoring.rollout.slice_guardrails import slice_alpha  # noqa: E402
+from monitoring.rollout.slice_guardrails import slice_alpha, slice_recall_scale  # noqa: E402
 from monitoring.rollout.spec import spec_from_setting  # noqa: E402
 
 MAX_FRAUDS = 6000  # walks that have not failed by then count as never
@@ -72,7 +72,7 @@ def frauds_to_fail(d: np.ndarray, spec_name: str, walks: int, rng: np.random.Gen
     x = rng.choice(d, size=(walks, MAX_FRAUDS))
     n = np.broadcast_to(np.arange(1, MAX_FRAUDS + 1, dtype=float), x.shape)
     s, ss = np.cumsum(x, axis=1), np.cumsum(x * x, axis=1)
-    scale = max(0.6 * cfg.max_drop, 0.01)
+    scale = slice_recall_scale(cfg)  # the guardrail's own tuning, at its default margin
     code = np.asarray(judge(*paired(Moments(n, s, ss, ss, s, n)), alpha, scale, n >= cfg.min_samples).code)
     failed = code == FAIL
     return np.where(failed.any(axis=1), failed.argmax(axis=1) + 1.0, np.inf)
