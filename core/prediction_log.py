@@ -101,7 +101,11 @@ class BatchedParquetLog:
         self.max_rows, self.max_seconds, self.prefix = max_rows, max_seconds, prefix
         self._rows: list[dict[str, Any]] = []
         self._oldest = 0.0
-        self._lock = threading.Lock()  # one file write at a time, whichever thread flushes
+        # One file write at a time, whichever thread flushes; a batch is claimed and written under it, so a flush
+        # waits for a write in flight. `take` holds it too, briefly: `flush_loop` awaits each write before it
+        # takes that log's next batch, so on the event loop it waits only during a stop's flush.
+        self._lock = threading.Lock()
+        self._pending: list[list[dict[str, Any]]] = []  # batches taken, not yet written (see `flush`)
         self.rows_written = 0
         self.files_written = 0
         self.rows_unwritten = 0  # rows of batches that could not be written (dropped)
@@ -120,33 +124,53 @@ class BatchedParquetLog:
 
     def take(self) -> list[dict[str, Any]]:
         """Hand over the buffered rows. Call it on the thread that appends (the event loop): the swap
-        is then never interleaved with an append, and no row can fall between two batches."""
-        rows, self._rows = self._rows, []
+        is then never interleaved with an append, and no row can fall between two batches. The batch stays
+        pending until it is written, so a `flush` writes it if its own write never ran."""
+        with self._lock:
+            rows, self._rows = self._rows, []
+            if rows:
+                self._pending.append(rows)
         return rows
 
     def write(self, rows: list[dict[str, Any]]) -> Path | None:
-        """Write rows taken with `take` (safe to run in a worker thread)."""
+        """Write rows taken with `take` (safe to run in a worker thread). A batch a `flush` wrote already is not
+        written again."""
         if not rows:
             return None
         with self._lock:
-            try:
-                path = self._write(rows)
-            except OSError as error:  # ENOSPC, EFBIG (RLIMIT_FSIZE), EIO...: count the gap, keep serving
-                self.rows_unwritten += len(rows)
-                self.write_errors += 1
-                if self.last_error is None:  # once per streak of failures, not once per batch
-                    log.error("%s: %d rows not written: %s", self.directory, len(rows), error)
-                self.last_error = f"{type(error).__name__}: {error}"
+            if not any(batch is rows for batch in self._pending):
                 return None
-            if self.last_error is not None:
-                log.warning("%s: writing again after %d unwritten rows", self.directory, self.rows_unwritten)
-                self.last_error = None
-            self.rows_written += len(rows)
-            self.files_written += 1
-            return path
+            self._pending = [batch for batch in self._pending if batch is not rows]
+            return self._write_counted(rows)
 
     def flush(self) -> Path | None:
-        return self.write(self.take())
+        """Write what is buffered and every batch taken but not written yet, after any write in flight has
+        finished. A stop calls this last. `flush_loop` takes a batch, then writes it in a worker thread; a stop
+        that cancels the loop at that moment cancels the thread's work item before it runs, and the batch used
+        to be lost with the process (a restarted gateway then refused labels for requests it had served: 404)."""
+        self.take()
+        with self._lock:
+            batches, self._pending = self._pending, []
+            rows = [row for batch in batches for row in batch]
+            return self._write_counted(rows) if rows else None
+
+    def _write_counted(self, rows: list[dict[str, Any]]) -> Path | None:
+        """Write one file under the lock; a failure is counted, never raised."""
+        try:
+            path = self._write(rows)
+        except OSError as error:  # ENOSPC, EFBIG (RLIMIT_FSIZE), EIO...: count the gap, keep serving
+            self.rows_unwritten += len(rows)
+            self.write_errors += 1
+            if self.last_error is None:  # once per streak of failures, not once per batch
+                log.error("%s: %d rows not written: %s", self.directory, len(rows), error)
+            self.last_error = f"{type(error).__name__}: {error}"
+            return None
+        if self.last_error is not None:
+            log.warning("%s: writing again after %d unwritten rows", self.directory, self.rows_unwritten)
+            self.last_error = None
+        self.rows_written += len(rows)
+        self.files_written += 1
+        return path
 
     def _write(self, rows: list[dict[str, Any]]) -> Path:
         name = f"{self.prefix}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{next(_sequence):06d}.parquet"

@@ -246,16 +246,22 @@ class Gateway:
         """Clean stop: finish logging what was served (pending shadow work is logged as cancelled)."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        while not self.shadow_queue.empty():
-            row, _ = self.shadow_queue.get_nowait()
-            self.predictions.append({**row, "shadow_status": "cancelled"})
-        self.predictions.flush()
-        self.feedback.flush()
-        if self.session:
-            await self.session.close()
+        try:
+            # A task that died of an error re-raises it here; the log is still written below.
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            while not self.shadow_queue.empty():
+                row, _ = self.shadow_queue.get_nowait()
+                self.predictions.append({**row, "shadow_status": "cancelled"})
+        finally:
+            self.predictions.flush()
+            self.feedback.flush()
+            log.info(
+                "stopped: %d prediction rows and %d labels written in all",
+                self.predictions.rows_written,
+                self.feedback.rows_written,
+            )
+            if self.session:
+                await self.session.close()
 
     # --- policy -----------------------------------------------------------------------------------
 

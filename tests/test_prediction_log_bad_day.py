@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from control_plane.client import ControlPlaneClient
+from core.prediction_log import BatchedParquetLog
 from core.processes import kill_hard, start_process, wait_until_ready
 from core.settings import Settings
 from mlops.local_stack import REPO, LocalStack
@@ -187,3 +188,46 @@ def test_a_sigkilled_gateway_loses_at_most_its_flush_interval_of_traffic(bad_day
     assert lost_ms <= flush_s * 1000 + 100 + 400, (lost_ms, len(lost))
     stack.start("gateway")
     wait_for(lambda: httpx.get(f"{stack.url('gateway')}/readyz").status_code == 200)
+
+
+class _HeldWriter(BatchedParquetLog):
+    """A writer whose file write starts, then waits to be released: the moment `flush_loop`'s thread is mid-file."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.writing, self.release = threading.Event(), threading.Event()
+
+    def _write(self, rows: list[dict[str, object]]) -> Path:
+        self.writing.set()
+        self.release.wait(10)
+        return super()._write(rows)
+
+
+def test_a_flush_at_stop_returns_only_after_the_write_in_flight_has_finished(tmp_path: Path) -> None:
+    # The gateway's stop flushes last, then the process exits. Rows `flush_loop` had taken were lost when flush
+    # returned at once with its own buffer empty (a restarted gateway then answered 404 to a served id's label).
+    log = _HeldWriter(tmp_path)
+    log.append({"request_id": "served-just-before-the-stop"})
+    in_flight = threading.Thread(target=log.write, args=(log.take(),))
+    in_flight.start()
+    assert log.writing.wait(10)
+    threading.Timer(0.3, log.release.set).start()
+    log.flush()
+    files = list(tmp_path.glob("*.parquet"))
+    assert len(files) == 1, "flush returned before the write in flight had written its file"
+    assert pq.read_table(files[0]).column("request_id").to_pylist() == ["served-just-before-the-stop"]
+    in_flight.join(10)
+
+
+def test_a_batch_taken_whose_write_never_ran_is_written_by_the_flush_at_stop(tmp_path: Path) -> None:
+    # `flush_loop` takes a batch, then hands its write to a worker thread; a stop that cancels the loop first
+    # cancels that work item before it runs. The batch is still pending, and the stop's flush writes it, once.
+    log = BatchedParquetLog(tmp_path)
+    log.append({"request_id": "taken-never-written"})
+    taken = log.take()
+    log.append({"request_id": "buffered"})
+    log.flush()
+    assert log.write(taken) is None, "a batch the flush wrote is not written again"
+    rows = sorted(r for f in tmp_path.glob("*.parquet") for r in pq.read_table(f).column("request_id").to_pylist())
+    assert rows == ["buffered", "taken-never-written"]
+    assert log.rows_written == 2 and log.files_written == 1
