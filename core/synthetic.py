@@ -40,23 +40,29 @@ def generate_transactions(
     corrupt: CorruptKind | None = None,
     fraud_rate: float = 0.02,
     start: str = "2026-01-01",
+    rows_per_account: float = 25.0,
 ) -> pd.DataFrame:
-    """Return `rows` transactions with the columns of `core.schema.COLUMNS` (unless corrupted)."""
+    """Return `rows` transactions with the columns of `core.schema.COLUMNS` (unless corrupted), made by
+    `rows / rows_per_account` accounts (at least 50) of heavy-tailed activity."""
     if rows < 0:
         raise ValueError(f"rows must be >= 0, got {rows}")
+    if not rows_per_account >= 1:
+        raise ValueError(f"rows_per_account must be >= 1, got {rows_per_account}")
     if drift is not None and drift not in DRIFT_KINDS:
         raise ValueError(f"unknown drift kind {drift!r}; choose one of {', '.join(DRIFT_KINDS)}")
     if corrupt is not None and corrupt not in CORRUPT_KINDS:
         raise ValueError(f"unknown corruption kind {corrupt!r}; choose one of {', '.join(CORRUPT_KINDS)}")
     rng = np.random.default_rng(seed)
-    frame = _features(rows, rng, drift, start)
+    frame = _features(rows, rng, drift, start, rows_per_account)
     frame["is_fraud"] = _labels(frame, rng, drift, fraud_rate)
     frame = frame[[c.name for c in COLUMNS]]
     return apply_corruption(frame, corrupt, rng) if corrupt else frame
 
 
-def _features(rows: int, rng: np.random.Generator, drift: DriftKind | None, start: str) -> pd.DataFrame:
-    n_accounts = max(50, rows // 25)
+def _features(
+    rows: int, rng: np.random.Generator, drift: DriftKind | None, start: str, rows_per_account: float
+) -> pd.DataFrame:
+    n_accounts = max(50, int(rows // rows_per_account))
     # Accounts: a home country, an age and a typical spend. Heavy users appear more often (Zipf-like).
     home = rng.choice(len(COUNTRIES), size=n_accounts, p=_HOME_WEIGHTS)
     age = rng.gamma(2.0, 600.0, size=n_accounts).astype(int)

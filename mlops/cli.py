@@ -563,6 +563,14 @@ def rollout_plan(
     ] = None,
     fraud_rate: Annotated[float | None, typer.Option("--fraud-rate")] = None,
     label_delay: Annotated[float | None, typer.Option("--label-delay", help="seconds until a label arrives")] = None,
+    design_effect: Annotated[
+        float | None,
+        typer.Option(
+            "--design-effect",
+            help="how much account clustering widens the intervals (>= 1; measure it with `mlops rollout "
+            "design-effect`; default: the spec's planning, else 1)",
+        ),
+    ] = None,
     reference: Annotated[
         Path | None,
         typer.Option(
@@ -584,7 +592,7 @@ def rollout_plan(
     try:
         loaded = spec_from_setting(spec)
         base = loaded.planning or Planning()
-        given = {"rps": rps, "fraud_rate": fraud_rate, "label_delay_s": label_delay}
+        given = {"rps": rps, "fraud_rate": fraud_rate, "label_delay_s": label_delay, "design_effect": design_effect}
         planning = Planning(**{**base.model_dump(), **{k: v for k, v in given.items() if v is not None}})
         problems = plan_problems(loaded.model_copy(update={"planning": planning}))
     except (SpecError, ValueError) as error:
@@ -605,8 +613,9 @@ def rollout_plan(
                                                                          for loc, m in problems],
                     "slices": [finite(row) for row in slices], "slice_summary": summary})  # fmt: skip
     else:
+        clustered = f", design effect {planning.design_effect:g}" if planning.design_effect != 1 else ""
         table = Table(title=f"{loaded.name} at {planning.rps:g} requests/s, {planning.fraud_rate:g} fraud, labels "
-                      f"{planning.label_delay_s:g} s late")  # fmt: skip
+                      f"{planning.label_delay_s:g} s late{clustered}")  # fmt: skip
         for column in ("phase", "deadline s", "identical: median s", "identical: sure s", "bottleneck",
                        "20 % recall drop: median s to fail", "80 % power s"):  # fmt: skip
             table.add_column(column)
@@ -670,6 +679,42 @@ def _slice_table(slices: list[Any]) -> Table:
                   f"{row.whole_drop:.1%}" + (" *" if row.beyond_whole_margin else "")]  # fmt: skip
         table.add_row(*cells)
     return table
+
+
+@rollout_app.command("design-effect")
+def rollout_design_effect(
+    window_s: Annotated[
+        float, typer.Option("--window-s", min=1.0, help="seconds of the prediction log to measure, ending now")
+    ] = 1800.0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """How clustered your traffic is, per signal (monitoring/rollout/clustering.py): the design effect to give the
+    power planner (`planning.design_effect`, `mlops rollout plan --design-effect`). Measure over a window as long
+    as your longest phase deadline: the design effect grows with the window."""
+    import time
+
+    from core.prediction_log import read_feedback, read_window, served_times
+    from monitoring.rollout.clustering import measure_design_effects, planning_design_effect
+
+    settings = _settings()
+    log_dir = settings.prediction_log_dir
+    predictions = read_window(log_dir / "predictions", since=time.time() - window_s)
+    if predictions.empty:
+        raise _fail(f"no requests in the last {window_s:g} s of the prediction log ({log_dir / 'predictions'})")
+    feedback = read_feedback(log_dir / "feedback", predictions["request_id"], served_times(predictions))
+    effects = measure_design_effects(predictions, feedback, settings.decision_threshold)
+    suggested = planning_design_effect(effects)
+    if as_json:
+        _emit_json({"window_s": window_s, "signals": [e.__dict__ for e in effects], "design_effect": suggested})
+        return
+    table = Table(title=f"Design effect by account over the last {window_s:g} s")
+    for column in ("signal", "rows", "accounts", "busiest account", "design effect"):
+        table.add_column(column)
+    for e in effects:
+        table.add_row(e.signal, f"{e.rows:,}", f"{e.accounts:,}", f"{e.busiest_account_rows:,}",
+                      "-" if e.design_effect != e.design_effect else f"{e.design_effect:.2f}")  # fmt: skip
+    Console(width=150).print(table)
+    err.print(f"plan with: mlops rollout plan --design-effect {suggested:.2f} (or planning.design_effect in the spec)")
 
 
 @rollout_app.command("status")

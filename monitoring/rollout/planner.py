@@ -14,8 +14,11 @@ so a phase's time is the largest of its guardrails' (plus the phase's own `min_d
 
 The planning figures are the spec's `planning:` block (rps, fraud rate, label delay, the champion's recall,
 decline and error rates) and the constants below (how much two healthy retrains disagree). They are planning
-assumptions, not measurements: `benchmarks/guardrails.py` measures whole rollouts against them. Not modelled:
-account clustering (it widens real intervals) and the one-look delay of `failure_limit`.
+assumptions, not measurements: `benchmarks/guardrails.py` measures whole rollouts against them. Account
+clustering enters as `planning.design_effect` (every contrast's variance is multiplied by it: the guardrails'
+variances are cluster-robust by account, so a clustered request carries 1 / design_effect of an independent one's
+information); measure it on your own log with `mlops rollout design-effect`. Not modelled: the one-look delay of
+`failure_limit`.
 
 A replay phase is judged once, on requests already logged: it is not planned (`live_phases`).
 
@@ -132,6 +135,8 @@ def contrasts(spec: RolloutSpec, phase: Phase | None, planning: Planning) -> lis
             continue  # a purely relative guardrail is left out of the 100 % step
         built = _contrast(cfg, shadow, absolute, weight, rps, fraud, recall, declines, errors, planning)
         if built is not None:
+            built["variance_good"] *= planning.design_effect
+            built["variance_bad"] *= planning.design_effect
             if built["bad"] is not None and built["bad"] <= 0:
                 built["bad"] = None  # the drop stays within this guardrail's bound: it cannot see it
             out.append(Contrast(**common, **built))
@@ -306,6 +311,8 @@ def plan_problems(spec: RolloutSpec) -> list[tuple[tuple[str | int, ...], str]]:
         return []
     p = spec.planning
     at = f"at {p.rps:g} requests/s, {p.fraud_rate:g} fraud, labels {p.label_delay_s:g} s late"
+    if p.design_effect != 1:
+        at += f", design effect {p.design_effect:g}"
     problems: list[tuple[tuple[str | int, ...], str]] = []
     names = {g.name: i for i, g in enumerate(spec.guardrails)}
     live = live_phases(spec)

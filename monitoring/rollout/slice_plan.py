@@ -94,17 +94,19 @@ def frauds_to_fail_halving(
     discordant: float,
     power: float = POWER,
     key: str | None = None,
+    design_effect: float = 1.0,
 ) -> float:
     """Labelled frauds of one slice by which a halving of its recall (champion recall `recall`) is failed with
     probability `power` (Gaussian model, see the module docstring); inf when the halving lies within the margin
-    (the slice `key`'s own margin when it has one)."""
+    (the slice `key`'s own margin when it has one). `design_effect`: account clustering (`Planning.design_effect`)
+    widens the variance per fraud by that factor."""
     k = 1 - (cfg.max_drop if key is None else cfg.drop_for(key))
     bad = (k - 1 + PLANNED_SLICE_DROP) * recall
     if bad <= 0:
         return NEVER
     # two retrains cannot disagree on more frauds than one of them catches, or misses
     discordant = min(discordant, 2 * recall, 2 * (1 - recall))
-    variance = _paired_recall_variance(recall, discordant, k, PLANNED_SLICE_DROP)
+    variance = _paired_recall_variance(recall, discordant, k, PLANNED_SLICE_DROP) * design_effect
     fail = slice_alpha(levels_for(spec, cfg), cfg.slices).fail
     effect, z = slice_recall_scale(cfg, key), float(stats.norm.ppf(power))
 
@@ -187,7 +189,8 @@ def slice_coverage(
         for column, category in slice_keys(cfg.slices):
             share = shares.get((column, category), SliceShare(0.0, 0.0))
             recall = planning.champion_recall if share.recall is None else share.recall
-            needed = frauds_to_fail_halving(cfg, spec, recall, planning.discordant_frauds, key=f"{column}={category}")
+            needed = frauds_to_fail_halving(cfg, spec, recall, planning.discordant_frauds, key=f"{column}={category}",
+                                            design_effect=planning.design_effect)  # fmt: skip
             per_rps = planning.fraud_rate * share.frauds  # labelled frauds of the slice per second, per request/s
 
             def covered_at(rps: float, needed: float = needed, per_rps: float = per_rps) -> bool:

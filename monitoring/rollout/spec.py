@@ -649,11 +649,26 @@ class Planning(_Strict):
     # Share of labelled frauds that exactly one of two healthy retrains catches: the noise of the paired recall
     # test (3.5 % for the benchmark's logistic models, ~14 % for the scenarios' small MLPs).
     discordant_frauds: float = 0.035
+    # How much account clustering widens the guardrails' intervals: the cluster-robust variance of a mean over the
+    # phase's requests divided by the independent-requests one (sticky routing, an account's correlated labels).
+    # 1 is independent requests; measure yours with `mlops rollout design-effect` over a window as long as the
+    # longest phase. The planner multiplies every contrast's variance by it.
+    design_effect: float = 1.0
 
     _rps = field_validator("rps")(_positive)
     _delay = field_validator("label_delay_s")(_non_negative)
     _shares = field_validator("fraud_rate", "champion_recall", "decline_rate", "discordant_frauds")(_share)
     _errors = field_validator("error_rate")(_margin)
+
+    @field_validator("design_effect")
+    @classmethod
+    def _design_effect(cls, value: float) -> float:
+        if not (math.isfinite(value) and value >= 1):
+            raise ValueError(
+                f"must be >= 1 (clustered requests carry less information than independent ones, never more), "
+                f"got {value}"
+            )
+        return value
 
 
 GuardrailConfig = Annotated[
