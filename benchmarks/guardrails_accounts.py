@@ -91,8 +91,8 @@ class Traffic:
     logged: dict[str, np.ndarray]  # the request columns the guardrails read (slices, fraud amount)
 
 
-def build_traffic(rows: int = 200_000) -> Traffic:
-    frame = generate_transactions(rows, seed=3)
+def build_traffic(rows: int = 200_000, rows_per_account: float = 25.0) -> Traffic:
+    frame = generate_transactions(rows, seed=3, rows_per_account=rows_per_account)
     logged = {name: frame[name].astype(str).to_numpy() for name in CATEGORICAL_FEATURES}
     logged["amount"] = frame["amount"].to_numpy(dtype=float)
     return Traffic(pool_of(frame), frame["account_id"].astype(str).to_numpy(), logged)
@@ -235,6 +235,7 @@ class Outcome:
     phase: str = ""  # where it was decided: a phase name, "watch", or "promoted"
     looks: int = 0
     traffic: Clustering = field(default_factory=Clustering)
+    undecided: tuple[str, ...] = ()  # a deadline rollback: the guardrails that had not passed by then
 
 
 def _uses_labels(spec: RolloutSpec, kind: str) -> bool:
@@ -314,6 +315,8 @@ def rollout(spec: RolloutSpec, plan: Any, traffic: Traffic, case: Case, interval
     if decision is not None:
         out.decision_s = decision.at
         out.by_deadline = out.rolled_back and "undecided" in decision.reason
+        if out.by_deadline:  # "phase shadow undecided after 1800s (deadline 1800s): inconclusive: a, b"
+            out.undecided = tuple(decision.reason.rsplit(": ", 1)[-1].split(", "))
         if out.rolled_back:
             out.phase = plan.phases[decision.phase_index].name if decision.phase_index < len(plan.phases) else "watch"
         else:
@@ -330,6 +333,10 @@ def summarise(outcomes: list[Outcome]) -> dict[str, Any]:
     for o in outcomes:
         phases[o.phase or "undecided"] = phases.get(o.phase or "undecided", 0) + 1
     measured = [o.traffic for o in outcomes if o.traffic.requests]
+    undecided: dict[str, int] = {}
+    for o in outcomes:
+        for name in o.undecided:
+            undecided[name] = undecided.get(name, 0) + 1
     median = lambda values: round(float(np.median(values)), 3) if values else None  # noqa: E731
     return {
         "rollouts": n,
@@ -341,6 +348,7 @@ def summarise(outcomes: list[Outcome]) -> dict[str, Any]:
         "ci95": [round(lo, 4), round(hi, 4)],
         "median_decision_s": median(times),
         "decided_in": phases,
+        "undecided_at_deadline": undecided,  # per guardrail: the deadline rollbacks it had not passed
         "shadow_window": {
             "requests": median([m.requests for m in measured]),
             "label_design_effect": median([m.label_deff for m in measured]),
@@ -363,6 +371,22 @@ def run_config(spec: RolloutSpec, traffic: Traffic, case: Case, interval: float,
     return outcomes
 
 
+def with_deadlines(spec: RolloutSpec, deadlines: list[str]) -> RolloutSpec:
+    """The spec with other phase deadlines (`--deadline shadow=3600`), validated as a user's spec would be."""
+    from monitoring.rollout.spec import load_spec
+
+    if not deadlines:
+        return spec
+    wanted = {name: float(seconds) for name, seconds in (item.split("=") for item in deadlines)}
+    data = spec.model_dump(exclude_none=True)
+    unknown = set(wanted) - {phase["name"] for phase in data["phases"]}
+    if unknown:
+        raise SystemExit(f"--deadline: no phase {', '.join(sorted(unknown))} in spec {spec.name}")
+    data["phases"] = [{**phase, "max_duration_s": wanted.get(phase["name"], phase.get("max_duration_s"))}
+                      for phase in data["phases"]]  # fmt: skip
+    return load_spec(data)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -376,13 +400,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of the cases")
     parser.add_argument("--specs", default="default,fast")
     parser.add_argument("--pool-rows", type=int, default=200_000)
+    parser.add_argument("--rows-per-account", type=float, default=25.0,
+                        help="the pool's transactions per account (core.synthetic's default: 25)")  # fmt: skip
     parser.add_argument("--no-accounts", action="store_true", help="ablation: every request its own account id")
+    parser.add_argument("--deadline", action="append", default=[], metavar="PHASE=S",
+                        help="another max_duration_s for a phase of every spec run: shadow=3600")  # fmt: skip
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     started = time.time()
-    traffic = build_traffic(args.pool_rows)
+    traffic = build_traffic(args.pool_rows, args.rows_per_account)
     accounts = not args.no_accounts
-    cases, specs = args.cases.split(","), [SPECS[s]() for s in args.specs.split(",")]
+    cases, specs = args.cases.split(","), [with_deadlines(SPECS[s](), args.deadline) for s in args.specs.split(",")]
     count = {(name, spec.name): args.rollouts for name in cases for spec in specs}
     for item in args.rollouts_for:
         where, n = item.split("=")
@@ -418,7 +446,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(line, flush=True)
     print(f"total {time.time() - started:.0f} s", flush=True)
     result = {"benchmark": "guardrails_accounts", "rollouts": args.rollouts, "interval_s": args.interval,
-              "accounts": accounts, "cases": report}  # fmt: skip
+              "accounts": accounts, "pool_rows": args.pool_rows, "rows_per_account": args.rows_per_account,
+              "deadlines": args.deadline,
+              "cases": report}  # fmt: skip
     print(json.dumps(result))
     return result
 

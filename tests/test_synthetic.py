@@ -84,3 +84,12 @@ def test_zero_rows_is_an_empty_frame_not_an_error() -> None:
     frame = generate_transactions(0)
     assert len(frame) == 0
     assert np.isnan(frame["amount"].mean())
+
+
+def test_rows_per_account_sets_how_many_accounts_make_the_transactions() -> None:
+    default = generate_transactions(10_000, seed=0)
+    assert default["account_id"].nunique() <= 10_000 // 25
+    many = generate_transactions(10_000, seed=0, rows_per_account=2)
+    assert many["account_id"].nunique() > 4 * default["account_id"].nunique()
+    with pytest.raises(ValueError, match="rows_per_account must be >= 1"):
+        generate_transactions(10, rows_per_account=0.5)
