@@ -292,7 +292,12 @@ class AnalysisResult:
 
 @dataclass(frozen=True)
 class Decision:
-    """One transition, with the metric values that caused it. ``phase_index`` is the index it was taken in."""
+    """One transition, with the metric values that caused it.
+
+    ``phase_index`` is where the rollout was when the transition was taken: an index into the plan's phases, or
+    ``len(plan.phases)`` (the watch index ``W``) for a decision taken during the post-promotion watch (its
+    rollback, or its success). The decision that promotes is taken in the last phase, so it carries that
+    phase's index; the one that enters a phase carries the index of the phase it leaves (0 for the start)."""
 
     at: float
     from_status: Status
