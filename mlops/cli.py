@@ -609,7 +609,7 @@ def rollout_plan(
     if as_json:
         finite = lambda row: {k: v if v != float("inf") else None for k, v in row.__dict__.items()}  # noqa: E731
         _emit_json({"spec": loaded.name, "planning": planning.model_dump(),
-                    "phases": [row.__dict__ for row in rows], "problems": [f"{format_location(loc)}: {m}"
+                    "phases": [finite(row) for row in rows], "problems": [f"{format_location(loc)}: {m}"
                                                                          for loc, m in problems],
                     "slices": [finite(row) for row in slices], "slice_summary": summary})  # fmt: skip
     else:
@@ -617,11 +617,12 @@ def rollout_plan(
         table = Table(title=f"{loaded.name} at {planning.rps:g} requests/s, {planning.fraud_rate:g} fraud, labels "
                       f"{planning.label_delay_s:g} s late{clustered}")  # fmt: skip
         for column in ("phase", "deadline s", "identical: median s", "identical: sure s", "bottleneck",
-                       "20 % recall drop: median s to fail", "80 % power s"):  # fmt: skip
+                       "20 % recall drop: median s to fail", "80 % power s",
+                       "half a margin worse: 90 % pass s"):  # fmt: skip
             table.add_column(column)
         for row in rows:
             table.add_row(row.name, shown(row.deadline_s), shown(row.pass_s), shown(row.sure_pass_s), row.bottleneck,
-                          shown(row.fail_s), shown(row.power_fail_s))  # fmt: skip
+                          shown(row.fail_s), shown(row.power_fail_s), shown(row.half_margin_pass_s))  # fmt: skip
         Console(width=150).print(table)
         if slices:
             Console(width=150).print(_slice_table(slices))

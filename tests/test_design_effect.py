@@ -89,6 +89,8 @@ def test_clustered_traffic_takes_longer_to_decide_and_the_planner_asks_for_a_lon
     assert clustered[0].pass_s > 2 * flat[0].pass_s  # four times the variance: ~four times the labels
     assert clustered[0].power_fail_s is not None and flat[0].power_fail_s is not None
     assert clustered[0].power_fail_s > 2 * flat[0].power_fail_s
+    # a challenger half a margin worse (acceptable) needs longer than a healthy retrain, and longer again clustered
+    assert flat[0].sure_pass_s < flat[0].half_margin_pass_s < clustered[0].half_margin_pass_s
     data = spec.model_dump(exclude_none=True)
     with pytest.raises(SpecError) as caught:
         load_spec({**data, "planning": {**data["planning"], "design_effect": 12}})

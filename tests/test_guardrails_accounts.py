@@ -11,7 +11,6 @@ import pytest
 from benchmarks import guardrails_accounts as bench
 
 
-
 @pytest.mark.slow
 def test_healthy_retrain_is_promoted_and_a_recall_drop_rolled_back_on_clustered_traffic(
     capsys: pytest.CaptureFixture[str],

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -59,6 +59,7 @@ DISCORDANT_DECLINES = 0.12
 LOG_LOSS_MEAN, LOG_LOSS_SD, LOG_LOSS_CORRELATION = 0.07, 0.3, 0.995
 LATENCY_SHARE_ABOVE_BOUND = 0.001  # a healthy model's share of requests above the watch's p99 bound
 POWER = 0.8
+HALF_MARGIN_PASS = 0.9  # see PhasePlan.half_margin_pass_s
 HORIZON_S = 24 * 3600.0  # no phase is planned beyond a day
 NEVER = math.inf
 
@@ -247,6 +248,11 @@ class PhasePlan:
     fail_s: float | None
     power_fail_s: float | None
     bottleneck: str
+    # A challenger half as far inside every guardrail's bound as a healthy retrain (on the relative margins: half
+    # a margin worse, the benchmark's `inside_margin`): the seconds by which it has passed with probability
+    # HALF_MARGIN_PASS. Information only: such a challenger is acceptable, and a deadline shorter than this rolls
+    # it back more often than 1 - HALF_MARGIN_PASS; the spec is not refused for it.
+    half_margin_pass_s: float = NEVER
 
 
 def plan(spec: RolloutSpec, planning: Planning | None = None) -> list[PhasePlan]:
@@ -266,6 +272,8 @@ def plan(spec: RolloutSpec, planning: Planning | None = None) -> list[PhasePlan]
         fail = min((c.time_to_fail(0.0, start) for c in seeing), default=None)
         power = min((c.time_to_fail(float(stats.norm.ppf(POWER)), start) for c in seeing), default=None)
         bottleneck = max(passes, key=lambda name: passes[name]) if passes else "-"
+        z_half = float(stats.norm.ppf(1 - (1 - HALF_MARGIN_PASS) / max(len(parts), 1)))
+        half = max((replace(c, good=c.good / 2).time_to_pass(z_half, start) for c in parts), default=start)
         plans.append(
             PhasePlan(
                 name="watch" if phase is None else phase.name,
@@ -275,6 +283,7 @@ def plan(spec: RolloutSpec, planning: Planning | None = None) -> list[PhasePlan]
                 fail_s=fail,
                 power_fail_s=power,
                 bottleneck=bottleneck,
+                half_margin_pass_s=half,
             )
         )
     return plans
