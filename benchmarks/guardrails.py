@@ -429,6 +429,8 @@ def slice_codes(
     slices of its columns): fail if any judged slice fails, pass once one is judged and none fails."""
     failed = judged = np.zeros((x.shape[0], len(at)), dtype=bool)
     keys = [k for k in v if k.startswith("cat=")]
+    if not keys:
+        return np.full((x.shape[0], len(at)), INCONCLUSIVE)
     columns = [_slice_columns(cfg, v, key) for key in keys]
     # One pass over the counts for every slice's sums (a matrix product), not one per sum: the counts are the
     # largest array of the benchmark, and reading them ~40 times per guardrail was most of its time.

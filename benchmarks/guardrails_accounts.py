@@ -235,7 +235,7 @@ class Outcome:
     phase: str = ""  # where it was decided: a phase name, "watch", or "promoted"
     looks: int = 0
     traffic: Clustering = field(default_factory=Clustering)
-    undecided: tuple[str, ...] = ()  # a deadline rollback: the guardrails that had not passed by then
+    undecided: tuple[str, ...] = ()  # a deadline rollback: the guardrails that had not passed, or its other reason
 
 
 def _uses_labels(spec: RolloutSpec, kind: str) -> bool:
@@ -316,7 +316,11 @@ def rollout(spec: RolloutSpec, plan: Any, traffic: Traffic, case: Case, interval
         out.decision_s = decision.at
         out.by_deadline = out.rolled_back and "undecided" in decision.reason
         if out.by_deadline:  # "phase shadow undecided after 1800s (deadline 1800s): inconclusive: a, b"
-            out.undecided = tuple(decision.reason.rsplit(": ", 1)[-1].split(", "))
+            why = decision.reason.split("s): ", 1)[-1]
+            # the guardrails still undecided, or the deadline's other reason ("no analysis", "all pass but only ...")
+            out.undecided = (
+                tuple(why.removeprefix("inconclusive: ").split(", ")) if why.startswith("inconclusive: ") else (why,)
+            )
         if out.rolled_back:
             out.phase = plan.phases[decision.phase_index].name if decision.phase_index < len(plan.phases) else "watch"
         else:
@@ -377,7 +381,10 @@ def with_deadlines(spec: RolloutSpec, deadlines: list[str]) -> RolloutSpec:
 
     if not deadlines:
         return spec
-    wanted = {name: float(seconds) for name, seconds in (item.split("=") for item in deadlines)}
+    try:
+        wanted = {name: float(seconds) for name, seconds in (item.split("=") for item in deadlines)}
+    except ValueError:
+        raise SystemExit(f"--deadline takes PHASE=SECONDS, e.g. shadow=3600; got {deadlines}") from None
     data = spec.model_dump(exclude_none=True)
     unknown = set(wanted) - {phase["name"] for phase in data["phases"]}
     if unknown:

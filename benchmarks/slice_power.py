@@ -9,7 +9,7 @@ merchant category, and one JSON line at the end.
    caught_challenger is drawn i.i.d., and the real `judge` (the slice's Bonferroni share of the spec's budget, the
    spec's `min_samples`) looks after every fraud. Reported: the median and 80th percentile of the frauds at the
    first failing look over the walks, the seconds that takes at the spec's planned rate (labels at once: a lower
-   bound), and the requests/s at which the 80th percentile fits the spec's shadow deadline (`default` 1,800 s,
+   bound), and the requests/s at which the 80th percentile fits the spec's shadow deadline (`default` 3,600 s,
    `fast` 200 s).
 
 2. **The oracle bound: no valid test can do better.** Null P0 (on the boundary of the guardrail's margin m): the

@@ -158,7 +158,11 @@ class BatchedParquetLog:
         """Write one file under the lock; a failure is counted, never raised."""
         try:
             path = self._write(rows)
-        except OSError as error:  # ENOSPC, EFBIG (RLIMIT_FSIZE), EIO...: count the gap, keep serving
+        # ENOSPC, EFBIG (RLIMIT_FSIZE), EIO...: count the gap, keep serving. Anything else (a row pyarrow cannot
+        # convert: a bug) is counted too, so that a stop's flush still writes the other log.
+        except Exception as error:
+            if not isinstance(error, OSError):
+                log.exception("%s: %d rows could not be converted", self.directory, len(rows))
             self.rows_unwritten += len(rows)
             self.write_errors += 1
             if self.last_error is None:  # once per streak of failures, not once per batch
@@ -179,7 +183,7 @@ class BatchedParquetLog:
         try:
             pq.write_table(pa.Table.from_pylist(rows, schema=self.schema), temporary)
             os.replace(temporary, final)
-        except OSError:
+        except Exception:
             with contextlib.suppress(OSError):
                 temporary.unlink()  # a half-written file must not fill what space is left
             raise

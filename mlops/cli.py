@@ -686,12 +686,13 @@ def _slice_table(slices: list[Any]) -> Table:
 def rollout_design_effect(
     window_s: Annotated[
         float, typer.Option("--window-s", min=1.0, help="seconds of the prediction log to measure, ending now")
-    ] = 1800.0,
+    ] = 3600.0,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """How clustered your traffic is, per signal (monitoring/rollout/clustering.py): the design effect to give the
     power planner (`planning.design_effect`, `mlops rollout plan --design-effect`). Measure over a window as long
     as your longest phase deadline: the design effect grows with the window."""
+    import math
     import time
 
     from core.prediction_log import read_feedback, read_window, served_times
@@ -704,16 +705,21 @@ def rollout_design_effect(
         raise _fail(f"no requests in the last {window_s:g} s of the prediction log ({log_dir / 'predictions'})")
     feedback = read_feedback(log_dir / "feedback", predictions["request_id"], served_times(predictions))
     effects = measure_design_effects(predictions, feedback, settings.decision_threshold)
+    if not effects:
+        raise _fail(f"none of the {len(predictions):,} requests of the last {window_s:g} s was answered by a model "
+                    "(degraded, forced or failed): nothing to measure")  # fmt: skip
     suggested = planning_design_effect(effects)
     if as_json:
-        _emit_json({"window_s": window_s, "signals": [e.__dict__ for e in effects], "design_effect": suggested})
+        signals = [{**e.__dict__, "design_effect": e.design_effect if math.isfinite(e.design_effect) else None}
+                   for e in effects]  # fmt: skip
+        _emit_json({"window_s": window_s, "signals": signals, "design_effect": suggested})
         return
     table = Table(title=f"Design effect by account over the last {window_s:g} s")
     for column in ("signal", "rows", "accounts", "busiest account", "design effect"):
         table.add_column(column)
     for e in effects:
         table.add_row(e.signal, f"{e.rows:,}", f"{e.accounts:,}", f"{e.busiest_account_rows:,}",
-                      "-" if e.design_effect != e.design_effect else f"{e.design_effect:.2f}")  # fmt: skip
+                      f"{e.design_effect:.2f}" if math.isfinite(e.design_effect) else "-")  # fmt: skip
     Console(width=150).print(table)
     err.print(f"plan with: mlops rollout plan --design-effect {suggested:.2f} (or planning.design_effect in the spec)")
 

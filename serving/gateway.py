@@ -247,14 +247,20 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         try:
-            # A task that died of an error re-raises it here; the log is still written below.
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            # Collected, not raised, so the log is written below whatever a task died of; logged, so a crashed
+            # flush loop or shadow worker is not swallowed.
+            outcomes = await asyncio.gather(*self._tasks, return_exceptions=True)
+            for task, outcome in zip(self._tasks, outcomes, strict=True):
+                if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+                    log.error("background task %s had died: %r", task.get_name(), outcome)
             while not self.shadow_queue.empty():
                 row, _ = self.shadow_queue.get_nowait()
                 self.predictions.append({**row, "shadow_status": "cancelled"})
         finally:
-            self.predictions.flush()
-            self.feedback.flush()
+            try:
+                self.predictions.flush()
+            finally:
+                self.feedback.flush()
             log.info(
                 "stopped: %d prediction rows and %d labels written in all",
                 self.predictions.rows_written,

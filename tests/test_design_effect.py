@@ -56,7 +56,8 @@ def test_every_signal_is_measured_and_the_largest_is_the_one_to_plan_with() -> N
     rng = np.random.default_rng(2)
     predictions, feedback = _window(rng, 20_000, 400, shared=0.05)
     effects = {e.signal: e for e in measure_design_effects(predictions, feedback, threshold=0.2)}
-    assert set(effects) == {"declines", "fraud labels", "paired log-loss difference"}
+    assert set(effects) == {"declines", "fraud labels", "paired log-loss difference", "paired recall difference"}
+    assert effects["paired recall difference"].rows == int((feedback["label"] == 1).sum())  # the frauds only
     assert effects["fraud labels"].accounts == 400 and effects["fraud labels"].rows == 20_000
     assert effects["fraud labels"].design_effect > 3  # 50 requests per account sharing a risk
     suggested = planning_design_effect(list(effects.values()))
@@ -119,8 +120,10 @@ def test_mlops_rollout_design_effect_reads_the_log_window_and_says_what_to_plan_
     result = runner.invoke(app, ["rollout", "design-effect", "--window-s", "600", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert {s["signal"] for s in report["signals"]} == {"declines", "fraud labels", "paired log-loss difference"}
-    assert report["design_effect"] == max(s["design_effect"] for s in report["signals"]) > 1.5
+    assert {s["signal"] for s in report["signals"]} == {"declines", "fraud labels", "paired log-loss difference",
+                                                          "paired recall difference"}  # fmt: skip
+    finite = [s["design_effect"] for s in report["signals"] if s["design_effect"] is not None]
+    assert report["design_effect"] == max(finite) > 1.5
     empty = runner.invoke(app, ["rollout", "design-effect", "--window-s", "10"])  # the requests are 60 s old
     assert empty.exit_code != 0 and "no requests in the last 10 s" in empty.output
 
@@ -137,3 +140,28 @@ def test_mlops_rollout_plan_takes_a_design_effect_and_refuses_deadlines_too_shor
     assert any(p.startswith("phases[1].max_duration_s") and "design effect 12" in p for p in problems), problems
     refused = runner.invoke(app, ["rollout", "plan", "--design-effect", "0.5"])
     assert refused.exit_code != 0 and "design_effect" in refused.output and "must be >= 1" in refused.output
+
+
+def test_forced_and_degraded_rows_are_not_measured_and_an_unmeasurable_window_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(4)
+    predictions, feedback = _window(rng, 2_000, 50, shared=0.05)
+    forced = predictions.assign(forced=True)
+    assert measure_design_effects(forced, feedback, 0.2) == []
+    degraded = predictions.assign(status="degraded")
+    assert measure_design_effects(degraded, feedback, 0.2) == []
+    # Scores all below the threshold: no decline varies, so its design effect is undefined (JSON null, not NaN)
+    now = time.time()
+    quiet = predictions.assign(score=0.01, shadow_score=0.01, ts=now - 60.0, status="ok")
+    _write(tmp_path / "prediction-log" / "predictions", quiet, PREDICTION_SCHEMA)
+    monkeypatch.setenv("MLOPS_HOME", str(tmp_path))
+    result = CliRunner().invoke(app, ["rollout", "design-effect", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])  # strict JSON: no NaN
+    assert report["signals"][0]["signal"] == "declines" and report["signals"][0]["design_effect"] is None
+    assert report["design_effect"] == 1.0
+    monkeypatch.setenv("MLOPS_HOME", str(tmp_path / "only-forced"))
+    _write(tmp_path / "only-forced" / "prediction-log" / "predictions", quiet.assign(forced=True), PREDICTION_SCHEMA)
+    refused = CliRunner().invoke(app, ["rollout", "design-effect"])
+    assert refused.exit_code != 0 and "nothing to measure" in refused.output

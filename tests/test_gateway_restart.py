@@ -13,6 +13,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from core.prediction_log import FEEDBACK_SCHEMA, PREDICTION_SCHEMA, BatchedParquetLog, RecentIds
 from core.settings import Settings
 from serving.gateway import Gateway
@@ -82,3 +84,28 @@ def test_labels_for_requests_served_before_the_restart_are_judged_on_the_loaded_
             await gateway.stop()
 
     assert asyncio.run(scenario()) == (409, 200, 202)
+
+
+def test_a_stop_writes_the_log_and_names_a_background_task_that_had_died(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(home=tmp_path / "home", labels_token="labels", control_plane_url="http://127.0.0.1:9")
+
+    async def crash() -> None:
+        raise RuntimeError("shadow worker bug")
+
+    async def scenario() -> None:
+        gateway = Gateway(settings)
+        await gateway.start()
+        gateway._tasks.append(asyncio.create_task(crash(), name="crashing-worker"))
+        await asyncio.sleep(0.05)  # it has died
+        gateway.predictions.append({"request_id": "served-before-the-stop"})
+        gateway.feedback.append({"request_id": "served-before-the-stop", "label": 1, "received_at": time.time()})
+        await gateway.stop()
+
+    with caplog.at_level("ERROR", logger="mlops.gateway"):
+        asyncio.run(scenario())
+    assert any("crashing-worker" in r.getMessage() and "shadow worker bug" in r.getMessage() for r in caplog.records)
+    for log_name in ("predictions", "feedback"):
+        files = list((settings.prediction_log_dir / log_name).glob("*.parquet"))
+        assert len(files) == 1, log_name

@@ -231,3 +231,15 @@ def test_a_batch_taken_whose_write_never_ran_is_written_by_the_flush_at_stop(tmp
     rows = sorted(r for f in tmp_path.glob("*.parquet") for r in pq.read_table(f).column("request_id").to_pylist())
     assert rows == ["buffered", "taken-never-written"]
     assert log.rows_written == 2 and log.files_written == 1
+
+
+def test_a_batch_pyarrow_cannot_convert_is_counted_and_the_writer_goes_on(tmp_path: Path) -> None:
+    from core.prediction_log import FEEDBACK_SCHEMA
+
+    log = BatchedParquetLog(tmp_path, schema=FEEDBACK_SCHEMA)
+    log.append({"request_id": "r1", "label": "not a number", "received_at": 1.0})
+    assert log.flush() is None  # counted, not raised: a stop's flush still reaches the other log
+    assert log.rows_unwritten == 1 and log.write_errors == 1 and log.last_error is not None
+    assert not list(tmp_path.glob(".*.tmp")), "no half file is left"
+    log.append({"request_id": "r2", "label": 1, "received_at": 2.0})
+    assert log.flush() is not None and log.rows_written == 1

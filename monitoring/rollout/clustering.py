@@ -12,9 +12,11 @@ n - 1), rho the correlation of two requests of one account, and sum m_i^2 / n gr
 keep coming. So measure it over a window as long as the longest phase deadline you plan (`mlops rollout
 design-effect --window-s`), not over a few seconds.
 
-Signals measured, where the window has them: declines (no labels needed), fraud labels (the labelled requests),
-and, where the window holds shadow pairs with labels (a past rollout's shadow phase), the paired log-loss
-difference the shadow guardrails judge. The largest is the one to plan with.
+Signals measured, on the rows the guardrails judge (no forced QA or degraded answers), where the window has them:
+declines (no labels needed), fraud labels (the labelled requests: a proxy for the label-driven guardrails), and,
+where the window holds shadow pairs with labels (a past rollout's shadow phase), the paired log-loss difference
+and the paired recall difference (champion's minus challenger's decline of each labelled fraud) that the shadow
+guardrails judge. The largest is the one to plan with.
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from core.prediction_log import ACCOUNT_ID, LABEL, REQUEST_ID, SCORE, SHADOW_SCORE
+from core.prediction_log import (
+    ACCOUNT_ID,
+    LABEL,
+    REQUEST_ID,
+    SCORE,
+    SHADOW_SCORE,
+    without_degraded,
+    without_forced,
+)
 from monitoring.rollout.guardrails import Moments, log_losses
 
 
@@ -57,6 +67,7 @@ def _effect(signal: str, values: np.ndarray, accounts: np.ndarray) -> DesignEffe
 def measure_design_effects(predictions: pd.DataFrame, feedback: pd.DataFrame, threshold: float) -> list[DesignEffect]:
     """The design effect of each signal the window has (see the module docstring). `predictions`: the prediction
     log's rows (request_id, account_id, score and, in shadow, shadow_score); `feedback`: request_id -> label."""
+    predictions = without_degraded(without_forced(predictions))  # the rows the guardrails judge
     answered = predictions[predictions[SCORE].notna()] if SCORE in predictions else predictions.iloc[:0]
     answered = answered.drop_duplicates(REQUEST_ID)
     out: list[DesignEffect] = []
@@ -80,6 +91,10 @@ def measure_design_effects(predictions: pd.DataFrame, feedback: pd.DataFrame, th
             difference = log_losses(challenger, y[paired]) - log_losses(champion, y[paired])
             accounts = labelled[ACCOUNT_ID].astype(str).to_numpy()[paired]
             out.append(_effect("paired log-loss difference", difference, accounts))
+            fraud = y[paired] == 1
+            if fraud.sum() >= 2:
+                caught = (champion >= threshold).astype(float) - (challenger >= threshold).astype(float)
+                out.append(_effect("paired recall difference", caught[fraud], accounts[fraud]))
     return out
 
 
