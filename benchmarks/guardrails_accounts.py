@@ -69,8 +69,9 @@ from benchmarks.guardrails import (  # noqa: E402
 from core.schema import CATEGORICAL_FEATURES  # noqa: E402
 from core.synthetic import generate_transactions  # noqa: E402
 from monitoring.rollout.analysis import phase_samples, to_analysis  # noqa: E402
+from monitoring.rollout.clustering import design_effect  # noqa: E402
 from monitoring.rollout.driver import plan_for  # noqa: E402
-from monitoring.rollout.guardrails import Moments, clopper_pearson, evaluate_guardrails, log_losses  # noqa: E402
+from monitoring.rollout.guardrails import clopper_pearson, evaluate_guardrails, log_losses  # noqa: E402
 from monitoring.rollout.slice_guardrails import SLICE_GUARDRAILS  # noqa: E402
 from monitoring.rollout.spec import RolloutSpec, default_spec, fast_spec  # noqa: E402
 from monitoring.rollout.state_machine import Analysis, AnalysisResult, Start, Tick, initial_state, step  # noqa: E402
@@ -214,13 +215,8 @@ def clustering(traffic: Traffic, case: Case, rows: np.ndarray) -> Clustering:
     y = traffic.pool.label[rows].astype(float)
     d = log_losses(case.challenger[rows], y) - log_losses(traffic.pool.champion[rows], y)
 
-    def deff(x: np.ndarray) -> float:
-        robust = Moments.of(x, account).variance_of_mean()
-        plain = Moments.of(x).variance_of_mean()
-        return float(robust / plain)
-
     _, sizes = np.unique(account, return_counts=True)
-    return Clustering(deff(y), deff(d), int(sizes.max()), len(rows))
+    return Clustering(design_effect(y, account), design_effect(d, account), int(sizes.max()), len(rows))
 
 
 # ---------------------------------------------------------------- whole rollouts
